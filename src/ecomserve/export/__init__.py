@@ -1,0 +1,1 @@
+"""PyTorch / Hugging Face → ONNX with pooling and normalisation in the graph, verified against PyTorch."""

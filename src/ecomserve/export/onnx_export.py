@@ -1,0 +1,36 @@
+"""Write a PooledEncoder as ONNX (opset 17, dynamic batch and sequence axes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ecomserve.export.pooled_encoder import PooledEncoder
+
+OPSET = 17
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "embedding"
+
+
+def export_onnx(model: PooledEncoder, path: Path) -> None:
+    # A padded row in the dummy batch keeps the traced graph honest about masking.
+    input_ids = torch.full((2, 8), 100, dtype=torch.int64)
+    attention_mask = torch.ones((2, 8), dtype=torch.int64)
+    attention_mask[1, 5:] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        torch.onnx.export(
+            model,
+            (input_ids, attention_mask),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                OUTPUT_NAME: {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )

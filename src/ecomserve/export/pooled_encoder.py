@@ -1,0 +1,56 @@
+"""The PyTorch reference: a Hugging Face encoder plus sentence-transformers pooling and L2 normalisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModel
+
+
+def load_encoder(model_dir: Path, keep_layers: int | None) -> nn.Module:
+    """Load an HF encoder for export; `keep_layers` prunes to the first N transformer layers."""
+    # transformers 5 picks SDPA by default, which the TorchScript ONNX exporter cannot trace.
+    model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")
+    if keep_layers is not None:
+        layers = model.encoder.layer
+        if keep_layers > len(layers):
+            raise ValueError(f"keep_layers={keep_layers} but the model has only {len(layers)} layers")
+        model.encoder.layer = layers[:keep_layers]
+        model.config.num_hidden_layers = keep_layers
+    return model.eval()
+
+
+class PooledEncoder(nn.Module):
+    """(input_ids, attention_mask) → L2-normalised sentence embedding, as sentence-transformers computes it."""
+
+    def __init__(self, encoder: nn.Module, pooling: Literal["mean", "cls"]):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        # Inference only; torch.onnx.export restores the wrapper's mode afterwards, so it must be eval too.
+        self.eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # A ready 4-D additive mask is used as-is by transformers; its own 2-D mask handling branches on
+        # the data (no padding → no mask), which a trace would freeze into the ONNX graph.
+        blocked = (1 - attention_mask[:, None, None, :]).to(torch.float32)
+        hidden = self.encoder(
+            input_ids=input_ids,
+            attention_mask=blocked * torch.finfo(torch.float32).min,
+            token_type_ids=torch.zeros_like(input_ids),
+        ).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=1)
+
+
+@torch.inference_mode()
+def reference_embeddings(model: PooledEncoder, input_ids, attention_mask) -> torch.Tensor:
+    return model(torch.as_tensor(input_ids), torch.as_tensor(attention_mask))

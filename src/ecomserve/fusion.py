@@ -1,0 +1,69 @@
+"""How several encoders become one answer: fused embeddings, fused scores and votes.
+
+A fused embedding concatenates each encoder's unit vector scaled by sqrt(w_i / sum w), so the dot
+product of two fused embeddings is the weighted mean of the per-encoder cosines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EncoderSlice:
+    name: str
+    dim: int
+    weight: float
+
+
+def _scales(slices: list[EncoderSlice]) -> np.ndarray:
+    weights = np.array([s.weight for s in slices], dtype=np.float64)
+    return np.sqrt(weights / weights.sum()).astype(np.float32)
+
+
+def fuse_embeddings(per_encoder: list[np.ndarray], slices: list[EncoderSlice]) -> np.ndarray:
+    """[batch, dim_i] unit vectors per encoder → [batch, sum dim_i] fused, unit-norm embedding."""
+    return np.concatenate([vec * scale for vec, scale in zip(per_encoder, _scales(slices))], axis=1)
+
+
+def split_embeddings(fused: np.ndarray, slices: list[EncoderSlice]) -> list[np.ndarray]:
+    """Inverse of fuse_embeddings: each encoder's unit vectors back out of the fused ones."""
+    parts, start = [], 0
+    for s, scale in zip(slices, _scales(slices)):
+        parts.append(fused[:, start : start + s.dim] / scale)
+        start += s.dim
+    return parts
+
+
+def encoder_scores(query: list[np.ndarray], items: list[np.ndarray]) -> np.ndarray:
+    """Cosine of one query to each item, per encoder: [encoders, items]."""
+    return np.stack([item @ q[0] for q, item in zip(query, items)]).astype(np.float32)
+
+
+def fuse_scores(scores: np.ndarray, slices: list[EncoderSlice], mode: str, rrf_k: int) -> np.ndarray:
+    """[encoders, items] cosines → [items] fused score; higher is better in every mode."""
+    weights = np.array([s.weight for s in slices], dtype=np.float32)
+    if mode == "weighted_mean":
+        return (weights @ scores / weights.sum()).astype(np.float32)
+    if mode == "max":
+        return scores.max(axis=0)
+    if mode == "rrf":
+        # Rank 1 is the best item of that encoder; ties keep input order.
+        ranks = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1) + 1
+        return (1.0 / (rrf_k + ranks)).sum(axis=0).astype(np.float32)
+    raise ValueError(f"unknown fusion mode {mode!r}")
+
+
+def vote(scores: np.ndarray, slices: list[EncoderSlice], mode: str, fused: np.ndarray) -> tuple[int, np.ndarray]:
+    """Each encoder votes for its best label; returns (winning label index, votes per label).
+
+    `majority` counts one vote per encoder, `weighted` counts the encoder's weight; a tie goes to the
+    tied label with the highest fused score."""
+    choices = scores.argmax(axis=1)
+    votes = np.bincount(choices, minlength=scores.shape[1]).astype(np.int32)
+    weights = np.array([s.weight for s in slices]) if mode == "weighted" else np.ones(len(slices))
+    tally = np.bincount(choices, weights=weights, minlength=scores.shape[1])
+    tied = np.flatnonzero(np.isclose(tally, tally.max()))
+    winner = int(tied[np.argmax(fused[tied])])
+    return winner, votes

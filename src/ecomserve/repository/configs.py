@@ -1,0 +1,240 @@
+"""Triton model configs built as typed protobuf messages from the spec; never written by hand."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from ecomserve.spec import EncoderSpec, PipelineSpec
+
+EMBED, RANK, CLASSIFY, FUSION = "embed", "rank", "classify", "fusion"
+PYTHON_BACKEND = "python"
+# Warm-up input files live in <model>/warmup/ as Triton expects.
+WARMUP_TEXT_FILE = "text"
+WARMUP_IDS_FILE = "input_ids"
+WARMUP_MASK_FILE = "attention_mask"
+# BLS heads await the encoders; two instances keep one slow request from blocking the next.
+HEAD_INSTANCES = 2
+
+
+def tokenizer_model(encoder: EncoderSpec) -> str:
+    return f"{encoder.name}_tokenizer"
+
+
+def encoder_model(encoder: EncoderSpec) -> str:
+    return f"{encoder.name}_encoder"
+
+
+@dataclass(frozen=True)
+class BuiltEncoder:
+    """What the builder learned about an exported encoder that the configs need."""
+
+    spec: EncoderSpec
+    dim: int
+    warmup_tokens: int  # sequence length of the tokenized warm-up text
+
+
+def to_pbtxt(config: pb.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse_pbtxt(text: str) -> pb.ModelConfig:
+    return text_format.Parse(text, pb.ModelConfig())
+
+
+def _tensor(name: str, dtype: int, dims: list[int], ragged: bool = False) -> dict:
+    fields = {"name": name, "data_type": dtype, "dims": dims}
+    if ragged:
+        fields["allow_ragged_batch"] = True
+    return fields
+
+
+def _parameters(config: pb.ModelConfig, values: dict[str, object]) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = value if isinstance(value, str) else json.dumps(value)
+
+
+def _dynamic_batching(spec: PipelineSpec) -> pb.ModelDynamicBatching:
+    batching = spec.serving.dynamic_batching
+    return pb.ModelDynamicBatching(
+        preferred_batch_size=batching.preferred_batch_size,
+        max_queue_delay_microseconds=batching.max_queue_delay_us,
+    )
+
+
+def _cpu_instances(count: int) -> list[pb.ModelInstanceGroup]:
+    return [pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_CPU, count=count)]
+
+
+def tokenizer_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
+    config = pb.ModelConfig(
+        name=tokenizer_model(built.spec),
+        backend=PYTHON_BACKEND,
+        max_batch_size=spec.serving.dynamic_batching.max_batch_size,
+        input=[_tensor("TEXT", pb.TYPE_STRING, [1])],
+        output=[_tensor("INPUT_IDS", pb.TYPE_INT64, [-1]), _tensor("ATTENTION_MASK", pb.TYPE_INT64, [-1])],
+        dynamic_batching=_dynamic_batching(spec),
+        instance_group=_cpu_instances(spec.serving.instances),
+        model_warmup=[
+            pb.ModelWarmup(
+                name="one_text",
+                batch_size=1,
+                inputs={"TEXT": pb.ModelWarmup.Input(data_type=pb.TYPE_STRING, dims=[1], input_data_file=WARMUP_TEXT_FILE)},
+            )
+        ],
+    )
+    _parameters(
+        config,
+        {"max_seq_len": built.spec.max_seq_len, "max_text_bytes": spec.limits.max_text_bytes},
+    )
+    return config
+
+
+def encoder_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
+    max_batch = spec.serving.dynamic_batching.max_batch_size
+    warmup_inputs = {
+        name: pb.ModelWarmup.Input(data_type=pb.TYPE_INT64, dims=[built.warmup_tokens], input_data_file=file)
+        for name, file in (("INPUT_IDS", WARMUP_IDS_FILE), ("ATTENTION_MASK", WARMUP_MASK_FILE))
+    }
+    config = pb.ModelConfig(
+        name=encoder_model(built.spec),
+        backend=PYTHON_BACKEND,
+        max_batch_size=max_batch,
+        input=[
+            _tensor("INPUT_IDS", pb.TYPE_INT64, [-1], ragged=True),
+            _tensor("ATTENTION_MASK", pb.TYPE_INT64, [-1], ragged=True),
+        ],
+        output=[_tensor("EMBEDDING", pb.TYPE_FP32, [built.dim])],
+        dynamic_batching=_dynamic_batching(spec),
+        instance_group=_cpu_instances(spec.serving.instances),
+        # The warm-up runs the largest batch too, so ONNX Runtime has sized its buffers before traffic.
+        model_warmup=[
+            pb.ModelWarmup(name=f"batch_{size}", batch_size=size, inputs=warmup_inputs)
+            for size in sorted({1, max_batch})
+        ],
+    )
+    _parameters(config, {"onnx_file": "model.onnx", "intra_op_threads": spec.serving.intra_op_threads})
+    return config
+
+
+def _fusion_parameters(spec: PipelineSpec, built: list[BuiltEncoder]) -> dict[str, object]:
+    """The heads need each encoder's slice of the fused embedding and how to combine scores."""
+    return {
+        "encoders": [{"name": b.spec.name, "dim": b.dim, "weight": b.spec.weight} for b in built],
+        "fusion": spec.fusion.model_dump(),
+        "voting": spec.voting.model_dump(),
+        "limits": spec.limits.model_dump(),
+        "embed_batch": spec.serving.dynamic_batching.max_batch_size,
+    }
+
+
+def fusion_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
+    config = pb.ModelConfig(
+        name=FUSION,
+        backend=PYTHON_BACKEND,
+        max_batch_size=spec.serving.dynamic_batching.max_batch_size,
+        input=[_tensor(f"EMBEDDING_{i}", pb.TYPE_FP32, [b.dim]) for i, b in enumerate(built)],
+        output=[_tensor("EMBEDDING", pb.TYPE_FP32, [sum(b.dim for b in built)])],
+        dynamic_batching=_dynamic_batching(spec),
+        instance_group=_cpu_instances(1),
+    )
+    _parameters(config, _fusion_parameters(spec, built))
+    return config
+
+
+def embed_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
+    """Ensemble TEXT → tokenizer → encoder (per encoder) → fusion → EMBEDDING."""
+    steps = []
+    single = len(built) == 1
+    for i, b in enumerate(built):
+        prefix = b.spec.name
+        steps.append(
+            pb.ModelEnsembling.Step(
+                model_name=tokenizer_model(b.spec),
+                model_version=-1,
+                input_map={"TEXT": "TEXT"},
+                output_map={"INPUT_IDS": f"{prefix}_input_ids", "ATTENTION_MASK": f"{prefix}_attention_mask"},
+            )
+        )
+        steps.append(
+            pb.ModelEnsembling.Step(
+                model_name=encoder_model(b.spec),
+                model_version=-1,
+                input_map={"INPUT_IDS": f"{prefix}_input_ids", "ATTENTION_MASK": f"{prefix}_attention_mask"},
+                # Fusing one encoder is the identity, so its output is the public tensor directly.
+                output_map={"EMBEDDING": "EMBEDDING" if single else f"{prefix}_embedding"},
+            )
+        )
+    if not single:
+        steps.append(
+            pb.ModelEnsembling.Step(
+                model_name=FUSION,
+                model_version=-1,
+                input_map={f"EMBEDDING_{i}": f"{b.spec.name}_embedding" for i, b in enumerate(built)},
+                output_map={"EMBEDDING": "EMBEDDING"},
+            )
+        )
+    return pb.ModelConfig(
+        name=EMBED,
+        platform="ensemble",
+        max_batch_size=spec.serving.dynamic_batching.max_batch_size,
+        input=[_tensor("TEXT", pb.TYPE_STRING, [1])],
+        output=[_tensor("EMBEDDING", pb.TYPE_FP32, [sum(b.dim for b in built)])],
+        ensemble_scheduling=pb.ModelEnsembling(step=steps),
+        response_cache=pb.ModelResponseCache(enable=spec.serving.response_cache),
+    )
+
+
+def _head_config(
+    name: str, spec: PipelineSpec, built: list[BuiltEncoder], inputs: list[dict], outputs: list[dict]
+) -> pb.ModelConfig:
+    config = pb.ModelConfig(
+        name=name,
+        backend=PYTHON_BACKEND,
+        max_batch_size=0,
+        input=inputs,
+        output=outputs,
+        instance_group=_cpu_instances(HEAD_INSTANCES),
+    )
+    _parameters(config, _fusion_parameters(spec, built))
+    return config
+
+
+def rank_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
+    return _head_config(
+        RANK,
+        spec,
+        built,
+        inputs=[_tensor("QUERY", pb.TYPE_STRING, [1]), _tensor("CANDIDATES", pb.TYPE_STRING, [-1])],
+        outputs=[
+            _tensor("SCORES", pb.TYPE_FP32, [-1]),
+            _tensor("ENCODER_SCORES", pb.TYPE_FP32, [len(built), -1]),
+        ],
+    )
+
+
+def classify_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
+    return _head_config(
+        CLASSIFY,
+        spec,
+        built,
+        inputs=[_tensor("TEXT", pb.TYPE_STRING, [1]), _tensor("LABELS", pb.TYPE_STRING, [-1])],
+        outputs=[
+            _tensor("LABEL", pb.TYPE_STRING, [1]),
+            _tensor("VOTES", pb.TYPE_INT32, [-1]),
+            _tensor("SCORES", pb.TYPE_FP32, [-1]),
+        ],
+    )
+
+
+def all_configs(spec: PipelineSpec, built: list[BuiltEncoder]) -> list[pb.ModelConfig]:
+    configs = []
+    for b in built:
+        configs += [tokenizer_config(spec, b), encoder_config(spec, b)]
+    if len(built) > 1:
+        configs.append(fusion_config(spec, built))
+    configs += [embed_config(spec, built), rank_config(spec, built), classify_config(spec, built)]
+    return configs

