@@ -23,3 +23,7 @@ class ServerError(EcomserveError):
 
 class InvalidInput(EcomserveError):
     """A request violates the bad-input rules; maps to HTTP 400 / gRPC INVALID_ARGUMENT."""
+
+
+class RequestFailed(EcomserveError):
+    """The server answered a request with an error (bad input, unknown model, overload)."""

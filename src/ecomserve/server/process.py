@@ -66,6 +66,7 @@ class TritonServer:
         self.options = options
         self.log_path = options.work_dir / "logs" / f"tritonserver-{options.ports.http}.log"
         self._process: subprocess.Popen | None = None
+        self.stop_requested = False
 
     @property
     def http_url(self) -> str:
@@ -152,12 +153,18 @@ class TritonServer:
         problems = [line for line in text if _PROBLEM_LINE.search(line) and not _HARMLESS_LINE.search(line)]
         return "\n".join((problems or text)[-lines:])
 
+    def request_stop(self) -> None:
+        """Ask Triton to drain and exit (SIGTERM); returns at once. Safe inside a signal handler."""
+        self.stop_requested = True
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM lets Triton finish in-flight requests (up to exit_timeout_s); then SIGKILL."""
         process = self._process
         if process is None or process.poll() is not None:
             return process.returncode if process else None
-        process.send_signal(signal.SIGTERM)
+        self.request_stop()
         try:
             return process.wait(timeout=timeout_s or self.options.exit_timeout_s + 10)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,146 @@
+"""The `ecomserve` command: one handler per subcommand; project errors become one line and exit 1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ecomserve.errors import EcomserveError, ServerError
+from ecomserve.spec import load_spec
+
+DEFAULT_SPEC = Path("export/default.yaml")
+DEFAULT_REPOSITORY = Path("model_repository")
+
+app = typer.Typer(help="Text encoders served by Triton for e-commerce search.", no_args_is_help=True)
+query_app = typer.Typer(help="Call a public model on a running server and print JSON.", no_args_is_help=True)
+app.add_typer(query_app, name="query")
+console = Console(stderr=True)
+
+SpecOption = Annotated[Path, typer.Option("--spec", help="pipeline spec (YAML)")]
+RepositoryOption = Annotated[Path, typer.Option("--repository", help="model repository folder")]
+UrlOption = Annotated[str | None, typer.Option("--url", help="host:port (default 127.0.0.1:8000 http, :8001 grpc)")]
+
+
+class ProtocolName(str, Enum):
+    http = "http"
+    grpc = "grpc"
+
+
+ProtocolOption = Annotated[ProtocolName, typer.Option("--protocol", help="KServe v2 over HTTP or gRPC")]
+
+
+def _build(spec_path: Path, repository: Path) -> None:
+    from ecomserve.repository.builder import build_repository
+
+    build_repository(load_spec(spec_path), repository, spec_dir=spec_path.parent, console=console)
+    console.print(f"repository written to {repository}")
+
+
+@app.command()
+def build(spec: SpecOption = DEFAULT_SPEC, repository: RepositoryOption = DEFAULT_REPOSITORY) -> None:
+    """Export, verify and write the model repository for a spec."""
+    _build(spec, repository)
+
+
+@app.command()
+def serve(
+    spec: SpecOption = DEFAULT_SPEC,
+    repository: RepositoryOption = DEFAULT_REPOSITORY,
+    host: Annotated[str, typer.Option(help="address to listen on; 0.0.0.0 exposes the server")] = "127.0.0.1",
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    rebuild: Annotated[bool, typer.Option(help="rebuild the repository even if it exists")] = False,
+) -> None:
+    """Start tritonserver on the repository (building it first if missing) and block until stopped."""
+    from ecomserve.repository.builder import is_built
+    from ecomserve.server.process import Ports, ServerOptions, TritonServer
+
+    if rebuild or not is_built(repository):
+        console.print(f"building {repository} from {spec} …")
+        _build(spec, repository)
+    server = TritonServer(ServerOptions(repository=repository, host=host, ports=Ports(http_port, grpc_port, metrics_port)))
+    console.print("starting tritonserver …")
+    try:
+        server.start()
+    except KeyboardInterrupt:
+        server.stop()
+        raise typer.Exit(130) from None
+    # Forward Ctrl-C / SIGTERM to Triton, which finishes in-flight requests before it exits.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.request_stop())
+    console.print(
+        f"[green]ready[/]  HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
+        f"models: embed, rank, classify · log: {server.log_path} · Ctrl-C to stop"
+    )
+    code = server.wait()
+    if not server.stop_requested:
+        raise ServerError(f"tritonserver exited unexpectedly (code {code}).\n{server.log_excerpt()}")
+    console.print("tritonserver stopped")
+
+
+def _client(url: str | None, protocol: ProtocolName):
+    from ecomserve.client import EcomClient
+
+    return EcomClient(url, protocol.value)
+
+
+def _print(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload) + "\n")
+
+
+@query_app.command("embed")
+def query_embed(texts: list[str], url: UrlOption = None, protocol: ProtocolOption = ProtocolName.http) -> None:
+    """Fused, L2-normalised embeddings of TEXTS."""
+    with _client(url, protocol) as client:
+        embeddings = client.embed(texts)
+    _print({"model": "embed", "embeddings": embeddings.tolist()})
+
+
+@query_app.command("rank")
+def query_rank(query: str, candidates: list[str], url: UrlOption = None, protocol: ProtocolOption = ProtocolName.http) -> None:
+    """Score CANDIDATES against QUERY; `order` lists candidate indices best first."""
+    with _client(url, protocol) as client:
+        result = client.rank(query, candidates)
+    _print(
+        {
+            "model": "rank",
+            "scores": result.scores.tolist(),
+            "encoder_scores": result.encoder_scores.tolist(),
+            "order": result.order(),
+        }
+    )
+
+
+@query_app.command("classify")
+def query_classify(
+    text: str,
+    labels: Annotated[list[str], typer.Option("--label", help="a candidate label; repeat for each")],
+    url: UrlOption = None,
+    protocol: ProtocolOption = ProtocolName.http,
+) -> None:
+    """Pick the label the encoders vote for."""
+    with _client(url, protocol) as client:
+        result = client.classify(text, labels)
+    _print({"model": "classify", "label": result.label, "votes": result.votes.tolist(), "scores": result.scores.tolist()})
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Run the CLI; raises project exceptions instead of exiting, for tests and embedding."""
+    app(args=argv, standalone_mode=False)
+
+
+def main() -> None:
+    # Standalone mode: usage errors print usage and exit 2; our own errors print one line and exit 1.
+    try:
+        app()
+    except EcomserveError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(1)

@@ -1,0 +1,122 @@
+"""A small Python API over tritonclient for the public models: embed, rank, classify.
+
+Safe to share between threads: each thread gets its own tritonclient connection (tritonclient's
+clients are not thread-safe), reused for every call that thread makes."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from tritonclient.utils import InferenceServerException
+
+from ecomserve.errors import RequestFailed
+
+Protocol = Literal["http", "grpc"]
+DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+
+
+@dataclass(frozen=True)
+class RankResult:
+    scores: np.ndarray  # [candidates] fused score, input order
+    encoder_scores: np.ndarray  # [encoders, candidates] cosine per encoder
+
+    def order(self) -> list[int]:
+        """Candidate indices, best first."""
+        return [int(i) for i in np.argsort(-self.scores, kind="stable")]
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    label: str
+    votes: np.ndarray  # [labels] votes per label
+    scores: np.ndarray  # [labels] fused score per label
+
+
+def _module(protocol: Protocol):
+    if protocol == "http":
+        import tritonclient.http as module
+    elif protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+    return module
+
+
+class EcomClient:
+    def __init__(self, url: str | None = None, protocol: Protocol = "http", timeout_s: float = 60.0):
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self.timeout_s = timeout_s
+        self._module = _module(protocol)
+        self._local = threading.local()
+        self._clients = []
+        self._lock = threading.Lock()
+
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.protocol == "http":
+                client = self._module.InferenceServerClient(
+                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+                )
+            else:
+                client = self._module.InferenceServerClient(self.url)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _bytes_input(self, name: str, texts: list[str], shape: list[int]):
+        tensor = self._module.InferInput(name, shape, "BYTES")
+        tensor.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(shape))
+        return tensor
+
+    def _infer(self, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarray]:
+        # HTTP's network timeout is set on the connection; gRPC takes a deadline per call.
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        try:
+            result = self._client().infer(model, inputs, **kwargs)
+        except InferenceServerException as exc:
+            raise RequestFailed(f"{model}: {exc.message()} (status {exc.status()})") from None
+        except OSError as exc:
+            raise RequestFailed(
+                f"cannot reach the {self.protocol} endpoint {self.url} ({exc}); is `ecomserve serve` running?"
+            ) from None
+        return {name: result.as_numpy(name) for name in outputs}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """[len(texts), D] fused, unit-norm embeddings."""
+        inputs = [self._bytes_input("TEXT", texts, [len(texts), 1])]
+        return self._infer("embed", inputs, ["EMBEDDING"])["EMBEDDING"]
+
+    def rank(self, query: str, candidates: list[str]) -> RankResult:
+        inputs = [self._bytes_input("QUERY", [query], [1]), self._bytes_input("CANDIDATES", candidates, [len(candidates)])]
+        out = self._infer("rank", inputs, ["SCORES", "ENCODER_SCORES"])
+        return RankResult(out["SCORES"], out["ENCODER_SCORES"])
+
+    def classify(self, text: str, labels: list[str]) -> ClassifyResult:
+        inputs = [self._bytes_input("TEXT", [text], [1]), self._bytes_input("LABELS", labels, [len(labels)])]
+        out = self._infer("classify", inputs, ["LABEL", "VOTES", "SCORES"])
+        return ClassifyResult(out["LABEL"][0].decode("utf-8"), out["VOTES"], out["SCORES"])
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client().is_server_ready())
+        except (InferenceServerException, OSError):
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> EcomClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
