@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,12 @@ def export_onnx(model: PooledEncoder, path: Path) -> None:
     attention_mask = torch.ones((2, 8), dtype=torch.int64)
     attention_mask[1, 5:] = 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode():
+    # The TorchScript exporter is the one that handles these models (transformers 5); its deprecation
+    # and tracer notes are expected and would only bury the build's own progress output.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=UserWarning)
         torch.onnx.export(
             model,
             (input_ids, attention_mask),

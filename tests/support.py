@@ -1,0 +1,67 @@
+"""Helpers the tests share: tiny random encoders, servers on free ports, PyTorch references."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecomserve.client import EcomClient
+from ecomserve.export.pooled_encoder import PooledEncoder, load_encoder, reference_embeddings
+from ecomserve.repository.builder import build_repository
+from ecomserve.server.process import Ports, ServerOptions, TritonServer, free_port
+from ecomserve.spec import PipelineSpec, parse_spec, resolve_source
+from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
+
+BUNDLED = "bundled:all-MiniLM-L6-v2"
+
+
+def make_tiny_bert(directory: Path, seed: int) -> Path:
+    """A 2-layer, 32-wide random BERT with MiniLM's tokenizer: fast to export, quality irrelevant."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(directory)
+    bundled = resolve_source(BUNDLED)
+    for name in (TOKENIZER_FILE, "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy2(bundled / name, directory / name)
+    return directory
+
+
+def spec_from(raw: dict) -> PipelineSpec:
+    return parse_spec(raw, origin="test")
+
+
+def start_server(spec: PipelineSpec, root: Path, spec_dir: Path | None = None) -> TritonServer:
+    repository = root / "model_repository"
+    build_repository(spec, repository, spec_dir=spec_dir)
+    ports = Ports(http=free_port(), grpc=free_port(), metrics=free_port())
+    server = TritonServer(ServerOptions(repository=repository, ports=ports, work_dir=root / "work"))
+    server.start(timeout_s=240)
+    return server
+
+
+class TorchReference:
+    """Per-encoder PyTorch embeddings computed the way the export verifies them."""
+
+    def __init__(self, source: str, keep_layers: int | None = None, pooling: str = "mean", max_seq_len: int = 128):
+        directory = resolve_source(source)
+        self.model = PooledEncoder(load_encoder(directory, keep_layers), pooling)
+        self.tokenizer = TextTokenizer(directory / TOKENIZER_FILE, max_seq_len)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer.encode(texts)
+        return reference_embeddings(self.model, batch.input_ids, batch.attention_mask).numpy()
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def client_for(server: TritonServer, protocol: str) -> EcomClient:
+    return EcomClient(server.http_url if protocol == "http" else server.grpc_url, protocol)

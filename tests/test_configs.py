@@ -1,0 +1,97 @@
+"""The generated model configs, parsed back from the text the builder writes."""
+
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as pb
+
+from ecomserve.errors import RepositoryError
+from ecomserve.repository.builder import plan, write_configs
+from ecomserve.repository.configs import all_configs, parse_pbtxt, to_pbtxt
+from ecomserve.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def built_configs(spec_file: str) -> dict[str, pb.ModelConfig]:
+    spec = load_spec(ROOT / "export" / spec_file)
+    built = [b for b, _ in plan(spec, ROOT / "export")]
+    return {c.name: parse_pbtxt(to_pbtxt(c)) for c in all_configs(spec, built)}
+
+
+def tensors(entries) -> dict[str, tuple[str, list[int]]]:
+    return {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in entries}
+
+
+def test_public_models_match_the_design():
+    configs = built_configs("ensemble.yaml")
+    assert set(configs) == {
+        "minilm_tokenizer", "minilm_encoder", "minilm_l3_tokenizer", "minilm_l3_encoder",
+        "fusion", "embed", "rank", "classify",
+    }
+    embed, rank, classify = configs["embed"], configs["rank"], configs["classify"]
+    assert tensors(embed.input) == {"TEXT": ("TYPE_STRING", [1])}
+    assert tensors(embed.output) == {"EMBEDDING": ("TYPE_FP32", [768])}
+    assert embed.max_batch_size == 64 and embed.response_cache.enable
+    assert tensors(rank.input) == {"QUERY": ("TYPE_STRING", [1]), "CANDIDATES": ("TYPE_STRING", [-1])}
+    assert tensors(rank.output) == {"SCORES": ("TYPE_FP32", [-1]), "ENCODER_SCORES": ("TYPE_FP32", [2, -1])}
+    assert tensors(classify.input) == {"TEXT": ("TYPE_STRING", [1]), "LABELS": ("TYPE_STRING", [-1])}
+    assert tensors(classify.output) == {
+        "LABEL": ("TYPE_STRING", [1]), "VOTES": ("TYPE_INT32", [-1]), "SCORES": ("TYPE_FP32", [-1]),
+    }
+
+
+def test_ensemble_steps_are_wired():
+    """Every tensor a step reads was produced before it; the last step produces EMBEDDING."""
+    configs = built_configs("ensemble.yaml")
+    available = {"TEXT"}
+    for step in configs["embed"].ensemble_scheduling.step:
+        model = configs[step.model_name]
+        assert set(step.input_map) == {t.name for t in model.input}
+        assert set(step.input_map.values()) <= available
+        assert set(step.output_map) == {t.name for t in model.output}
+        available |= set(step.output_map.values())
+    assert step.model_name == "fusion" and step.output_map["EMBEDDING"] == "EMBEDDING"
+
+
+def test_single_encoder_skips_the_fusion_hop():
+    configs = built_configs("default.yaml")
+    assert "fusion" not in configs
+    steps = configs["embed"].ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["minilm_tokenizer", "minilm_encoder"]
+    assert steps[-1].output_map["EMBEDDING"] == "EMBEDDING"
+
+
+def test_encoder_batches_ragged_requests_and_warms_up():
+    encoder = built_configs("default.yaml")["minilm_encoder"]
+    assert all(t.allow_ragged_batch for t in encoder.input)
+    assert list(encoder.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+    assert encoder.dynamic_batching.max_queue_delay_microseconds == 500
+    assert encoder.instance_group[0].count == 2 and encoder.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    assert encoder.parameters["intra_op_threads"].string_value == "1"
+    assert [w.batch_size for w in encoder.model_warmup] == [1, 64]
+
+
+def test_repository_layout(tmp_path):
+    spec = load_spec(ROOT / "export/default.yaml")
+    built = [b for b, _ in plan(spec, ROOT / "export")]
+    write_configs(spec, built, tmp_path)
+    for name in ("minilm_tokenizer", "minilm_encoder", "rank", "classify"):
+        assert (tmp_path / name / "1" / "model.py").is_file()
+        assert parse_pbtxt((tmp_path / name / "config.pbtxt").read_text()).name == name
+    assert (tmp_path / "embed" / "1").is_dir() and not (tmp_path / "embed" / "1" / "model.py").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [({"serving": {"target": "tensorrt"}}, "serving.target"), ({"precision": "int8"}, "precision")],
+)
+def test_unbuilt_variants_are_refused_clearly(tmp_path, override, message):
+    from ecomserve.repository.builder import build_repository
+    from ecomserve.spec import parse_spec
+
+    encoder = {"name": "m", "source": "bundled:all-MiniLM-L6-v2", **{k: v for k, v in override.items() if k != "serving"}}
+    raw = {"encoders": [encoder], **({"serving": override["serving"]} if "serving" in override else {})}
+    with pytest.raises(RepositoryError, match=message):
+        build_repository(parse_spec(raw), tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()

@@ -1,0 +1,72 @@
+"""Export to ONNX and the parity check, on tiny random encoders."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from ecomserve.errors import ExportError
+from ecomserve.export.onnx_export import export_onnx
+from ecomserve.export.parity import check_parity
+from ecomserve.export.pooled_encoder import PooledEncoder, load_encoder
+from ecomserve.repository.builder import build_repository, is_built
+from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
+from support import make_tiny_bert, spec_from
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_export"), seed=7)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_export_matches_pytorch_with_dynamic_axes(tiny, tmp_path, pooling):
+    reference = PooledEncoder(load_encoder(tiny, None), pooling)
+    path = tmp_path / "model.onnx"
+    export_onnx(reference, path)
+    graph = onnx.load(str(path))
+    assert graph.opset_import[0].version == 17
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input]
+    assert dims == [["batch", "sequence"], ["batch", "sequence"]]
+    tokenizer = TextTokenizer(tiny / TOKENIZER_FILE, 32)
+    report = check_parity(path, reference, tokenizer, "tiny")
+    assert report.min_cosine >= 0.9999 and report.texts > 20
+    # a batch shape the trace never saw, with padding
+    batch = tokenizer.encode(["a", "a much longer product title with several words", "mid length text"])
+    (onnx_out,) = ort.InferenceSession(str(path)).run(None, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+    assert np.allclose(np.linalg.norm(onnx_out, axis=1), 1.0, atol=1e-5)
+
+
+def test_parity_failure_names_encoder_and_bar(tiny, tmp_path_factory, tmp_path):
+    other = make_tiny_bert(tmp_path_factory.mktemp("tiny_other"), seed=8)
+    path = tmp_path / "model.onnx"
+    export_onnx(PooledEncoder(load_encoder(other, None), "mean"), path)
+    reference = PooledEncoder(load_encoder(tiny, None), "mean")
+    with pytest.raises(ExportError, match=r"encoder 'tiny': ONNX output differs from PyTorch: min cosine .* < 0.9999"):
+        check_parity(path, reference, TextTokenizer(tiny / TOKENIZER_FILE, 32), "tiny")
+
+
+def test_pruned_export_keeps_first_layers(tiny, tmp_path):
+    pruned = PooledEncoder(load_encoder(tiny, keep_layers=1), "mean")
+    full = PooledEncoder(load_encoder(tiny, None), "mean")
+    assert len(pruned.encoder.encoder.layer) == 1
+    tokenizer = TextTokenizer(tiny / TOKENIZER_FILE, 32)
+    batch = tokenizer.encode(["red running shoes"])
+    from ecomserve.export.pooled_encoder import reference_embeddings
+
+    a = reference_embeddings(pruned, batch.input_ids, batch.attention_mask).numpy()
+    b = reference_embeddings(full, batch.input_ids, batch.attention_mask).numpy()
+    assert not np.allclose(a, b, atol=1e-5)  # the pruned model really computes something else
+
+
+def test_failed_build_leaves_the_repository_untouched(tiny, tmp_path):
+    repository = tmp_path / "repo"
+    good = spec_from({"encoders": [{"name": "tiny", "source": str(tiny), "max_seq_len": 32}]})
+    build_repository(good, repository)
+    assert is_built(repository)
+    before = sorted(p.relative_to(repository) for p in repository.rglob("*"))
+    bad = spec_from({"encoders": [{"name": "other", "source": str(tiny), "keep_layers": 9}]})
+    with pytest.raises(ExportError, match="keep_layers=9 but the model has only 2 layers"):
+        build_repository(bad, repository)
+    assert sorted(p.relative_to(repository) for p in repository.rglob("*")) == before
+    assert not repository.with_name("repo.building").exists()
