@@ -46,8 +46,11 @@ def _module(protocol: Protocol):
 
 
 class EcomClient:
-    def __init__(self, url: str | None = None, protocol: Protocol = "http", timeout_s: float = 60.0):
+    def __init__(
+        self, url: str | None = None, protocol: Protocol = "http", timeout_s: float = 60.0, max_batch: int = 64
+    ):
         self.protocol = protocol
+        self.max_batch = max_batch  # embed's max_batch_size: longer lists go in several requests
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
         self._module = _module(protocol)
@@ -89,8 +92,10 @@ class EcomClient:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """[len(texts), D] fused, unit-norm embeddings."""
-        inputs = [self._bytes_input("TEXT", texts, [len(texts), 1])]
-        return self._infer("embed", inputs, ["EMBEDDING"])["EMBEDDING"]
+        chunks = [texts[i : i + self.max_batch] for i in range(0, len(texts), self.max_batch)]
+        return np.concatenate(
+            [self._infer("embed", [self._bytes_input("TEXT", c, [len(c), 1])], ["EMBEDDING"])["EMBEDDING"] for c in chunks]
+        )
 
     def rank(self, query: str, candidates: list[str]) -> RankResult:
         inputs = [self._bytes_input("QUERY", [query], [1]), self._bytes_input("CANDIDATES", candidates, [len(candidates)])]

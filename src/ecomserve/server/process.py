@@ -81,6 +81,10 @@ class TritonServer:
         return f"http://{self._client_host}:{self.options.ports.metrics}/metrics"
 
     @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
     def _client_host(self) -> str:
         return "127.0.0.1" if self.options.host in ("0.0.0.0", "") else self.options.host
 
