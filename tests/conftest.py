@@ -40,7 +40,7 @@ def trio_sources(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def trio_spec(trio_sources):
-    """Three tiny random encoders with different weights: majority votes can split 2 to 1."""
+    """Three tiny random encoders with different weights and small limits: votes can split 2 to 1."""
     return spec_from(
         {
             "encoders": [
@@ -49,7 +49,7 @@ def trio_spec(trio_sources):
             ],
             "fusion": {"mode": "weighted_mean"},
             "voting": {"mode": "majority"},
-            "limits": {"max_text_bytes": 256, "max_candidates": 8, "max_labels": 4},
+            "limits": {"max_text_bytes": 256, "max_candidates": 8, "max_labels": 8},
         }
     )
 

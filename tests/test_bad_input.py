@@ -109,3 +109,12 @@ def test_server_survives_all_bad_input(default_server, known_good):
             assert not infer(protocol, default_server, model, tensors, version).ok
     assert default_server.is_ready()
     assert stub_pids(default_server.pid) == known_good["stubs"]
+
+
+def test_limits_come_from_the_spec(trio_server, protocol):
+    """The trio pipeline allows 8 candidates and 256-byte texts (tests/conftest.py)."""
+    too_many = infer(protocol, trio_server, "rank", rank_inputs([b"shoes"], [b"item"] * 9))
+    assert not too_many.ok and "expected 1 to 8" in too_many.message
+    too_long = infer(protocol, trio_server, "embed", [text(b"z" * 257)])
+    assert not too_long.ok and "257 bytes, over the limit of 256" in too_long.message
+    assert infer(protocol, trio_server, "rank", rank_inputs([b"shoes"], [b"item"] * 8)).ok

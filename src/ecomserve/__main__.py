@@ -1,0 +1,3 @@
+from ecomserve.cli import main
+
+main()
