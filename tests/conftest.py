@@ -3,7 +3,12 @@ the real builder, stopped at the end of the session."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Nothing may come from a model hub: every model is bundled or built by the tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 

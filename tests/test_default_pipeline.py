@@ -89,3 +89,20 @@ def test_same_input_same_answer(default_server):
     for i, vector in enumerate(concurrent):
         if i % 2:
             assert np.abs(vector - alone).max() <= 1e-5
+
+
+def _truncations(server) -> float:
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    values = re.findall(r'^ecomserve_truncated_texts_total\{model="minilm_tokenizer"\} (\S+)$', text, re.MULTILINE)
+    return float(values[0]) if values else 0.0
+
+
+def test_truncation_is_counted_in_metrics(default_server):
+    long_title = " ".join(f"w{i}" for i in range(200))  # far over max_seq_len=128 tokens, under 2048 bytes
+    before = _truncations(default_server)
+    with client_for(default_server, "http") as client:
+        client.embed([long_title, "short title", long_title + " variant"])
+    assert _truncations(default_server) == before + 2

@@ -14,11 +14,13 @@ class TritonPythonModel:
         config = model_config(args)
         self.max_text_bytes = parameter(config, "max_text_bytes")
         self.tokenizer = TextTokenizer(version_dir(args) / TOKENIZER_FILE, parameter(config, "max_seq_len"))
-        self.truncated = pb_utils.MetricFamily(
+        # The family must outlive its metric, so both are kept.
+        self.truncated_family = pb_utils.MetricFamily(
             name="ecomserve_truncated_texts_total",
             description="Texts cut at max_seq_len tokens by the tokenizer",
             kind=pb_utils.MetricFamily.COUNTER,
-        ).Metric(labels={"model": args["model_name"]})
+        )
+        self.truncated = self.truncated_family.Metric(labels={"model": args["model_name"]})
 
     def execute(self, requests):
         return respond_each(requests, self._tokenize)
