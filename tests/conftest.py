@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
+from support import make_tiny_bert, spec_from, start_server
 
 from ecomserve.spec import load_spec
-from support import make_tiny_bert, spec_from, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,9 @@ def default_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ensemble_server(tmp_path_factory):
     """export/ensemble.yaml: full MiniLM (weight 2) + MiniLM pruned to 3 layers (weight 1)."""
-    server = start_server(load_spec(ROOT / "export/ensemble.yaml"), tmp_path_factory.mktemp("ensemble"), ROOT / "export")
+    server = start_server(
+        load_spec(ROOT / "export/ensemble.yaml"), tmp_path_factory.mktemp("ensemble"), ROOT / "export"
+    )
     yield server
     server.stop()
 

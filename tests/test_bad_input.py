@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from raw_protocol import Tensor, infer
 
 pytestmark = pytest.mark.integration
@@ -40,24 +39,46 @@ CASES = {
     "text over limit": ("embed", [text(b"x" * (MAX_TEXT_BYTES + 1))], "", INVALID, ["TEXT[0]", "2049 bytes", "2048"]),
     "empty query": ("rank", rank_inputs([b""], [b"red shoes"]), "", INVALID, ["QUERY[0]", "empty"]),
     "empty candidate": ("rank", rank_inputs([b"shoes"], [b"red shoes", b""]), "", INVALID, ["CANDIDATES[1]", "empty"]),
-    "invalid utf-8 candidate": ("rank", rank_inputs([b"shoes"], [b"\xff\xfe"]), "", INVALID, ["CANDIDATES[0]", "UTF-8"]),
+    "invalid utf-8 candidate": (
+        "rank",
+        rank_inputs([b"shoes"], [b"\xff\xfe"]),
+        "",
+        INVALID,
+        ["CANDIDATES[0]", "UTF-8"],
+    ),
     "candidate over limit": (
-        "rank", rank_inputs([b"shoes"], [b"y" * (MAX_TEXT_BYTES + 1)]), "", INVALID, ["CANDIDATES[0]", "2048"],
+        "rank",
+        rank_inputs([b"shoes"], [b"y" * (MAX_TEXT_BYTES + 1)]),
+        "",
+        INVALID,
+        ["CANDIDATES[0]", "2048"],
     ),
     "zero candidates": ("rank", rank_inputs([b"shoes"], []), "", INVALID, ["CANDIDATES", "got 0", "1000"]),
     "too many candidates": (
-        "rank", rank_inputs([b"shoes"], [b"item"] * (MAX_CANDIDATES + 1)), "", INVALID, ["CANDIDATES", "1001", "1000"],
+        "rank",
+        rank_inputs([b"shoes"], [b"item"] * (MAX_CANDIDATES + 1)),
+        "",
+        INVALID,
+        ["CANDIDATES", "1001", "1000"],
     ),
     "zero labels": ("classify", classify_inputs(b"espresso machine", []), "", INVALID, ["LABELS", "got 0", "256"]),
     "too many labels": (
-        "classify", classify_inputs(b"espresso machine", [b"label"] * (MAX_LABELS + 1)), "", INVALID,
+        "classify",
+        classify_inputs(b"espresso machine", [b"label"] * (MAX_LABELS + 1)),
+        "",
+        INVALID,
         ["LABELS", "257", "256"],
     ),
     "empty classify text": ("classify", classify_inputs(b"  ", [b"kitchen"]), "", INVALID, ["TEXT[0]", "empty"]),
     "wrong dtype": ("embed", [Tensor("TEXT", "INT32", [1, 1], [7])], "", INVALID, ["TEXT", "INT32", "BYTES"]),
     "wrong shape": ("embed", [Tensor("TEXT", "BYTES", [1, 2], [b"a", b"b"])], "", INVALID, ["TEXT", "[1,2]"]),
-    "wrong rank shape": ("rank", [Tensor("QUERY", "BYTES", [2], [b"a", b"b"]), *rank_inputs([b"q"], [b"c"])[1:]], "",
-                         INVALID, ["QUERY", "Expected [1]"]),
+    "wrong rank shape": (
+        "rank",
+        [Tensor("QUERY", "BYTES", [2], [b"a", b"b"]), *rank_inputs([b"q"], [b"c"])[1:]],
+        "",
+        INVALID,
+        ["QUERY", "Expected [1]"],
+    ),
     "missing input": ("rank", rank_inputs([b"shoes"], [b"red shoes"])[:1], "", INVALID, ["CANDIDATES", "missing"]),
     "unknown model": ("recommend", [text(b"shoes")], "", NOT_FOUND, ["recommend", "not found"]),
     "unknown version": ("embed", [text(b"shoes")], "7", NOT_FOUND, ["embed", "version 7", "not found"]),

@@ -26,8 +26,14 @@ def tensors(entries) -> dict[str, tuple[str, list[int]]]:
 def test_public_models_match_the_design():
     configs = built_configs("ensemble.yaml")
     assert set(configs) == {
-        "minilm_tokenizer", "minilm_encoder", "minilm_l3_tokenizer", "minilm_l3_encoder",
-        "fusion", "embed", "rank", "classify",
+        "minilm_tokenizer",
+        "minilm_encoder",
+        "minilm_l3_tokenizer",
+        "minilm_l3_encoder",
+        "fusion",
+        "embed",
+        "rank",
+        "classify",
     }
     embed, rank, classify = configs["embed"], configs["rank"], configs["classify"]
     assert tensors(embed.input) == {"TEXT": ("TYPE_STRING", [1])}
@@ -37,7 +43,9 @@ def test_public_models_match_the_design():
     assert tensors(rank.output) == {"SCORES": ("TYPE_FP32", [-1]), "ENCODER_SCORES": ("TYPE_FP32", [2, -1])}
     assert tensors(classify.input) == {"TEXT": ("TYPE_STRING", [1]), "LABELS": ("TYPE_STRING", [-1])}
     assert tensors(classify.output) == {
-        "LABEL": ("TYPE_STRING", [1]), "VOTES": ("TYPE_INT32", [-1]), "SCORES": ("TYPE_FP32", [-1]),
+        "LABEL": ("TYPE_STRING", [1]),
+        "VOTES": ("TYPE_INT32", [-1]),
+        "SCORES": ("TYPE_FP32", [-1]),
     }
 
 
@@ -90,7 +98,11 @@ def test_unbuilt_variants_are_refused_clearly(tmp_path, override, message):
     from ecomserve.repository.builder import build_repository
     from ecomserve.spec import parse_spec
 
-    encoder = {"name": "m", "source": "bundled:all-MiniLM-L6-v2", **{k: v for k, v in override.items() if k != "serving"}}
+    encoder = {
+        "name": "m",
+        "source": "bundled:all-MiniLM-L6-v2",
+        **{k: v for k, v in override.items() if k != "serving"},
+    }
     raw = {"encoders": [encoder], **({"serving": override["serving"]} if "serving" in override else {})}
     with pytest.raises(RepositoryError, match=message):
         build_repository(parse_spec(raw), tmp_path / "repo")

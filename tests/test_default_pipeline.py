@@ -6,10 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from support import client_for, cosine_rows
 
 from ecomserve.evaluation import load_eval_set, mean_ndcg
 from ecomserve.spec import resolve_source
-from support import client_for, cosine_rows
 
 pytestmark = pytest.mark.integration
 

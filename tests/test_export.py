@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from support import make_tiny_bert, spec_from
 
 from ecomserve.errors import ExportError
 from ecomserve.export.onnx_export import export_onnx
@@ -11,7 +12,6 @@ from ecomserve.export.parity import check_parity
 from ecomserve.export.pooled_encoder import PooledEncoder, load_encoder
 from ecomserve.repository.builder import build_repository, is_built
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
-from support import make_tiny_bert, spec_from
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,9 @@ def test_export_matches_pytorch_with_dynamic_axes(tiny, tmp_path, pooling):
     assert report.min_cosine >= 0.9999 and report.texts > 20
     # a batch shape the trace never saw, with padding
     batch = tokenizer.encode(["a", "a much longer product title with several words", "mid length text"])
-    (onnx_out,) = ort.InferenceSession(str(path)).run(None, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+    (onnx_out,) = ort.InferenceSession(str(path)).run(
+        None, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    )
     assert np.allclose(np.linalg.norm(onnx_out, axis=1), 1.0, atol=1e-5)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import TorchReference, client_for, cosine_rows
 
 from ecomserve.evaluation import load_eval_set
-from support import TorchReference, client_for, cosine_rows
 
 pytestmark = pytest.mark.integration
 

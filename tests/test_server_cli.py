@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from support import make_tiny_bert, spec_from
 
 from ecomserve.errors import RepositoryError, ServerError
 from ecomserve.server.process import Ports, ServerOptions, TritonServer, free_port
-from support import make_tiny_bert, spec_from
 
 pytestmark = pytest.mark.integration
 
@@ -70,8 +70,15 @@ def test_invalid_repository_shows_the_relevant_log_lines(tmp_path):
 def test_serve_prints_endpoints_and_stops_cleanly_on_sigint(tiny_repository, tmp_path):
     ports = free_ports()
     command = ECOMSERVE + [
-        "serve", "--repository", str(tiny_repository),
-        "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+        "serve",
+        "--repository",
+        str(tiny_repository),
+        "--http-port",
+        str(ports.http),
+        "--grpc-port",
+        str(ports.grpc),
+        "--metrics-port",
+        str(ports.metrics),
     ]
     process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
@@ -84,8 +91,11 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigint(tiny_repository, tmp
         assert f"http://127.0.0.1:{ports.http}" in output and f"127.0.0.1:{ports.grpc}" in output
 
         query = subprocess.run(
-            ECOMSERVE + ["query", "embed", "red shoes", "blue bag", "--url", f"127.0.0.1:{ports.grpc}", "--protocol", "grpc"],
-            capture_output=True, text=True, timeout=60,
+            ECOMSERVE
+            + ["query", "embed", "red shoes", "blue bag", "--url", f"127.0.0.1:{ports.grpc}", "--protocol", "grpc"],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert query.returncode == 0, query.stderr
         embeddings = json.loads(query.stdout)["embeddings"]
@@ -115,14 +125,18 @@ def test_query_commands_print_json(default_server):
     url = ["--url", default_server.http_url]
     rank = subprocess.run(
         ECOMSERVE + ["query", "rank", "running shoes", "coffee grinder", "trail running shoe", *url],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert rank.returncode == 0, rank.stderr
     ranked = json.loads(rank.stdout)
     assert ranked["order"] == [1, 0] and len(ranked["encoder_scores"]) == 1
     classify = subprocess.run(
         ECOMSERVE + ["query", "classify", "espresso machine", "--label", "shoes", "--label", "kitchen", *url],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert classify.returncode == 0, classify.stderr
     assert json.loads(classify.stdout)["label"] == "kitchen"
@@ -131,13 +145,18 @@ def test_query_commands_print_json(default_server):
 def test_cli_errors_are_one_line_and_exit_1(default_server, tmp_path):
     bad = subprocess.run(
         ECOMSERVE + ["query", "embed", "", "--url", default_server.http_url],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert bad.returncode == 1
     assert "error:" in bad.stderr and "TEXT[0]" in bad.stderr and "Traceback" not in bad.stderr
     down = subprocess.run(
         ECOMSERVE + ["query", "embed", "x", "--url", f"127.0.0.1:{free_port()}"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert down.returncode == 1 and "is `ecomserve serve` running?" in down.stderr
     spec = subprocess.run(ECOMSERVE + ["build", "--spec", str(tmp_path / "none.yaml")], capture_output=True, text=True)

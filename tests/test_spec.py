@@ -30,7 +30,10 @@ def test_shipped_specs_load():
         ({"encoders": [{"name": "m", "source": "x"}, {"name": "m", "source": "y"}]}, "encoders"),
         ({"encoders": [{"name": "m", "source": "x"}], "fusion": {"mode": "sum"}}, "fusion.mode"),
         (
-            {"encoders": [{"name": "m", "source": "x"}], "serving": {"dynamic_batching": {"preferred_batch_size": [128]}}},
+            {
+                "encoders": [{"name": "m", "source": "x"}],
+                "serving": {"dynamic_batching": {"preferred_batch_size": [128]}},
+            },
             "serving.dynamic_batching",
         ),
     ],

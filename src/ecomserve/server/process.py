@@ -140,7 +140,9 @@ class TritonServer:
                 return
             time.sleep(0.25)
         self.stop()
-        raise ServerError(f"tritonserver not ready after {timeout_s:.0f}s.\n{self.log_excerpt()}\nFull log: {self.log_path}")
+        raise ServerError(
+            f"tritonserver not ready after {timeout_s:.0f}s.\n{self.log_excerpt()}\nFull log: {self.log_path}"
+        )
 
     def is_ready(self) -> bool:
         try:

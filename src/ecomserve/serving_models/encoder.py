@@ -30,7 +30,9 @@ class TritonPythonModel:
             ids = [input_array(r, "INPUT_IDS") for r in requests]
             masks = [input_array(r, "ATTENTION_MASK") for r in requests]
             length = max(a.shape[1] for a in ids)
-            (embeddings,) = self.session.run(None, {"input_ids": _pad(ids, length), "attention_mask": _pad(masks, length)})
+            (embeddings,) = self.session.run(
+                None, {"input_ids": _pad(ids, length), "attention_mask": _pad(masks, length)}
+            )
         except Exception as exc:  # noqa: BLE001 - the whole batch failed together
             return [error_response(exc) for _ in requests]
         bounds = np.cumsum([a.shape[0] for a in ids])[:-1]

@@ -9,7 +9,6 @@ import asyncio
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ecomserve.errors import InvalidInput
 from ecomserve.fusion import encoder_scores, fuse_scores, split_embeddings, vote
 from ecomserve.serving_models.base import (
     bytes_array,
@@ -51,8 +50,9 @@ class _HeadModel:
 
     async def _handle(self, request):
         max_bytes = self.limits["max_text_bytes"]
-        single = decode_texts(self.single_input, self._values(request, self.single_input), max_bytes)
-        items = self._values(request, self.list_input)
+        # Triton has already checked dtypes and shapes against the config: both inputs are 1-D BYTES.
+        single = decode_texts(self.single_input, input_array(request, self.single_input), max_bytes)
+        items = input_array(request, self.list_input)
         check_count(self.list_input, len(items), self.limits[self.list_limit], self.list_limit)
         items = decode_texts(self.list_input, items, max_bytes)
         fused = await self._embed(single + items)
@@ -60,13 +60,6 @@ class _HeadModel:
         scores = encoder_scores([p[:1] for p in per_encoder], [p[1:] for p in per_encoder])
         fused_scores = fuse_scores(scores, self.slices, self.fusion["mode"], self.fusion["rrf_k"])
         return pb_utils.InferenceResponse(output_tensors=self.outputs(items, scores, fused_scores))
-
-    @staticmethod
-    def _values(request, name: str) -> np.ndarray:
-        values = input_array(request, name)
-        if values.ndim != 1:
-            raise InvalidInput(f"{name}: expected a 1-D list, got shape {list(values.shape)}")
-        return values
 
     async def _embed(self, texts: list[str]) -> np.ndarray:
         chunks = [texts[i : i + self.chunk] for i in range(0, len(texts), self.chunk)]
