@@ -47,7 +47,7 @@ def trio_sources(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def trio_spec(trio_sources):
-    """Three tiny random encoders with different weights and small limits: votes can split 2 to 1."""
+    """Three tiny random encoders (weights 1, 2, 3; small limits; ensemble layout): votes can split 2 to 1."""
     return spec_from(
         {
             "encoders": [
@@ -56,6 +56,8 @@ def trio_spec(trio_sources):
             ],
             "fusion": {"mode": "weighted_mean"},
             "voting": {"mode": "majority"},
+            # The fused layout serves the other pipelines; this one keeps the ensemble layout tested.
+            "serving": {"layout": "ensemble"},
             "limits": {"max_text_bytes": 256, "max_candidates": 8, "max_labels": 8},
         }
     )

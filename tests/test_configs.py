@@ -1,5 +1,6 @@
 """The generated model configs, parsed back from the text the builder writes."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,14 @@ from ecomserve.spec import load_spec
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def built_configs(spec_file: str) -> dict[str, pb.ModelConfig]:
+def with_layout(spec, layout: str):
+    return spec.model_copy(update={"serving": spec.serving.model_copy(update={"layout": layout})})
+
+
+def built_configs(spec_file: str, layout: str | None = None) -> dict[str, pb.ModelConfig]:
     spec = load_spec(ROOT / "export" / spec_file)
+    if layout:
+        spec = with_layout(spec, layout)
     built = [b for b, _ in plan(spec, ROOT / "export")]
     return {c.name: parse_pbtxt(to_pbtxt(c)) for c in all_configs(spec, built)}
 
@@ -23,18 +30,16 @@ def tensors(entries) -> dict[str, tuple[str, list[int]]]:
     return {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in entries}
 
 
-def test_public_models_match_the_design():
-    configs = built_configs("ensemble.yaml")
-    assert set(configs) == {
-        "minilm_tokenizer",
-        "minilm_encoder",
-        "minilm_l3_tokenizer",
-        "minilm_l3_encoder",
-        "fusion",
-        "embed",
-        "rank",
-        "classify",
-    }
+@pytest.mark.parametrize(
+    "layout, internal",
+    [
+        ("fused", {"embedder"}),
+        ("ensemble", {"minilm_tokenizer", "minilm_encoder", "minilm_l3_tokenizer", "minilm_l3_encoder", "fusion"}),
+    ],
+)
+def test_public_models_match_the_design(layout, internal):
+    configs = built_configs("ensemble.yaml", layout)
+    assert set(configs) == {"embed", "rank", "classify"} | internal
     embed, rank, classify = configs["embed"], configs["rank"], configs["classify"]
     assert tensors(embed.input) == {"TEXT": ("TYPE_STRING", [1])}
     assert tensors(embed.output) == {"EMBEDDING": ("TYPE_FP32", [768])}
@@ -51,7 +56,7 @@ def test_public_models_match_the_design():
 
 def test_ensemble_steps_are_wired():
     """Every tensor a step reads was produced before it; the last step produces EMBEDDING."""
-    configs = built_configs("ensemble.yaml")
+    configs = built_configs("ensemble.yaml", "ensemble")
     available = {"TEXT"}
     for step in configs["embed"].ensemble_scheduling.step:
         model = configs[step.model_name]
@@ -63,7 +68,7 @@ def test_ensemble_steps_are_wired():
 
 
 def test_single_encoder_skips_the_fusion_hop():
-    configs = built_configs("default.yaml")
+    configs = built_configs("default.yaml", "ensemble")
     assert "fusion" not in configs
     steps = configs["embed"].ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["minilm_tokenizer", "minilm_encoder"]
@@ -71,7 +76,7 @@ def test_single_encoder_skips_the_fusion_hop():
 
 
 def test_encoder_batches_ragged_requests_and_warms_up():
-    encoder = built_configs("default.yaml")["minilm_encoder"]
+    encoder = built_configs("default.yaml", "ensemble")["minilm_encoder"]
     assert all(t.allow_ragged_batch for t in encoder.input)
     assert list(encoder.dynamic_batching.preferred_batch_size) == [8, 16, 32]
     assert encoder.dynamic_batching.max_queue_delay_microseconds == 500
@@ -80,19 +85,36 @@ def test_encoder_batches_ragged_requests_and_warms_up():
     assert [w.batch_size for w in encoder.model_warmup] == [1, 64]
 
 
+def test_fused_embed_is_one_batched_model_with_bounded_queue():
+    configs = built_configs("ensemble.yaml")
+    steps = configs["embed"].ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["embedder"] and configs["embed"].response_cache.enable
+    embed = configs["embedder"]
+    assert embed.backend == "python" and embed.max_batch_size == 64 and not embed.response_cache.enable
+    queue = embed.dynamic_batching.default_queue_policy
+    assert queue.max_queue_size == 256 and queue.timeout_action == pb.ModelQueuePolicy.REJECT
+    assert queue.default_timeout_microseconds == 2_000_000
+    encoders = json.loads(embed.parameters["encoders"].string_value)
+    assert [(e["name"], e["weight"], e["dim"]) for e in encoders] == [("minilm", 2.0, 384), ("minilm_l3", 1.0, 384)]
+    assert [w.batch_size for w in embed.model_warmup] == [1]
+
+
 def test_repository_layout(tmp_path):
     spec = load_spec(ROOT / "export/default.yaml")
     built = [b for b, _ in plan(spec, ROOT / "export")]
     write_configs(spec, built, tmp_path)
-    for name in ("minilm_tokenizer", "minilm_encoder", "rank", "classify"):
+    for name in ("embedder", "rank", "classify"):
         assert (tmp_path / name / "1" / "model.py").is_file()
         assert parse_pbtxt((tmp_path / name / "config.pbtxt").read_text()).name == name
-    assert (tmp_path / "embed" / "1").is_dir() and not (tmp_path / "embed" / "1" / "model.py").exists()
+    ensemble = tmp_path / "ensemble"
+    write_configs(with_layout(spec, "ensemble"), built, ensemble)
+    assert (ensemble / "minilm_encoder" / "1" / "model.py").is_file()
+    assert not (ensemble / "embed" / "1" / "model.py").exists()  # an ensemble has no code
 
 
 @pytest.mark.parametrize(
     "override, message",
-    [({"serving": {"target": "tensorrt"}}, "serving.target"), ({"precision": "int8"}, "precision")],
+    [({"serving": {"target": "tensorrt"}}, "serving.target"), ({"precision": "fp16"}, "precision")],
 )
 def test_unbuilt_variants_are_refused_clearly(tmp_path, override, message):
     from ecomserve.repository.builder import build_repository

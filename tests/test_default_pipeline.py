@@ -1,4 +1,7 @@
-"""The default pipeline (bundled MiniLM) served by a real tritonserver, against PyTorch references."""
+"""The default pipeline (export/default.yaml: bundled MiniLM) served by a real tritonserver, against
+sentence-transformers. Bars follow the spec's precision: fp32 must reproduce the reference; INT8 must
+stay within its parity bar and within 0.01 NDCG@5 (the strict fp32 checks also run on the fp32
+ensemble pipeline in test_fusion_and_voting.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,16 @@ import pytest
 from support import client_for, cosine_rows
 
 from ecomserve.evaluation import load_eval_set, mean_ndcg
-from ecomserve.spec import resolve_source
+from ecomserve.export.parity import MIN_COSINE
+from ecomserve.paths import EXPORT_DIR
+from ecomserve.spec import load_spec, resolve_source
 
 pytestmark = pytest.mark.integration
+
+PRECISION = load_spec(EXPORT_DIR / "default.yaml").encoders[0].precision
+EXACT = PRECISION == "fp32"
+NDCG_TOLERANCE = 0.005 if EXACT else 0.01
+SCORE_TOLERANCE = 1e-4 if EXACT else 0.08  # cosine error of INT8 on a single score
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +56,7 @@ def test_embed_matches_sentence_transformers(default_server, protocol, eval_set,
         served = client.embed(texts)
     assert served.shape == (len(texts), 384)
     assert np.allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
-    assert cosine_rows(served, st_embed(texts)).min() >= 0.9999
+    assert cosine_rows(served, st_embed(texts)).min() >= MIN_COSINE[PRECISION]
 
 
 def test_rank_orders_like_the_reference_and_keeps_ndcg(default_server, protocol, eval_set, st_embed):
@@ -56,11 +66,12 @@ def test_rank_orders_like_the_reference_and_keeps_ndcg(default_server, protocol,
             result = client.rank(query.text, titles)
             reference = st_embed(titles) @ st_embed([query.text])[0]
             assert result.scores.shape == (len(titles),) and result.encoder_scores.shape == (1, len(titles))
-            assert np.abs(result.scores - reference).max() < 1e-4
-            assert result.order() == list(np.argsort(-reference, kind="stable")), query.text
+            assert np.abs(result.scores - reference).max() < SCORE_TOLERANCE
+            if EXACT:
+                assert result.order() == list(np.argsort(-reference, kind="stable")), query.text
         served_ndcg = mean_ndcg(eval_set, lambda q, items: client.rank(q, items).scores)
     reference_ndcg = mean_ndcg(eval_set, lambda q, items: st_embed(items) @ st_embed([q])[0])
-    assert abs(served_ndcg - reference_ndcg) <= 0.005
+    assert abs(served_ndcg - reference_ndcg) <= NDCG_TOLERANCE
     assert reference_ndcg > 0.6  # the eval set is learnable: a sanity floor, not a target
 
 
@@ -70,10 +81,12 @@ def test_classify_picks_the_most_similar_label(default_server, protocol, eval_se
         for title in eval_set.titles[:20]:
             result = client.classify(title, labels)
             reference = st_embed(labels) @ st_embed([title])[0]
-            best = int(np.argmax(reference))
+            best = int(np.argmax(result.scores))  # one encoder: its vote is its best label
             assert result.label == labels[best]
             assert result.votes.tolist() == [int(i == best) for i in range(len(labels))]
-            assert np.abs(result.scores - reference).max() < 1e-4
+            assert np.abs(result.scores - reference).max() < SCORE_TOLERANCE
+            if EXACT or np.sort(reference)[-1] - np.sort(reference)[-2] > 2 * SCORE_TOLERANCE:
+                assert best == int(np.argmax(reference)), title
 
 
 def test_same_input_same_answer(default_server):
@@ -96,8 +109,8 @@ def _truncations(server) -> float:
     import urllib.request
 
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    values = re.findall(r'^ecomserve_truncated_texts_total\{model="minilm_tokenizer"\} (\S+)$', text, re.MULTILINE)
-    return float(values[0]) if values else 0.0
+    values = re.findall(r"^ecomserve_truncated_texts_total\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    return sum(float(v) for v in values)
 
 
 def test_truncation_is_counted_in_metrics(default_server):

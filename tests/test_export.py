@@ -11,6 +11,7 @@ from ecomserve.export.onnx_export import export_onnx
 from ecomserve.export.parity import check_parity
 from ecomserve.export.pooled_encoder import PooledEncoder, load_encoder
 from ecomserve.repository.builder import build_repository, is_built
+from ecomserve.runtime import MODEL_FILES, load_runner
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 
 
@@ -29,7 +30,7 @@ def test_export_matches_pytorch_with_dynamic_axes(tiny, tmp_path, pooling):
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input]
     assert dims == [["batch", "sequence"], ["batch", "sequence"]]
     tokenizer = TextTokenizer(tiny / TOKENIZER_FILE, 32)
-    report = check_parity(path, reference, tokenizer, "tiny")
+    report = check_parity(load_runner("onnxruntime", path), reference, tokenizer, "tiny", "onnx fp32", 0.9999)
     assert report.min_cosine >= 0.9999 and report.texts > 20
     # a batch shape the trace never saw, with padding
     batch = tokenizer.encode(["a", "a much longer product title with several words", "mid length text"])
@@ -44,8 +45,10 @@ def test_parity_failure_names_encoder_and_bar(tiny, tmp_path_factory, tmp_path):
     path = tmp_path / "model.onnx"
     export_onnx(PooledEncoder(load_encoder(other, None), "mean"), path)
     reference = PooledEncoder(load_encoder(tiny, None), "mean")
-    with pytest.raises(ExportError, match=r"encoder 'tiny': ONNX output differs from PyTorch: min cosine .* < 0.9999"):
-        check_parity(path, reference, TextTokenizer(tiny / TOKENIZER_FILE, 32), "tiny")
+    message = r"encoder 'tiny' \(onnx fp32\): output differs from PyTorch: min cosine .* < 0.9999"
+    with pytest.raises(ExportError, match=message):
+        tokenizer = TextTokenizer(tiny / TOKENIZER_FILE, 32)
+        check_parity(load_runner("onnxruntime", path), reference, tokenizer, "tiny", "onnx fp32", 0.9999)
 
 
 def test_pruned_export_keeps_first_layers(tiny, tmp_path):
@@ -72,3 +75,46 @@ def test_failed_build_leaves_the_repository_untouched(tiny, tmp_path):
         build_repository(bad, repository)
     assert sorted(p.relative_to(repository) for p in repository.rglob("*")) == before
     assert not repository.with_name("repo.building").exists()
+
+
+VARIANTS = {
+    "onnxruntime fp32 optimized": {"optimize": True},
+    "onnxruntime int8 static": {"precision": "int8"},
+    "openvino fp32": {"runtime": "openvino"},
+    "openvino int8": {"runtime": "openvino", "precision": "int8"},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_builds_and_passes_its_parity_check(tiny, tmp_path, variant):
+    from ecomserve.export.pipeline import export_encoder
+    from ecomserve.spec import EncoderSpec
+
+    encoder = EncoderSpec(name="tiny", source=str(tiny), max_seq_len=32, **VARIANTS[variant])
+    report = export_encoder(encoder, tiny, tmp_path)
+    stages = [stage["stage"] for stage in report["stages"]]
+    assert stages == ["onnx fp32", variant]
+    bar = 0.97 if "int8" in variant else 0.9999
+    assert report["stages"][-1]["min_cosine"] >= bar
+    model_file = MODEL_FILES[encoder.runtime]
+    assert (tmp_path / model_file).is_file()
+    batch = TextTokenizer(tiny / TOKENIZER_FILE, 32).encode(["red shoes", "a longer product title with words"])
+    vectors = load_runner(encoder.runtime, tmp_path / model_file)(batch.input_ids, batch.attention_mask)
+    assert vectors.shape == (2, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+
+
+def test_distillation_trains_the_exported_student(tiny, tmp_path):
+    """Loss falls and the exported file is the trained student, not the plain pruned copy.
+    (Whether distillation recovers ranking quality is measured on MiniLM by `ecomserve bench`.)"""
+    from ecomserve.export.pipeline import export_encoder
+    from ecomserve.export.pooled_encoder import reference_embeddings
+    from ecomserve.spec import DistillSpec, EncoderSpec
+
+    distill = DistillSpec(epochs=2, batch_size=64, learning_rate=1e-4)
+    encoder = EncoderSpec(name="tiny", source=str(tiny), max_seq_len=32, keep_layers=1, distill=distill)
+    report = export_encoder(encoder, tiny, tmp_path)
+    assert len(report["distill_losses"]) == 2 and report["distill_losses"][-1] < report["distill_losses"][0]
+    batch = TextTokenizer(tiny / TOKENIZER_FILE, 32).encode(["red running shoes", "ceramic coffee mug 350ml"])
+    plain = reference_embeddings(PooledEncoder(load_encoder(tiny, 1), "mean"), batch.input_ids, batch.attention_mask)
+    exported = load_runner("onnxruntime", tmp_path / "model.onnx")(batch.input_ids, batch.attention_mask)
+    assert np.abs(exported - plain.numpy()).max() > 1e-4

@@ -7,6 +7,7 @@ import pytest
 from support import TorchReference, client_for, cosine_rows
 
 from ecomserve.evaluation import load_eval_set
+from ecomserve.spec import resolve_source
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +32,11 @@ def test_fused_embedding_dot_is_weighted_mean_of_encoder_cosines(ensemble_server
     for i, vectors in enumerate(per_encoder):
         part = fused[:, 384 * i : 384 * (i + 1)] / scales[i]
         assert cosine_rows(part, vectors).min() >= 0.9999
+    # the full encoder's slice is what sentence-transformers computes for the same weights
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(resolve_source(BUNDLED)), device="cpu").encode(texts, normalize_embeddings=True)
+    assert cosine_rows(fused[:, :384] / scales[0], st).min() >= 0.9999
     expected = sum(w * (v @ v[0]) for w, v in zip(weights, per_encoder)) / weights.sum()
     assert np.abs(fused @ fused[0] - expected).max() < 1e-5
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_EVAL_SET = Path(__file__).resolve().parents[2] / "export" / "eval" / "relevance.json"
+from ecomserve.paths import EVAL_SET
+
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class EvalSet:
         return np.array([query.relevance.get(pid, 0) for pid in self.product_ids], dtype=np.float64)
 
 
-def load_eval_set(path: Path = DEFAULT_EVAL_SET) -> EvalSet:
+def load_eval_set(path: Path = EVAL_SET) -> EvalSet:
     data = json.loads(Path(path).read_text())
     products = data["products"]
     return EvalSet(

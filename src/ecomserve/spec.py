@@ -23,6 +23,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DistillSpec(_Strict):
+    """Recover a pruned encoder's quality by training it to reproduce the full model's embeddings."""
+
+    epochs: int = Field(3, ge=1, le=50)
+    batch_size: int = Field(32, ge=2, le=256)
+    learning_rate: float = Field(5e-5, gt=0, le=1e-2)
+    seed: int = 0
+
+
 class EncoderSpec(_Strict):
     name: str = Field(description="model name prefix in the repository (<name>_tokenizer, <name>_encoder)")
     source: str = Field(description="bundled:<model> or a local Hugging Face directory")
@@ -30,7 +39,18 @@ class EncoderSpec(_Strict):
     max_seq_len: int = Field(128, ge=8, le=512, description="longer input is truncated and counted")
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     keep_layers: int | None = Field(None, ge=1, description="layer pruning: keep the first N layers")
+    distill: DistillSpec | None = Field(None, description="after pruning, distil from the full model")
+    runtime: Literal["onnxruntime", "openvino"] = Field("onnxruntime", description="CPU runtime of the encoder")
+    optimize: bool = Field(False, description="ONNX Runtime transformer fusions (exact in fp32)")
     weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _distill_needs_pruning(self) -> EncoderSpec:
+        if self.distill is not None and self.keep_layers is None:
+            raise ValueError("distill needs keep_layers: only a pruned encoder has a full model to learn from")
+        if self.optimize and (self.runtime != "onnxruntime" or self.precision != "fp32"):
+            raise ValueError("optimize applies to fp32 encoders on runtime onnxruntime only")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -64,9 +84,20 @@ class DynamicBatchingSpec(_Strict):
         return self
 
 
+class QueueSpec(_Strict):
+    """Bounded queues: an overloaded server refuses quickly (UNAVAILABLE / 503) instead of queueing forever."""
+
+    max_queue_size: int = Field(256, ge=0, description="requests waiting per model; 0 means unbounded")
+    timeout_us: int = Field(2_000_000, ge=0, description="a request waiting longer is refused; 0 means never")
+
+
 class ServingSpec(_Strict):
     target: Literal["cpu", "onnxruntime", "tensorrt"] = "cpu"
+    layout: Literal["ensemble", "fused"] = Field(
+        "fused", description="ensemble: tokenizer and encoder models; fused: one embed model, fewer hops"
+    )
     dynamic_batching: DynamicBatchingSpec = Field(default_factory=DynamicBatchingSpec)
+    queue: QueueSpec = Field(default_factory=QueueSpec)
     instances: int = Field(1, ge=1, le=64, description="encoder model instances")
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per encoder instance")
     response_cache: bool = True

@@ -8,9 +8,14 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from ecomserve.runtime import MODEL_FILES
 from ecomserve.spec import EncoderSpec, PipelineSpec
 
 EMBED, RANK, CLASSIFY, FUSION = "embed", "rank", "classify", "fusion"
+# The fused layout's one python model; `embed` stays an ensemble in front of it because Triton 2.51's
+# response cache stores a python model's error response as an empty success (seen: a second identical
+# bad request got 200 with no outputs), while an ensemble caches only successful responses.
+EMBEDDER = "embedder"
 PYTHON_BACKEND = "python"
 # Warm-up input files live in <model>/warmup/ as Triton expects.
 WARMUP_TEXT_FILE = "text"
@@ -58,15 +63,30 @@ def _parameters(config: pb.ModelConfig, values: dict[str, object]) -> None:
 
 
 def _dynamic_batching(spec: PipelineSpec) -> pb.ModelDynamicBatching:
-    batching = spec.serving.dynamic_batching
+    batching, queue = spec.serving.dynamic_batching, spec.serving.queue
     return pb.ModelDynamicBatching(
         preferred_batch_size=batching.preferred_batch_size,
         max_queue_delay_microseconds=batching.max_queue_delay_us,
+        default_queue_policy=pb.ModelQueuePolicy(
+            max_queue_size=queue.max_queue_size,
+            default_timeout_microseconds=queue.timeout_us,
+            timeout_action=pb.ModelQueuePolicy.REJECT,
+        ),
     )
 
 
 def _cpu_instances(count: int) -> list[pb.ModelInstanceGroup]:
     return [pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_CPU, count=count)]
+
+
+def _text_warmup() -> list[pb.ModelWarmup]:
+    return [
+        pb.ModelWarmup(
+            name="one_text",
+            batch_size=1,
+            inputs={"TEXT": pb.ModelWarmup.Input(data_type=pb.TYPE_STRING, dims=[1], input_data_file=WARMUP_TEXT_FILE)},
+        )
+    ]
 
 
 def tokenizer_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
@@ -78,15 +98,7 @@ def tokenizer_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
         output=[_tensor("INPUT_IDS", pb.TYPE_INT64, [-1]), _tensor("ATTENTION_MASK", pb.TYPE_INT64, [-1])],
         dynamic_batching=_dynamic_batching(spec),
         instance_group=_cpu_instances(spec.serving.instances),
-        model_warmup=[
-            pb.ModelWarmup(
-                name="one_text",
-                batch_size=1,
-                inputs={
-                    "TEXT": pb.ModelWarmup.Input(data_type=pb.TYPE_STRING, dims=[1], input_data_file=WARMUP_TEXT_FILE)
-                },
-            )
-        ],
+        model_warmup=_text_warmup(),
     )
     _parameters(
         config,
@@ -118,7 +130,14 @@ def encoder_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
             for size in sorted({1, max_batch})
         ],
     )
-    _parameters(config, {"onnx_file": "model.onnx", "intra_op_threads": spec.serving.intra_op_threads})
+    _parameters(
+        config,
+        {
+            "runtime": built.spec.runtime,
+            "model_file": MODEL_FILES[built.spec.runtime],
+            "intra_op_threads": spec.serving.intra_op_threads,
+        },
+    )
     return config
 
 
@@ -145,6 +164,59 @@ def fusion_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConf
     )
     _parameters(config, _fusion_parameters(spec, built))
     return config
+
+
+def embedder_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
+    """One python model doing validation, tokenization, every encoder and fusion: no python hops."""
+    config = pb.ModelConfig(
+        name=EMBEDDER,
+        backend=PYTHON_BACKEND,
+        max_batch_size=spec.serving.dynamic_batching.max_batch_size,
+        input=[_tensor("TEXT", pb.TYPE_STRING, [1])],
+        output=[_tensor("EMBEDDING", pb.TYPE_FP32, [sum(b.dim for b in built)])],
+        dynamic_batching=_dynamic_batching(spec),
+        instance_group=_cpu_instances(spec.serving.instances),
+        model_warmup=_text_warmup(),
+    )
+    _parameters(
+        config,
+        {
+            "encoders": [
+                {
+                    "name": b.spec.name,
+                    "dim": b.dim,
+                    "weight": b.spec.weight,
+                    "runtime": b.spec.runtime,
+                    "model_file": MODEL_FILES[b.spec.runtime],
+                    "max_seq_len": b.spec.max_seq_len,
+                }
+                for b in built
+            ],
+            "intra_op_threads": spec.serving.intra_op_threads,
+            "max_text_bytes": spec.limits.max_text_bytes,
+        },
+    )
+    return config
+
+
+def _embed_ensemble(spec: PipelineSpec, built: list[BuiltEncoder], steps: list) -> pb.ModelConfig:
+    return pb.ModelConfig(
+        name=EMBED,
+        platform="ensemble",
+        max_batch_size=spec.serving.dynamic_batching.max_batch_size,
+        input=[_tensor("TEXT", pb.TYPE_STRING, [1])],
+        output=[_tensor("EMBEDDING", pb.TYPE_FP32, [sum(b.dim for b in built)])],
+        ensemble_scheduling=pb.ModelEnsembling(step=steps),
+        response_cache=pb.ModelResponseCache(enable=spec.serving.response_cache),
+    )
+
+
+def fused_embed_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
+    """Ensemble TEXT → embedder → EMBEDDING: one step, there for the response cache."""
+    step = pb.ModelEnsembling.Step(
+        model_name=EMBEDDER, model_version=-1, input_map={"TEXT": "TEXT"}, output_map={"EMBEDDING": "EMBEDDING"}
+    )
+    return _embed_ensemble(spec, built, [step])
 
 
 def embed_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
@@ -179,15 +251,7 @@ def embed_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfi
                 output_map={"EMBEDDING": "EMBEDDING"},
             )
         )
-    return pb.ModelConfig(
-        name=EMBED,
-        platform="ensemble",
-        max_batch_size=spec.serving.dynamic_batching.max_batch_size,
-        input=[_tensor("TEXT", pb.TYPE_STRING, [1])],
-        output=[_tensor("EMBEDDING", pb.TYPE_FP32, [sum(b.dim for b in built)])],
-        ensemble_scheduling=pb.ModelEnsembling(step=steps),
-        response_cache=pb.ModelResponseCache(enable=spec.serving.response_cache),
-    )
+    return _embed_ensemble(spec, built, steps)
 
 
 def _head_config(
@@ -233,10 +297,12 @@ def classify_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
 
 
 def all_configs(spec: PipelineSpec, built: list[BuiltEncoder]) -> list[pb.ModelConfig]:
+    heads = [rank_config(spec, built), classify_config(spec, built)]
+    if spec.serving.layout == "fused":
+        return [embedder_config(spec, built), fused_embed_config(spec, built), *heads]
     configs = []
     for b in built:
         configs += [tokenizer_config(spec, b), encoder_config(spec, b)]
     if len(built) > 1:
         configs.append(fusion_config(spec, built))
-    configs += [embed_config(spec, built), rank_config(spec, built), classify_config(spec, built)]
-    return configs
+    return [*configs, embed_config(spec, built), *heads]

@@ -33,7 +33,7 @@ def version_dir(args: dict) -> Path:
 
 
 def encoder_slices(config: dict) -> list[EncoderSlice]:
-    return [EncoderSlice(**encoder) for encoder in parameter(config, "encoders")]
+    return [EncoderSlice(e["name"], e["dim"], e["weight"]) for e in parameter(config, "encoders")]
 
 
 def input_array(request, name: str) -> np.ndarray:
@@ -48,8 +48,19 @@ def bytes_array(values: list[str]) -> np.ndarray:
     return np.array([value.encode("utf-8") for value in values], dtype=np.object_)
 
 
+class UpstreamError(Exception):
+    """A model called through BLS answered with an error; passed on with its own code (e.g. UNAVAILABLE)."""
+
+    def __init__(self, error):
+        super().__init__(error.message())
+        self.error = error
+
+
 def error_response(exc: Exception):
-    """Bad input → INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT); anything else → INTERNAL, logged."""
+    """Bad input → INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT); an upstream error keeps its code;
+    anything else → INTERNAL, logged."""
+    if isinstance(exc, UpstreamError):
+        return pb_utils.InferenceResponse(error=exc.error)
     if isinstance(exc, InvalidInput):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
     log.exception("request failed")

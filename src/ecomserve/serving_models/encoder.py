@@ -1,4 +1,4 @@
-"""<name>_encoder on the CPU target: ONNX Runtime over the whole dynamic batch in one run.
+"""<name>_encoder (ensemble layout): token ids → unit vectors, the whole dynamic batch in one run.
 
 Requests arrive with their own sequence lengths (ragged batching); they are padded to the longest
 and run together. Padding is masked out inside the graph, so each answer is independent of its batch."""
@@ -6,9 +6,9 @@ and run together. Padding is masked out inside the graph, so each answer is inde
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from ecomserve.runtime import load_runner
 from ecomserve.serving_models.base import error_response, input_array, model_config, output, parameter, version_dir
 
 
@@ -19,20 +19,15 @@ def _pad(arrays: list[np.ndarray], length: int) -> np.ndarray:
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = parameter(config, "intra_op_threads")
-        options.inter_op_num_threads = 1
-        onnx_path = version_dir(args) / parameter(config, "onnx_file")
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        path = version_dir(args) / parameter(config, "model_file")
+        self.run = load_runner(parameter(config, "runtime"), path, parameter(config, "intra_op_threads"))
 
     def execute(self, requests):
         try:
             ids = [input_array(r, "INPUT_IDS") for r in requests]
             masks = [input_array(r, "ATTENTION_MASK") for r in requests]
             length = max(a.shape[1] for a in ids)
-            (embeddings,) = self.session.run(
-                None, {"input_ids": _pad(ids, length), "attention_mask": _pad(masks, length)}
-            )
+            embeddings = self.run(_pad(ids, length), _pad(masks, length))
         except Exception as exc:  # noqa: BLE001 - the whole batch failed together
             return [error_response(exc) for _ in requests]
         bounds = np.cumsum([a.shape[0] for a in ids])[:-1]

@@ -11,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from ecomserve.fusion import encoder_scores, fuse_scores, split_embeddings, vote
 from ecomserve.serving_models.base import (
+    UpstreamError,
     bytes_array,
     encoder_slices,
     error_response,
@@ -67,7 +68,7 @@ class _HeadModel:
         parts = []
         for response in responses:
             if response.has_error():
-                raise RuntimeError(f"{EMBED_MODEL}: {response.error().message()}")
+                raise UpstreamError(response.error())
             parts.append(pb_utils.get_output_tensor_by_name(response, "EMBEDDING").as_numpy())
         return np.concatenate(parts)
 

@@ -9,18 +9,22 @@ from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 from ecomserve.validation import decode_texts
 
 
+def truncation_counter(model_name: str):
+    """The counter of texts cut at max_seq_len; the family must outlive its metric, so both are returned."""
+    family = pb_utils.MetricFamily(
+        name="ecomserve_truncated_texts_total",
+        description="Texts cut at max_seq_len tokens by the tokenizer",
+        kind=pb_utils.MetricFamily.COUNTER,
+    )
+    return family, family.Metric(labels={"model": model_name})
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
         self.max_text_bytes = parameter(config, "max_text_bytes")
         self.tokenizer = TextTokenizer(version_dir(args) / TOKENIZER_FILE, parameter(config, "max_seq_len"))
-        # The family must outlive its metric, so both are kept.
-        self.truncated_family = pb_utils.MetricFamily(
-            name="ecomserve_truncated_texts_total",
-            description="Texts cut at max_seq_len tokens by the tokenizer",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        self.truncated = self.truncated_family.Metric(labels={"model": args["model_name"]})
+        self.truncation_family, self.truncated = truncation_counter(args["model_name"])
 
     def execute(self, requests):
         return respond_each(requests, self._tokenize)

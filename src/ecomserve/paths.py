@@ -1,0 +1,16 @@
+"""Project folders the package reads from (specs, eval set, calibration and distillation text)."""
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+EXPORT_DIR = PROJECT_ROOT / "export"
+CORPUS_DIR = EXPORT_DIR / "corpus"
+EVAL_SET = EXPORT_DIR / "eval" / "relevance.json"
+
+
+def corpus_texts() -> list[str]:
+    """Shipped product titles and queries: calibration data for INT8, training data for distillation."""
+    texts = []
+    for name in ("titles.txt", "queries.txt"):
+        texts += [line.strip() for line in (CORPUS_DIR / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return texts
