@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +49,21 @@ def bytes_array(values: list[str]) -> np.ndarray:
     return np.array([value.encode("utf-8") for value in values], dtype=np.object_)
 
 
+# Triton's own words when a bounded queue refuses a request (queue full, or waited too long).
+_OVERLOAD = re.compile(r"Exceeds maximum queue size|Request timeout expired")
+
+
 class UpstreamError(Exception):
-    """A model called through BLS answered with an error; passed on with its own code (e.g. UNAVAILABLE)."""
+    """A model called through BLS answered with an error; passed on with its code, so an overloaded
+    `embed` reaches the client as UNAVAILABLE. The 2.51 python backend hands BLS errors back as
+    INTERNAL whatever their cause, so a queue refusal is recognised by Triton's message."""
 
     def __init__(self, error):
         super().__init__(error.message())
-        self.error = error
+        code = error.code()
+        if code == pb_utils.TritonError.INTERNAL and _OVERLOAD.search(error.message()):
+            code = pb_utils.TritonError.UNAVAILABLE
+        self.error = pb_utils.TritonError(error.message(), code)
 
 
 def error_response(exc: Exception):
