@@ -1,0 +1,212 @@
+{{/* Chart name, cut to 63 characters (a DNS label). */}}
+{{- define "ecomserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "<release>-<chart>" (or just the release when it already holds the chart name), cut to 63 characters. */}}
+{{- define "ecomserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "<fullname>-<suffix>", the fullname shortened so that the whole stays within 63 characters.
+Call with (dict "root" $ "suffix" "headless"). */}}
+{{- define "ecomserve.suffixedName" -}}
+{{- $base := include "ecomserve.fullname" .root | trunc (int (sub 62 (len .suffix))) | trimSuffix "-" }}
+{{- printf "%s-%s" $base .suffix }}
+{{- end }}
+
+{{- define "ecomserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that identify this release's pods of every kind (server, helm test, reload Job). */}}
+{{- define "ecomserve.releaseSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "ecomserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of the Triton pods: stable for the life of the release, no chart version. */}}
+{{- define "ecomserve.selectorLabels" -}}
+{{ include "ecomserve.releaseSelectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{/* Labels on every object, without a component. */}}
+{{- define "ecomserve.commonLabels" -}}
+helm.sh/chart: {{ include "ecomserve.chart" . }}
+{{ include "ecomserve.releaseSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: ecomserve
+{{- end }}
+
+{{/* Labels of the Triton pods and the objects around them. */}}
+{{- define "ecomserve.labels" -}}
+{{ include "ecomserve.commonLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{/* "repository:tag[@digest]" of an image dict; `latest` is refused.
+Call with (dict "image" .Values.x.image "defaultTag" "..."). */}}
+{{- define "ecomserve.imageRef" -}}
+{{- $tag := default .defaultTag .image.tag | toString }}
+{{- if or (not $tag) (eq $tag "latest") }}
+{{- fail (printf "image %s: pin a tag (got %q); latest is not allowed" .image.repository $tag) }}
+{{- end }}
+{{- $ref := printf "%s:%s" .image.repository $tag }}
+{{- if .image.digest }}
+{{- $ref = printf "%s@%s" $ref .image.digest }}
+{{- end }}
+{{- $ref }}
+{{- end }}
+
+{{- define "ecomserve.image" -}}
+{{- include "ecomserve.imageRef" (dict "image" .Values.image "defaultTag" .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "ecomserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "ecomserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Claim holding the model repository (source pvc). */}}
+{{- define "ecomserve.repositoryClaim" -}}
+{{- default (include "ecomserve.suffixedName" (dict "root" . "suffix" "models")) .Values.modelRepository.pvc.existingClaim }}
+{{- end }}
+
+{{/* What --model-repository points at. With TensorRT engines, /models is the repository assembled by
+the init container (links into /models-source and the engine cache). */}}
+{{- define "ecomserve.repositoryURI" -}}
+{{- $repo := .Values.modelRepository }}
+{{- if eq $repo.source "s3" }}{{ $repo.s3.uri }}
+{{- else if eq $repo.source "gcs" }}{{ $repo.gcs.uri }}
+{{- else }}/models
+{{- end }}
+{{- end }}
+
+{{/* Fewest pods the Deployment runs. */}}
+{{- define "ecomserve.minReplicas" -}}
+{{- if .Values.autoscaling.enabled }}{{ .Values.autoscaling.minReplicas }}{{ else }}{{ .Values.replicaCount }}{{ end }}
+{{- end }}
+
+{{/* SIGTERM comes after preStop; Triton then drains for up to exitTimeoutSeconds. */}}
+{{- define "ecomserve.terminationGracePeriodSeconds" -}}
+{{- add .Values.shutdown.preStopSleepSeconds .Values.shutdown.exitTimeoutSeconds 15 }}
+{{- end }}
+
+{{/* Checks across values that the schema cannot express; fails the render with the key to change. */}}
+{{- define "ecomserve.validate" -}}
+{{- $repo := .Values.modelRepository }}
+{{- if and (eq $repo.source "pvc") (not $repo.pvc.existingClaim) (not $repo.pvc.create) }}
+{{- fail "modelRepository.pvc: set existingClaim or create=true (source is pvc)" }}
+{{- end }}
+{{- if and (eq $repo.source "s3") (not $repo.s3.uri) }}
+{{- fail "modelRepository.s3.uri is required when modelRepository.source=s3 (s3://bucket/path)" }}
+{{- end }}
+{{- if and (eq $repo.source "gcs") (not $repo.gcs.uri) }}
+{{- fail "modelRepository.gcs.uri is required when modelRepository.source=gcs (gs://bucket/path)" }}
+{{- end }}
+{{- if .Values.tensorrt.enabled }}
+{{- if not .Values.gpu.enabled }}
+{{- fail "tensorrt.enabled needs gpu.enabled: engines are built on the pod's own GPU" }}
+{{- end }}
+{{- if ne $repo.source "pvc" }}
+{{- fail "tensorrt.enabled needs modelRepository.source=pvc (the init container reads the ONNX files from the volume)" }}
+{{- end }}
+{{- if not .Values.tensorrt.engines }}
+{{- fail "tensorrt.engines is empty: list the models to build" }}
+{{- end }}
+{{- if and (not .Values.tensorrt.cache.existingClaim) (not $repo.pvc.subPath) }}
+{{- fail "modelRepository.pvc.subPath must not be empty when the engine cache shares its volume (Triton would see the cache folder as a model)" }}
+{{- end }}
+{{- end }}
+{{- if and (eq .Values.rollout.strategy "reload") (ne .Values.triton.modelControl.mode "explicit") }}
+{{- fail "rollout.strategy=reload needs triton.modelControl.mode=explicit (it reloads through the model-control API)" }}
+{{- end }}
+{{- if and (eq .Values.rollout.strategy "reload") (not .Values.service.headless) }}
+{{- fail "rollout.strategy=reload needs service.headless=true (the Job finds every pod through it)" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
+{{- end }}
+{{- $pdb := .Values.podDisruptionBudget }}
+{{- if and $pdb.enabled (not $pdb.maxUnavailable) (not (kindIs "string" $pdb.minAvailable)) }}
+{{- if ge (int $pdb.minAvailable) (int (include "ecomserve.minReplicas" .)) }}
+{{- fail (printf "podDisruptionBudget.minAvailable (%d) must be below the smallest replica count (%s), or no node could ever be drained" (int $pdb.minAvailable) (include "ecomserve.minReplicas" .)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* tritonserver's command line, as a YAML list. */}}
+{{- define "ecomserve.tritonArgs" -}}
+{{- $t := .Values.triton }}
+{{- $args := list (printf "--model-repository=%s" (include "ecomserve.repositoryURI" .)) (printf "--model-control-mode=%s" $t.modelControl.mode) }}
+{{- if eq $t.modelControl.mode "explicit" }}
+{{- $args = append $args "--load-model=*" }}
+{{- else if eq $t.modelControl.mode "poll" }}
+{{- $args = append $args (printf "--repository-poll-secs=%d" (int $t.modelControl.pollSeconds)) }}
+{{- end }}
+{{- $args = concat $args (list
+  (printf "--http-port=%d" (int $t.ports.http))
+  (printf "--grpc-port=%d" (int $t.ports.grpc))
+  (printf "--metrics-port=%d" (int $t.ports.metrics))
+  "--allow-metrics=true"
+  (printf "--allow-gpu-metrics=%t" .Values.gpu.enabled)
+  "--allow-cpu-metrics=true"
+  "--metrics-config=summary_latencies=true"
+  (printf "--metrics-config=summary_quantiles=%s" $t.summaryQuantiles)) }}
+{{- if gt (int64 $t.responseCacheBytes) 0 }}
+{{- $args = append $args (printf "--cache-config=local,size=%d" (int64 $t.responseCacheBytes)) }}
+{{- end }}
+{{- $args = concat $args (list
+  "--strict-readiness=true"
+  (printf "--exit-timeout-secs=%d" (int .Values.shutdown.exitTimeoutSeconds))
+  (printf "--log-verbose=%d" (int $t.logVerbose))) $t.extraArgs }}
+{{- toYaml $args }}
+{{- end }}
+
+{{/* prometheus-adapter rules (the `rules:` list of its config.yaml): the HPA's queue-time metric and
+the GPU utilisation fallback. Each value is per pod; Triton's counters are per model. */}}
+{{- define "ecomserve.adapterRules" -}}
+{{- $q := .Values.autoscaling.queueTime }}
+{{- $models := printf "model=~%q" $q.models }}
+- seriesQuery: 'nv_inference_queue_duration_us{namespace!="",pod!=""}'
+  resources:
+    overrides:
+      namespace: {resource: namespace}
+      pod: {resource: pod}
+  name:
+    matches: ^nv_inference_queue_duration_us$
+    as: {{ $q.metricName }}
+  # Queue time per successful request of each model, the worst model on the pod; 0 on a pod
+  # without traffic (instead of no value, which would stop the HPA from scaling down).
+  metricsQuery: >-
+    max by (<<.GroupBy>>) (
+    sum by (<<.GroupBy>>, model) (rate(nv_inference_queue_duration_us{<<.LabelMatchers>>,{{ $models }}}[{{ $q.window }}]))
+    / (sum by (<<.GroupBy>>, model) (rate(nv_inference_request_success{<<.LabelMatchers>>,{{ $models }}}[{{ $q.window }}])) > 0)
+    )
+    or
+    max by (<<.GroupBy>>) (rate(nv_inference_queue_duration_us{<<.LabelMatchers>>,{{ $models }}}[{{ $q.window }}])) * 0
+- seriesQuery: 'nv_gpu_utilization{namespace!="",pod!=""}'
+  resources:
+    overrides:
+      namespace: {resource: namespace}
+      pod: {resource: pod}
+  name:
+    matches: ^nv_gpu_utilization$
+    as: {{ .Values.autoscaling.utilization.gpuMetricName }}
+  # Triton reports each visible GPU's utilisation as 0..1; the HPA target is in milli-units (800m = 80%).
+  metricsQuery: avg by (<<.GroupBy>>) (nv_gpu_utilization{<<.LabelMatchers>>})
+{{- end }}

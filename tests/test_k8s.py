@@ -1,0 +1,642 @@
+"""Kubernetes deployment, checked without a cluster: the Helm chart, the kustomize overlays, the Dockerfile.
+
+Every chart render (the defaults and each ci/*-values.yaml) and both overlays are validated against
+the real API schemas of several Kubernetes releases (kubernetes-validate, strict: unknown fields
+fail), then checked for what serving needs: probes on the served port, /dev/shm, selectors that
+match the pods, the HPA's metrics served by the adapter rules, pinned images, resources, no secret
+values, non-root pods, graceful shutdown. The scripts the chart ships (TensorRT engine build, model
+reload) run here against stand-ins for trtexec, nvidia-smi and Triton's HTTP API.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from k8s_tools import REPO_ROOT, ToolMissing, hadolint, k8s_binaries
+
+K8S = REPO_ROOT / "k8s"
+CHART = K8S / "chart" / "ecomserve"
+CI_VALUES = {path.name.removesuffix("-values.yaml"): path for path in sorted((CHART / "ci").glob("*-values.yaml"))}
+CHART_RENDERS = ["default", *CI_VALUES]
+OVERLAYS = ["cpu", "gpu"]
+RELEASE = NAMESPACE = "ecomserve"
+# The oldest release the chart supports (Chart.yaml kubeVersion), kubectl's, and the newest schemas.
+KUBERNETES_VERSIONS = ["1.29", "1.33", "1.35"]
+# APIs a cluster with Prometheus Operator and prometheus-adapter serves; renders assume them.
+CLUSTER_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "custom.metrics.k8s.io/v1beta1")
+# Custom resources have no schema in kubernetes-validate: checked structurally
+# (test_service_monitor_only_where_the_api_exists).
+CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+GPU_RESOURCE = "nvidia.com/gpu"
+# Metric families Triton 2.51 exposes (read from the embedded server's /metrics; the GPU families,
+# absent on a CPU machine, from its libtritonserver) plus ecomserve's own. Dashboards and adapter
+# rules may use nothing else.
+TRITON_METRICS = {
+    *(
+        f"nv_inference_{name}"
+        for name in (
+            "request_success", "request_failure", "count", "exec_count", "pending_request_count",
+            "request_duration_us", "queue_duration_us", "compute_input_duration_us",
+            "compute_infer_duration_us", "compute_output_duration_us", "request_summary_us",
+            "queue_summary_us", "compute_input_summary_us", "compute_infer_summary_us",
+            "compute_output_summary_us",
+        )
+    ),
+    "nv_cache_num_hits_per_model", "nv_cache_num_misses_per_model", "nv_cache_hit_duration_per_model",
+    "nv_cache_miss_duration_per_model", "nv_cpu_utilization", "nv_cpu_memory_total_bytes",
+    "nv_cpu_memory_used_bytes", "nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes",
+    "nv_gpu_power_usage", "nv_gpu_power_limit", "nv_energy_consumption", "ecomserve_truncated_texts_total",
+}  # fmt: skip
+
+
+# --- rendering -------------------------------------------------------------------------------------
+
+
+@functools.cache
+def tools() -> dict[str, Path]:
+    try:
+        return k8s_binaries()
+    except ToolMissing as exc:
+        pytest.fail(str(exc))
+
+
+def run(command: list, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(part) for part in command], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def checked(command: list) -> str:
+    result = run(command)
+    assert result.returncode == 0, f"{' '.join(map(str, command))}\n{result.stderr}"
+    return result.stdout
+
+
+def documents(text: str) -> list[dict]:
+    return [document for document in yaml.safe_load_all(text) if document]
+
+
+def helm_template_command(*values_files: Path, sets: tuple[str, ...] = (), apis=CLUSTER_APIS) -> list:
+    command = [tools()["helm"], "template", RELEASE, CHART, "--namespace", NAMESPACE, "--kube-version", "1.35.0"]
+    for path in values_files:
+        command += ["--values", path]
+    for assignment in sets:
+        command += ["--set", assignment]
+    for api in apis:
+        command += ["--api-versions", api]
+    return command
+
+
+@functools.cache
+def chart(name: str, sets: tuple[str, ...] = (), apis: tuple[str, ...] = CLUSTER_APIS) -> list[dict]:
+    files = () if name == "default" else (CI_VALUES[name],)
+    return documents(checked(helm_template_command(*files, sets=sets, apis=apis)))
+
+
+@functools.cache
+def overlay(name: str) -> list[dict]:
+    return documents(checked([tools()["kubectl"], "kustomize", K8S / "kustomize" / name]))
+
+
+def render(source: str) -> list[dict]:
+    """'chart:<ci name or default>' or 'kustomize:<overlay>'."""
+    kind, name = source.split(":")
+    return chart(name) if kind == "chart" else overlay(name)
+
+
+ALL_RENDERS = [f"chart:{name}" for name in CHART_RENDERS] + [f"kustomize:{name}" for name in OVERLAYS]
+
+
+def objects(rendered: list[dict], kind: str) -> list[dict]:
+    return [obj for obj in rendered if obj["kind"] == kind]
+
+
+def one(rendered: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [obj for obj in objects(rendered, kind) if name is None or obj["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_templates(rendered: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(owner, pod metadata, pod spec) of every Deployment, Job and bare Pod."""
+    templates = []
+    for obj in rendered:
+        owner = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] in ("Deployment", "Job"):
+            templates.append((owner, obj["spec"]["template"]["metadata"], obj["spec"]["template"]["spec"]))
+        elif obj["kind"] == "Pod":
+            templates.append((owner, obj["metadata"], obj["spec"]))
+    return templates
+
+
+def containers(spec: dict) -> list[dict]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def triton(rendered: list[dict]) -> dict:
+    spec = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    return next(container for container in spec["containers"] if container["name"] == "triton")
+
+
+def flag(container: dict, name: str) -> str | None:
+    values = [arg.split("=", 1)[1] for arg in container["args"] if arg.startswith(f"--{name}=")]
+    return values[-1] if values else None
+
+
+def adapter_rules(rendered: list[dict]) -> list[dict]:
+    config_map = one(rendered, "ConfigMap", f"{RELEASE}-adapter-rules")
+    return yaml.safe_load(config_map["data"]["config.yaml"])["rules"]
+
+
+def adapter_values_rules() -> list[dict]:
+    return yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())["rules"]["custom"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+# --- lint and API schemas ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", ["default", *CI_VALUES])
+def test_helm_lint_strict(values):
+    command = [tools()["helm"], "lint", "--strict", CHART]
+    if values != "default":
+        command += ["--values", CI_VALUES[values]]
+    output = checked(command)
+    assert "0 chart(s) failed" in output
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_render_matches_the_kubernetes_api(source, version):
+    rendered = render(source)
+    assert rendered, f"{source} rendered nothing"
+    for obj in rendered:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_RESOURCES:
+            continue
+        name = f"{source}: {obj['kind']}/{obj['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{name} is not valid Kubernetes {version}: {'.'.join(map(str, exc.path))}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            pytest.fail(f"{name}: {exc.message}")
+
+
+def test_every_ci_values_file_is_rendered():
+    assert {"gpu", "cpu", "s3", "gcs"} <= set(CI_VALUES), "GPU, CPU and object-storage profiles must stay in ci/"
+    values_text = (CHART / "values.yaml").read_text()
+    assert values_text.startswith("# yaml-language-server: $schema=values.schema.json\n")
+
+
+# --- the Triton pods ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_probes_and_services_use_the_container_ports(source):
+    rendered = render(source)
+    container = triton(rendered)
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert set(ports) == {"http", "grpc", "metrics"}
+    assert ports["http"] == int(flag(container, "http-port"))
+    assert ports["grpc"] == int(flag(container, "grpc-port"))
+    assert ports["metrics"] == int(flag(container, "metrics-port"))
+    ready, live = "/v2/health/ready", "/v2/health/live"
+    for probe, path in {"startupProbe": ready, "readinessProbe": ready, "livenessProbe": live}.items():
+        http_get = container[probe]["httpGet"]
+        assert (http_get["path"], http_get["port"]) == (path, "http"), f"{probe} must call {path} on the http port"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "large models need >= 10 min to load"
+    for service in objects(rendered, "Service"):
+        service_ports = {port["name"]: port for port in service["spec"]["ports"]}
+        assert set(service_ports) == {"http", "grpc", "metrics"}
+        for name, port in service_ports.items():
+            assert port["targetPort"] == name and port["port"] == ports[name]
+        assert service_ports["grpc"]["appProtocol"] == "grpc"
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_shm_and_writable_scratch_are_mounted(source):
+    rendered = render(source)
+    spec = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in triton(rendered)["volumeMounts"]}
+    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert shm["medium"] == "Memory" and shm["sizeLimit"], "/dev/shm must be a memory-backed emptyDir with a limit"
+    assert "emptyDir" in volumes[mounts["/tmp"]], "with a read-only root, /tmp must be a writable emptyDir"
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_selectors_match_the_triton_pods_only(source):
+    rendered = render(source)
+    deployment = one(rendered, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selects(selector, pod_labels)
+    assert not any(key.startswith("helm.sh/") or key == "app.kubernetes.io/version" for key in selector)
+    selectors = {f"Service/{svc['metadata']['name']}": svc["spec"]["selector"] for svc in objects(rendered, "Service")}
+    selectors["PodDisruptionBudget"] = one(rendered, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    for policy in objects(rendered, "NetworkPolicy"):
+        selectors["NetworkPolicy"] = policy["spec"]["podSelector"]["matchLabels"]
+    for constraint in deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", []):
+        selectors[f"spread {constraint['topologyKey']}"] = constraint["labelSelector"]["matchLabels"]
+    for owner, chosen in selectors.items():
+        assert chosen == selector, f"{owner} selects {chosen}, the Deployment's pods are {selector}"
+    for owner, metadata, _ in pod_templates(rendered):
+        if not owner.startswith("Deployment/"):  # helm test and reload Job pods must not receive traffic
+            assert not selects(selector, metadata["labels"]), f"{owner} would be selected by the Services"
+    for hpa in objects(rendered, "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+        assert "replicas" not in deployment["spec"], "with an HPA the Deployment must not set replicas"
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_images_are_pinned(source):
+    for owner, _, spec in pod_templates(render(source)):
+        for container in containers(spec):
+            image = container["image"]
+            name, _, tag = image.split("@")[0].rpartition(":")
+            assert name and tag and "/" not in tag, f"{owner}: {image} has no tag"
+            assert tag != "latest", f"{owner}: {image} uses latest"
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_resources_are_set(source):
+    rendered = render(source)
+    for owner, _, spec in pod_templates(rendered):
+        for container in containers(spec):
+            resources = container.get("resources", {})
+            assert {"cpu", "memory"} <= set(resources.get("requests", {})), f"{owner}/{container['name']} requests"
+            assert "memory" in resources.get("limits", {}), f"{owner}/{container['name']} has no memory limit"
+    gpu = "cpu" not in source
+    spec = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    for container in containers(spec):
+        resources = container["resources"]
+        if gpu:
+            assert resources["requests"][GPU_RESOURCE] == resources["limits"][GPU_RESOURCE] >= 1
+        else:
+            assert GPU_RESOURCE not in resources["requests"] and GPU_RESOURCE not in resources["limits"]
+    assert (spec.get("nodeSelector", {}).get("nvidia.com/gpu.present") == "true") == gpu
+    assert any(toleration.get("key") == GPU_RESOURCE for toleration in spec.get("tolerations", [])) == gpu
+    assert flag(triton(rendered), "allow-gpu-metrics") == str(gpu).lower()
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_pods_run_as_non_root_without_privileges(source):
+    for owner, _, spec in pod_templates(render(source)):
+        pod_context = spec["securityContext"]
+        assert pod_context["runAsNonRoot"] is True and pod_context["runAsUser"] > 0, owner
+        assert spec.get("automountServiceAccountToken") is False, f"{owner} needs no API token"
+        for container in containers(spec):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, f"{owner}/{container['name']}"
+            assert context["capabilities"]["drop"] == ["ALL"], f"{owner}/{container['name']}"
+            assert context.get("readOnlyRootFilesystem") is True, f"{owner}/{container['name']}"
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_no_secret_values_are_rendered(source):
+    rendered = render(source)
+    assert not objects(rendered, "Secret"), "credentials come from existing Secrets, referenced by name"
+    sensitive = re.compile(r"KEY|SECRET|TOKEN|PASSWORD")
+    for owner, _, spec in pod_templates(rendered):
+        for container in containers(spec):
+            for env in container.get("env", []):
+                if sensitive.search(env["name"]):
+                    assert "value" not in env and "secretKeyRef" in env["valueFrom"], f"{owner}: {env['name']}"
+    text = yaml.safe_dump_all(rendered)
+    assert not re.search(r"AKIA[0-9A-Z]{16}|-----BEGIN|private_key", text)
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_rollouts_and_shutdown_keep_capacity(source):
+    rendered = render(source)
+    deployment = one(rendered, "Deployment")
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 0
+    spec = deployment["spec"]["template"]["spec"]
+    container = triton(rendered)
+    sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    exit_timeout = int(flag(container, "exit-timeout-secs"))
+    assert sleep > 0 and spec["terminationGracePeriodSeconds"] > sleep + exit_timeout
+    assert container["command"] == ["/opt/tritonserver/bin/tritonserver"], "Triton must be PID 1 to get SIGTERM"
+    assert {c["topologyKey"] for c in spec["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
+    pdb = one(rendered, "PodDisruptionBudget")["spec"]
+    hpa = objects(rendered, "HorizontalPodAutoscaler")
+    smallest = hpa[0]["spec"]["minReplicas"] if hpa else deployment["spec"]["replicas"]
+    assert pdb.get("minAvailable", 0) < smallest, "a PDB at the replica count blocks every drain"
+
+
+# --- autoscaling ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_hpa_metrics_are_served_by_the_adapter_rules(source):
+    rendered = render(source)
+    hpas = objects(rendered, "HorizontalPodAutoscaler")
+    if source == "chart:fixed-replicas":
+        assert not hpas
+        return
+    hpa = hpas[0]["spec"]
+    rules = adapter_rules(rendered) if source.startswith("chart:") else adapter_values_rules()
+    served = {rule["name"]["as"] for rule in rules}
+    custom = [metric["pods"]["metric"]["name"] for metric in hpa["metrics"] if metric["type"] == "Pods"]
+    assert custom and set(custom) <= served, f"HPA asks for {custom}, the adapter serves {served}"
+    queue_rule = next(rule for rule in rules if rule["name"]["as"] == custom[0])
+    assert "rate(nv_inference_queue_duration_us{" in queue_rule["metricsQuery"]
+    assert "rate(nv_inference_request_success{" in queue_rule["metricsQuery"]
+    assert set(queue_rule["resources"]["overrides"]) == {"namespace", "pod"}
+    fallback = [metric for metric in hpa["metrics"] if metric is not hpa["metrics"][0]]
+    assert len(fallback) == 1, "one utilisation fallback next to the queue-time metric"
+    if "cpu" in source:
+        assert fallback[0]["resource"]["name"] == "cpu"
+    else:
+        assert fallback[0]["pods"]["metric"]["name"] == "ecomserve_gpu_utilization"
+    assert {"scaleUp", "scaleDown"} <= set(hpa["behavior"])
+
+
+def test_adapter_values_file_matches_the_chart_rules():
+    assert adapter_values_rules() == adapter_rules(chart("default"))
+
+
+def test_dashboard_and_rules_use_only_triton_metrics():
+    dashboard = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queries += [rule["metricsQuery"] for rule in adapter_rules(chart("default"))]
+    used = {name for query in queries for name in re.findall(r"\b((?:nv|ecomserve)_[a-z_]+)\s*\{", query)}
+    assert used <= TRITON_METRICS, f"unknown metrics: {sorted(used - TRITON_METRICS)}"
+    titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
+    for topic in ("throughput", "p50", "p99", "queue time", "batch size", "gpu utilisation", "cache hit"):
+        assert topic in titles, f"the dashboard has no {topic} panel"
+    config_map = one(chart("default"), "ConfigMap", f"{RELEASE}-dashboard")
+    assert json.loads(config_map["data"]["ecomserve-triton.json"]) == dashboard
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_service_monitor_only_where_the_api_exists():
+    rendered = chart("default")
+    monitor = one(rendered, "ServiceMonitor")
+    api_service = one(rendered, "Service", RELEASE)
+    assert selects(monitor["spec"]["selector"]["matchLabels"], api_service["metadata"]["labels"])
+    headless = one(rendered, "Service", f"{RELEASE}-headless")
+    assert not selects(monitor["spec"]["selector"]["matchLabels"], headless["metadata"]["labels"]), "scraped twice"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    assert not objects(chart("default", apis=()), "ServiceMonitor")
+
+
+# --- profiles and features ---------------------------------------------------------------------------------
+
+
+def test_object_storage_repositories():
+    s3 = chart("s3")
+    container = triton(s3)
+    assert flag(container, "model-repository") == "s3://ecomserve-models/model_repository"
+    secrets = {env["name"]: env["valueFrom"]["secretKeyRef"]["name"] for env in container["env"] if "valueFrom" in env}
+    aws_keys = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
+    assert secrets == dict.fromkeys(aws_keys, "ecomserve-s3-credentials")
+    assert not objects(s3, "PersistentVolumeClaim")
+    volumes = one(s3, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert all("persistentVolumeClaim" not in volume for volume in volumes)
+    gcs = chart("gcs")
+    container = triton(gcs)
+    assert flag(container, "model-repository") == "gs://ecomserve-models/model_repository"
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    assert env["GOOGLE_APPLICATION_CREDENTIALS"] == f"{mounts['gcs-credentials']}/credentials.json"
+    volumes = {volume["name"]: volume for volume in one(gcs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["gcs-credentials"]["secret"]["secretName"] == "ecomserve-gcs-credentials"
+
+
+def test_pvc_repository_is_read_only_and_kept():
+    rendered = chart("default")
+    claim = one(rendered, "PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    mount = next(m for m in triton(rendered)["volumeMounts"] if m["mountPath"] == "/models")
+    assert mount["readOnly"] is True and flag(triton(rendered), "model-repository") == "/models"
+
+
+def test_new_revision_rolls_pods_or_reloads_models():
+    annotation = "ecomserve.dev/model-revision"
+    template = one(chart("default", sets=("rollout.revision=2024-12-01",)), "Deployment")["spec"]["template"]
+    assert template["metadata"]["annotations"][annotation] == "2024-12-01"
+    reload = chart("reload")
+    assert annotation not in one(reload, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert flag(triton(reload), "model-control-mode") == "explicit" and "--load-model=*" in triton(reload)["args"]
+    job = one(reload, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-upgrade"
+    env = {item["name"]: item["value"] for item in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TRITON_SERVICE"] == f"{RELEASE}-headless.{NAMESPACE}.svc"
+    scripts = one(reload, "ConfigMap", f"{RELEASE}-scripts")["data"]
+    assert scripts["reload_models.py"] == (CHART / "files" / "reload_models.py").read_text().rstrip("\n")
+    assert not objects(chart("default"), "Job")
+
+
+def test_tensorrt_engines_are_built_in_an_init_container():
+    rendered = chart("tensorrt")
+    spec = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    assert init["image"] == "nvcr.io/nvidia/tensorrt:24.10-py3"
+    assert init["resources"]["limits"][GPU_RESOURCE] == triton(rendered)["resources"]["limits"][GPU_RESOURCE]
+    init_mounts = {mount["mountPath"]: mount for mount in init["volumeMounts"]}
+    triton_mounts = {mount["mountPath"]: mount for mount in triton(rendered)["volumeMounts"]}
+    for path in ("/models", "/models-source", "/engine-cache"):  # links made in the init container resolve in Triton
+        assert init_mounts[path]["name"] == triton_mounts[path]["name"] and triton_mounts[path]["readOnly"]
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    assert "emptyDir" in volumes[triton_mounts["/models"]["name"]]
+    scripts = one(rendered, "ConfigMap", f"{RELEASE}-scripts")["data"]
+    assert scripts["build_engines.py"] == (CHART / "files" / "build_engines.py").read_text().rstrip("\n")
+    assert json.loads(scripts["engines.json"])[0]["model"] == "minilm_encoder_trt"
+    annotations = one(rendered, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/scripts" in annotations, "a changed script must restart the pods"
+    assert "initContainers" not in one(chart("default"), "Deployment")["spec"]["template"]["spec"]
+
+
+def test_network_policy_limits_inference_to_the_given_peers():
+    ingress = one(chart("networkpolicy"), "NetworkPolicy")["spec"]["ingress"]
+    inference = next(rule for rule in ingress if {"port": "grpc", "protocol": "TCP"} in rule["ports"])
+    assert inference["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "search-frontend"}}}]
+    helpers = ingress[-1]["from"][0]["podSelector"]["matchLabels"]
+    test_pod = one(chart("default"), "Pod")
+    assert selects(helpers, test_pod["metadata"]["labels"]), "helm test must still reach the pods"
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("image.tag=latest",), "/image/tag"),
+        (("modelRepository.source=s3",), "modelRepository.s3.uri is required"),
+        (("modelRepository.source=gcs",), "modelRepository.gcs.uri is required"),
+        (("gpu.enabled=false", "tensorrt.enabled=true"), "tensorrt.enabled needs gpu.enabled"),
+        (("rollout.strategy=reload", "triton.modelControl.mode=none"), "needs triton.modelControl.mode=explicit"),
+        (("podDisruptionBudget.minAvailable=2",), "must be below the smallest replica count"),
+        (("modelRepository.source=ftp",), "/modelRepository/source"),
+        (("triton.unknownKey=1",), "unknownKey"),
+        (("modelRepository.s3.uri=http://bucket",), "/modelRepository/s3/uri"),
+        (("podSecurityContext.runAsNonRoot=false",), "runAsNonRoot"),
+    ],
+)
+def test_bad_values_are_refused(sets, message):
+    result = run(helm_template_command(sets=sets))
+    assert result.returncode != 0, f"{sets} rendered"
+    assert message in result.stderr, result.stderr
+
+
+# --- kustomize stays in step with the chart ------------------------------------------------------------
+
+
+def comparable(obj: dict) -> dict:
+    """The object without what only Helm or only kustomize adds (labels, annotations, replicas)."""
+    obj = json.loads(json.dumps(obj))
+    obj["metadata"] = {"name": obj["metadata"]["name"]}
+    if obj["kind"] == "Deployment":
+        obj["spec"]["template"]["metadata"] = {"labels": obj["spec"]["selector"]["matchLabels"]}
+    return obj
+
+
+@pytest.mark.parametrize("profile", OVERLAYS)
+def test_kustomize_overlay_matches_the_chart(profile):
+    ours = {(o["kind"], o["metadata"]["name"]): comparable(o) for o in overlay(profile)}
+    theirs = {(o["kind"], o["metadata"]["name"]): comparable(o) for o in chart(profile)}
+    for key in [("Deployment", RELEASE), ("Service", RELEASE), ("Service", f"{RELEASE}-headless"),
+                ("HorizontalPodAutoscaler", RELEASE), ("PodDisruptionBudget", RELEASE),
+                ("NetworkPolicy", RELEASE), ("PersistentVolumeClaim", f"{RELEASE}-models"),
+                ("ServiceAccount", RELEASE)]:  # fmt: skip
+        assert ours[key] == theirs[key], f"{profile}: {key} differs between k8s/kustomize and the chart"
+
+
+# --- Dockerfile --------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint():
+    result = run([hadolint(), "--config", K8S / ".hadolint.yaml", K8S / "Dockerfile"], cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_builds_on_ngc_triton_and_runs_as_non_root():
+    lines = [line.strip() for line in (K8S / "Dockerfile").read_text().splitlines()]
+    bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    assert bases[0] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and re.fullmatch(r"[1-9]\d*:\d+", users[-1]), "the last USER must be a numeric non-root uid"
+    assert any(line.startswith("HEALTHCHECK ") and "/v2/health/ready" in " ".join(lines) for line in lines)
+    assert any("pip install --no-cache-dir ." in line for line in lines), "dependencies come from pyproject.toml"
+    ignored = (K8S / "Dockerfile.dockerignore").read_text()
+    assert "!pyproject.toml" in ignored and "!src/" in ignored
+
+
+# --- the scripts the chart ships -----------------------------------------------------------------------------
+
+
+def write_executable(path: Path, body: str) -> None:
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+
+
+def test_engine_build_caches_plans_per_gpu_and_tensorrt(tmp_path):
+    bin_dir, calls = tmp_path / "bin", tmp_path / "trtexec-calls"
+    bin_dir.mkdir()
+    write_executable(bin_dir / "nvidia-smi", "print('NVIDIA H100 80GB HBM3')\n")
+    write_executable(
+        bin_dir / "trtexec",
+        "import sys\nprint('&&&& RUNNING TensorRT.trtexec [TensorRT v100500] # trtexec')\n"
+        "args = dict(a.lstrip('-').split('=', 1) for a in sys.argv[1:] if '=' in a)\n"
+        f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "if 'saveEngine' in args:\n"
+        "    open(args['saveEngine'], 'wb').write(b'plan for ' + open(args['onnx'], 'rb').read())\n",
+    )
+    source = tmp_path / "repository"
+    (source / "encoder_trt" / "1").mkdir(parents=True)
+    (source / "encoder_trt" / "config.pbtxt").write_text('platform: "tensorrt_plan"\n')
+    (source / "encoder_trt" / "1" / "model.onnx").write_bytes(b"onnx v1")
+    (source / "embed" / "1").mkdir(parents=True)
+    engines = tmp_path / "engines.json"
+
+    def build(args: list[str]) -> subprocess.CompletedProcess:
+        engine = {"model": "encoder_trt", "version": "1", "onnx": "model.onnx", "trtexecArgs": args}
+        engines.write_text(json.dumps([engine]))
+        serving = tmp_path / "serving"
+        serving.mkdir(exist_ok=True)
+        env = {
+            **os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SOURCE_REPOSITORY": str(source),
+            "SERVING_REPOSITORY": str(serving), "ENGINE_CACHE": str(tmp_path / "cache"), "ENGINES_FILE": str(engines),
+        }  # fmt: skip
+        env.pop("TRT_VERSION", None)
+        return run([sys.executable, CHART / "files" / "build_engines.py"], env=env)
+
+    def builds() -> int:
+        return sum("--saveEngine=" in line for line in calls.read_text().splitlines())
+
+    first = build(["--fp16"])
+    assert first.returncode == 0, first.stderr
+    (plan,) = (tmp_path / "cache").glob("*/*/encoder_trt/*/model.plan")
+    assert plan.relative_to(tmp_path / "cache").parts[:2] == ("nvidia-h100-80gb-hbm3", "trt-100500")
+    assert plan.read_bytes() == b"plan for onnx v1"
+    served = tmp_path / "serving"
+    assert (served / "embed").resolve() == (source / "embed").resolve()
+    assert (served / "encoder_trt" / "1" / "model.plan").resolve() == plan.resolve()
+    assert (served / "encoder_trt" / "config.pbtxt").resolve() == (source / "encoder_trt" / "config.pbtxt").resolve()
+    assert build(["--fp16"]).returncode == 0
+    assert builds() == 1, "the cached plan must be reused"
+    assert build(["--fp16", "--builderOptimizationLevel=5"]).returncode == 0
+    assert builds() == 2, "new trtexec flags must build a new plan"
+    (source / "encoder_trt" / "1" / "model.onnx").unlink()
+    missing = build(["--fp16"])
+    assert missing.returncode == 1 and "tensorrt.engines[0]" in missing.stderr
+
+
+class FakeTriton(BaseHTTPRequestHandler):
+    """Triton's repository API: index lists two models; loading `broken` fails like Triton does."""
+
+    calls: list[str] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        self.calls.append(self.path)
+        if self.path == "/v2/repository/index":
+            body, status = [{"name": "embed", "version": "1", "state": "READY"}, {"name": "rank"}], 200
+        elif self.path.endswith("/broken/load"):
+            body, status = {"error": "failed to load 'broken'"}, 400
+        else:
+            body, status = {}, 200
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_reload_job_loads_every_model_on_every_pod():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTriton)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+
+        def reload(models: str) -> subprocess.CompletedProcess:
+            FakeTriton.calls = []
+            env = {**os.environ, "TRITON_SERVICE": "127.0.0.1", "TRITON_HTTP_PORT": str(server.server_port)}
+            return run([sys.executable, CHART / "files" / "reload_models.py"], env={**env, "RELOAD_MODELS": models})
+
+        everything = reload("")
+        assert everything.returncode == 0, everything.stderr
+        assert FakeTriton.calls == [
+            "/v2/repository/index", "/v2/repository/models/embed/load", "/v2/repository/models/rank/load"
+        ]  # fmt: skip
+        failed = reload("rank,broken")
+        assert failed.returncode == 1
+        assert "broken: HTTP 400: failed to load 'broken'" in failed.stderr
+    finally:
+        server.shutdown()
