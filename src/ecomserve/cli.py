@@ -88,6 +88,34 @@ def serve(
     console.print("tritonserver stopped")
 
 
+@app.command()
+def bench(
+    spec: SpecOption = DEFAULT_SPEC,
+    out: Annotated[Path, typer.Option(help="folder for results.json, CSV, PNG plots, summary.md")] = Path(
+        "bench_results"
+    ),
+    duration: Annotated[float, typer.Option(help="seconds per measured point")] = 5.0,
+    concurrency: Annotated[list[int] | None, typer.Option(help="client counts for the served runs")] = None,
+    variant: Annotated[list[str] | None, typer.Option(help="compression variants to build and measure")] = None,
+) -> None:
+    """PyTorch, the in-process runtime, every compression variant and the served pipeline, in one run."""
+    from ecomserve.bench.run import BenchOptions, run_bench
+    from ecomserve.bench.variants import VARIANTS
+
+    unknown = sorted(set(variant or []) - set(VARIANTS))
+    if unknown:
+        raise typer.BadParameter(f"unknown variants {unknown}; known: {list(VARIANTS)}", param_hint="--variant")
+    options = BenchOptions(spec=load_spec(spec), spec_dir=spec.parent, out_dir=out, duration_s=duration)
+    if concurrency:
+        options.concurrency = concurrency
+    if variant:
+        options.variants = variant
+    results = run_bench(options, console)
+    console.print((out / "summary.md").read_text(), highlight=False)
+    for check, value in results["checks"].items():
+        console.print(f"{check}: {value:.3f}")
+
+
 def _client(url: str | None, protocol: ProtocolName):
     from ecomserve.client import EcomClient
 

@@ -12,7 +12,6 @@ import numpy as np
 from ecomserve.paths import EVAL_SET
 
 
-
 @dataclass(frozen=True)
 class EvalQuery:
     text: str

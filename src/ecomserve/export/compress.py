@@ -52,7 +52,9 @@ def _sensitive_matmuls(path: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = {i.name for i in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output
+    }
     sensitive = []
     for node in graph.node:
         if node.op_type != "MatMul":

@@ -48,7 +48,7 @@ def distill(
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                total += float(loss)
+                total += loss.item()
                 progress.update(task, advance=1, description=f"distil epoch {epoch + 1}/{spec.epochs} loss {loss:.4f}")
             losses.append(total / len(batches))
     finally:

@@ -91,4 +91,3 @@ def _compress(encoder: EncoderSpec, fp32: Path, work_dir: Path, tokenizer, sourc
         verify("onnxruntime fp32 optimized", "onnxruntime", optimized, "fp32")
         return [optimized]
     return [fp32]
-

@@ -54,7 +54,9 @@ class TritonPythonModel:
             try:
                 fused = self._embed(texts)
                 for index, start, end in owners:
-                    responses[index] = pb_utils.InferenceResponse(output_tensors=[output("EMBEDDING", fused[start:end])])
+                    responses[index] = pb_utils.InferenceResponse(
+                        output_tensors=[output("EMBEDDING", fused[start:end])]
+                    )
             except Exception as exc:  # noqa: BLE001 - the encoders failed for the whole batch
                 for index, _, _ in owners:
                     responses[index] = error_response(exc)

@@ -1,0 +1,92 @@
+"""Closed-loop load: N workers each send the next request as soon as the last one answered.
+
+Every contender — PyTorch, the in-process runtime, the served pipeline — is measured through
+`measure`, on the same texts, so the numbers are ratios of like with like."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Measurement:
+    contender: str
+    workload: str
+    protocol: str  # "in-process", "grpc" or "http"
+    concurrency: int
+    requests: int
+    items_per_request: int
+    seconds: float
+    throughput_rps: float  # requests per second
+    throughput_items: float  # texts per second
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: int
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+def measure(
+    contender: str,
+    workload: str,
+    protocol: str,
+    concurrency: int,
+    make_call: Callable[[int], Callable[[int], object]],
+    items_per_request: int,
+    duration_s: float,
+    warmup_requests: int = 3,
+) -> Measurement:
+    """`make_call(worker)` returns that worker's call(i) (own connection); i indexes the shared texts."""
+    calls = [make_call(w) for w in range(concurrency)]
+    for i in range(warmup_requests):
+        calls[0](i)
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = [0] * concurrency
+    deadline = time.perf_counter() + duration_s
+    counter = iter(range(10**9))
+    lock = threading.Lock()
+
+    def worker(w: int) -> None:
+        while time.perf_counter() < deadline:
+            with lock:
+                i = next(counter)
+            start = time.perf_counter()
+            try:
+                calls[w](i)
+            except Exception:  # noqa: BLE001 - counted, reported, never hidden
+                errors[w] += 1
+                continue
+            latencies[w].append(time.perf_counter() - start)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - began
+    done = np.array([x for worker_latencies in latencies for x in worker_latencies]) * 1000
+    count = len(done)
+    p50, p95, p99 = np.percentile(done, [50, 95, 99]) if count else (float("nan"),) * 3
+    return Measurement(
+        contender,
+        workload,
+        protocol,
+        concurrency,
+        count,
+        items_per_request,
+        seconds,
+        count / seconds,
+        count * items_per_request / seconds,
+        float(p50),
+        float(p95),
+        float(p99),
+        sum(errors),
+    )

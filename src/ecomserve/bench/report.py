@@ -1,0 +1,101 @@
+"""Benchmark output: CSV tables, PNG plots and a Markdown summary for the README."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    rows = [{k: v for k, v in row.items() if not isinstance(v, list | dict)} for row in rows]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_throughput(results: dict, path: Path) -> None:
+    rows = results["measurements"]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    figure, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4))
+    for axis, workload in zip(axes, workloads):
+        for protocol, marker in (("grpc", "o"), ("http", "s")):
+            points = sorted(
+                (r["concurrency"], r["throughput_items"])
+                for r in rows
+                if r["workload"] == workload and r["contender"] == "served" and r["protocol"] == protocol
+            )
+            if points:
+                axis.plot(*zip(*points), marker=marker, label=f"served {protocol}")
+        for contender, style in (("pytorch eager", "--"), ("in-process served variant", ":")):
+            for r in rows:
+                if r["workload"] == workload and r["contender"] == contender:
+                    axis.axhline(r["throughput_items"], linestyle=style, color="grey", label=contender)
+        axis.set(title=workload, xlabel="concurrent clients", ylabel="texts / s", xscale="log")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_pareto(results: dict, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 5))
+    torch_rate = next(
+        r["throughput_items"]
+        for r in results["measurements"]
+        if r["contender"] == "pytorch eager" and r["workload"] == "query embed"
+    )
+    for v in results["variants"]:
+        speedup = v["query_per_s"] / torch_rate
+        axis.scatter(speedup, v["ndcg5"], marker="o" if v["servable"] else "x")
+        axis.annotate(v["name"], (speedup, v["ndcg5"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axis.axhline(results["reference_ndcg5"], linestyle="--", color="grey", label="PyTorch fp32")
+    axis.axhline(results["reference_ndcg5"] - 0.01, linestyle=":", color="red", label="accuracy bar (-0.01)")
+    axis.set(xlabel="in-process speed-up over PyTorch (one query per call)", ylabel="NDCG@5 (eval set)")
+    axis.set_title("variants: accuracy vs speed (x = batch-dependent, not servable)", fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| variant | runtime | layers | size MB | queries/s | titles/s | NDCG@5 | cos min | servable |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in results["variants"]:
+        lines.append(
+            f"| {v['name']} | {v['runtime']} | {v['layers']} | {v['size_mb']:.1f} | {v['query_per_s']:.0f} | "
+            f"{v['titles_per_s']:.0f} | {v['ndcg5']:.4f} | {v['cosine_min']:.4f} | {'yes' if v['servable'] else 'no'} |"
+        )
+    lines += [
+        "",
+        f"PyTorch fp32 NDCG@5: {results['reference_ndcg5']:.4f}; served variant: {results['served_variant']}; "
+        f"server RSS {results.get('server_rss_mb', float('nan')):.0f} MB",
+        "",
+        "| contender | workload | protocol | clients | texts/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["measurements"]:
+        lines.append(
+            f"| {r['contender']} | {r['workload']} | {r['protocol']} | {r['concurrency']} | "
+            f"{r['throughput_items']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
+        )
+    lines += ["", "| check | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in results["checks"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(out_dir / "measurements.csv", results["measurements"])
+    _write_csv(out_dir / "variants.csv", results["variants"])
+    plot_throughput(results, out_dir / "throughput.png")
+    plot_pareto(results, out_dir / "pareto.png")
+    (out_dir / "summary.md").write_text(markdown(results))
