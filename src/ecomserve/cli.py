@@ -97,6 +97,7 @@ def bench(
     duration: Annotated[float, typer.Option(help="seconds per measured point")] = 5.0,
     concurrency: Annotated[list[int] | None, typer.Option(help="client counts for the served runs")] = None,
     variant: Annotated[list[str] | None, typer.Option(help="compression variants to build and measure")] = None,
+    tune: Annotated[bool, typer.Option(help="also compare layouts, instances × threads, batching delay")] = True,
 ) -> None:
     """PyTorch, the in-process runtime, every compression variant and the served pipeline, in one run."""
     from ecomserve.bench.run import BenchOptions, run_bench
@@ -105,7 +106,7 @@ def bench(
     unknown = sorted(set(variant or []) - set(VARIANTS))
     if unknown:
         raise typer.BadParameter(f"unknown variants {unknown}; known: {list(VARIANTS)}", param_hint="--variant")
-    options = BenchOptions(spec=load_spec(spec), spec_dir=spec.parent, out_dir=out, duration_s=duration)
+    options = BenchOptions(spec=load_spec(spec), spec_dir=spec.parent, out_dir=out, duration_s=duration, tune=tune)
     if concurrency:
         options.concurrency = concurrency
     if variant:

@@ -32,10 +32,10 @@ def plot_throughput(results: dict, path: Path) -> None:
             )
             if points:
                 axis.plot(*zip(*points), marker=marker, label=f"served {protocol}")
-        for contender, style in (("pytorch eager", "--"), ("in-process served variant", ":")):
+        for prefix, style in (("pytorch eager", "--"), ("in-process", ":")):
             for r in rows:
-                if r["workload"] == workload and r["contender"] == contender:
-                    axis.axhline(r["throughput_items"], linestyle=style, color="grey", label=contender)
+                if r["workload"] == workload and r["contender"].startswith(prefix):
+                    axis.axhline(r["throughput_items"], linestyle=style, color="grey", label=r["contender"])
         axis.set(title=workload, xlabel="concurrent clients", ylabel="texts / s", xscale="log")
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -87,6 +87,18 @@ def markdown(results: dict) -> str:
             f"| {r['contender']} | {r['workload']} | {r['protocol']} | {r['concurrency']} | "
             f"{r['throughput_items']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
         )
+    if results.get("tuning"):
+        lines += [
+            "",
+            "| layout | instances | threads | queue delay µs | texts/s (query embed, gRPC, 16 clients) | p50 ms |",
+        ]
+        lines += ["|---|---|---|---|---|---|"]
+        for t in results["tuning"]:
+            delay = t.get("max_queue_delay_us", results["spec"]["serving"]["dynamic_batching"]["max_queue_delay_us"])
+            lines.append(
+                f"| {t['layout']} | {t['instances']} | {t['intra_op_threads']} | {delay} | "
+                f"{t['texts_per_s']:.0f} | {t['p50_ms']:.1f} |"
+            )
     lines += ["", "| check | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in results["checks"].items()]
     return "\n".join(lines) + "\n"
@@ -96,6 +108,8 @@ def write_report(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / "measurements.csv", results["measurements"])
     _write_csv(out_dir / "variants.csv", results["variants"])
+    if results.get("tuning"):
+        _write_csv(out_dir / "tuning.csv", results["tuning"])
     plot_throughput(results, out_dir / "throughput.png")
     plot_pareto(results, out_dir / "pareto.png")
     (out_dir / "summary.md").write_text(markdown(results))

@@ -42,8 +42,8 @@ class VariantResult:
     layers: str
     servable: bool  # batch-independent answers (DESIGN.md "same input, same answer")
     size_mb: float
-    query_per_s: float  # one short query per call, in-process, 2 threads
-    titles_per_s: float  # batches of 32 titles
+    query_per_s: float  # one short query per call, in-process, best of 1 and 2 threads
+    titles_per_s: float  # batches of 32 titles, best of 1 and 2 threads
     ndcg5: float
     cosine_min: float  # to the fp32 PyTorch reference of the full model
     cosine_mean: float
@@ -120,7 +120,8 @@ def measure_variant(
 ) -> VariantResult:
     """`reference(texts)` gives the fp32 PyTorch vectors of the full model."""
     tokenizer = TextTokenizer(source / TOKENIZER_FILE, encoder.max_seq_len)
-    embed = _embedder(load_runner(encoder.runtime, model_path, threads=2), tokenizer)
+    embedders = [_embedder(load_runner(encoder.runtime, model_path, threads=t), tokenizer) for t in (1, 2)]
+    embed = embedders[1]
     texts = parity_texts() + work.eval_set.titles
     vectors, expected = embed(texts), reference(texts)
     cosines = (vectors * expected).sum(axis=1)
@@ -137,8 +138,9 @@ def measure_variant(
         layers=f"{encoder.keep_layers}" if encoder.keep_layers else "all",
         servable=diff <= 1e-5,
         size_mb=size / 2**20,
-        query_per_s=_rate(lambda q: embed([q]), work.queries),
-        titles_per_s=_rate(embed, work.title_batches),
+        # INT8 kernels often run faster on one thread than on two; each variant gets its better figure.
+        query_per_s=max(_rate(lambda q, e=e: e([q]), work.queries) for e in embedders),
+        titles_per_s=max(_rate(e, work.title_batches) for e in embedders),
         ndcg5=ndcg,
         cosine_min=float(cosines.min()),
         cosine_mean=float(cosines.mean()),

@@ -64,7 +64,8 @@ def check_supported(spec: PipelineSpec) -> None:
     for encoder in spec.encoders:
         if encoder.precision not in SUPPORTED["precision"]:
             raise RepositoryError(
-                f"encoders[{encoder.name}].precision '{encoder.precision}' is not built for the cpu target; use fp32 or int8"
+                f"encoders[{encoder.name}].precision '{encoder.precision}' is not built for the cpu target; "
+                "use fp32 or int8"
             )
 
 

@@ -1,4 +1,5 @@
-"""embedder (fused layout; `embed` is an ensemble in front of it): TEXT → validated → tokenized → every encoder → fused EMBEDDING, in one model.
+"""embedder (fused layout; `embed` is an ensemble in front of it): TEXT → validated → tokenized →
+every encoder → fused EMBEDDING, in one model.
 
 One hop instead of an ensemble of tokenizer, encoder and fusion models. All valid texts of a
 dynamic batch go through each encoder in one run; a bad text fails only its own request."""
