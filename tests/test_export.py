@@ -118,3 +118,17 @@ def test_distillation_trains_the_exported_student(tiny, tmp_path):
     plain = reference_embeddings(PooledEncoder(load_encoder(tiny, 1), "mean"), batch.input_ids, batch.attention_mask)
     exported = load_runner("onnxruntime", tmp_path / "model.onnx")(batch.input_ids, batch.attention_mask)
     assert np.abs(exported - plain.numpy()).max() > 1e-4
+
+
+def test_running_by_length_gives_the_same_answers(tiny, tmp_path):
+    from ecomserve.runtime import LENGTH_CHUNK, run_by_length
+
+    path = tmp_path / "model.onnx"
+    export_onnx(PooledEncoder(load_encoder(tiny, None), "mean"), path)
+    run = load_runner("onnxruntime", path)
+    texts = [("word " * n).strip() for n in (30, 1, 12, 5, 25, 2, 9, 17, 3, 28, 7)]
+    assert len(texts) > LENGTH_CHUNK
+    batch = TextTokenizer(tiny / TOKENIZER_FILE, 64).encode(texts)
+    together = run(batch.input_ids, batch.attention_mask)
+    by_length = run_by_length(run, batch.input_ids, batch.attention_mask)
+    assert np.abs(together - by_length).max() <= 1e-5

@@ -13,8 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     rows = [{k: v for k, v in row.items() if not isinstance(v, list | dict)} for row in rows]
+    fields = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 

@@ -23,7 +23,7 @@ from ecomserve.bench.report import write_report
 from ecomserve.evaluation import load_eval_set, mean_ndcg
 from ecomserve.paths import corpus_texts
 from ecomserve.repository.builder import build_repository
-from ecomserve.runtime import MODEL_FILES, load_runner
+from ecomserve.runtime import MODEL_FILES, load_runner, run_by_length
 from ecomserve.spec import PipelineSpec, resolve_source
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 
@@ -204,7 +204,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
 
             def in_process_embed(texts: list[str], runner=runner) -> np.ndarray:
                 batch = tokenizer.encode(texts)
-                return runner(batch.input_ids, batch.attention_mask)
+                return run_by_length(runner, batch.input_ids, batch.attention_mask)
 
             contender = f"in-process served variant ({threads} thread{'s' if threads > 1 else ''})"
             measurements += _in_process(contender, in_process_embed, work, options.duration_s)
@@ -225,8 +225,9 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
     results["measurements"] = [m.row() for m in measurements]
     results["served_variant"] = _served_variant_name(served_encoder)
     results["checks"] = done_checks(results)
-    write_report(results, options.out_dir)
+    options.out_dir.mkdir(parents=True, exist_ok=True)
     (options.out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, options.out_dir)
     return results
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ecomserve.evaluation import EvalSet, mean_ndcg
 from ecomserve.export.parity import parity_texts
-from ecomserve.runtime import MODEL_FILES, Runner, load_runner
+from ecomserve.runtime import MODEL_FILES, Runner, load_runner, run_by_length
 from ecomserve.spec import EncoderSpec
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 
@@ -98,7 +98,7 @@ def short_queries(tokenizer: TextTokenizer, texts: list[str], low: int = 8, high
 def _embedder(runner: Runner, tokenizer: TextTokenizer):
     def embed(texts: list[str]) -> np.ndarray:
         batch = tokenizer.encode(texts)
-        return runner(batch.input_ids, batch.attention_mask)
+        return run_by_length(runner, batch.input_ids, batch.attention_mask)
 
     return embed
 

@@ -10,7 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ecomserve.fusion import fuse_embeddings
-from ecomserve.runtime import load_runner
+from ecomserve.runtime import load_runner, run_by_length
 from ecomserve.serving_models.base import (
     encoder_slices,
     error_response,
@@ -69,5 +69,5 @@ class TritonPythonModel:
             batch = tokenizer.encode(texts)
             if batch.truncated:
                 self.truncated.increment(batch.truncated)
-            vectors.append(run(batch.input_ids, batch.attention_mask))
+            vectors.append(run_by_length(run, batch.input_ids, batch.attention_mask))
         return vectors[0] if len(vectors) == 1 else fuse_embeddings(vectors, self.slices)

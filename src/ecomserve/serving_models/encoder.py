@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ecomserve.runtime import load_runner
+from ecomserve.runtime import load_runner, run_by_length
 from ecomserve.serving_models.base import error_response, input_array, model_config, output, parameter, version_dir
 
 
@@ -27,7 +27,7 @@ class TritonPythonModel:
             ids = [input_array(r, "INPUT_IDS") for r in requests]
             masks = [input_array(r, "ATTENTION_MASK") for r in requests]
             length = max(a.shape[1] for a in ids)
-            embeddings = self.run(_pad(ids, length), _pad(masks, length))
+            embeddings = run_by_length(self.run, _pad(ids, length), _pad(masks, length))
         except Exception as exc:  # noqa: BLE001 - the whole batch failed together
             return [error_response(exc) for _ in requests]
         bounds = np.cumsum([a.shape[0] for a in ids])[:-1]
