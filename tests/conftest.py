@@ -51,8 +51,11 @@ def trio_spec(trio_sources):
     return spec_from(
         {
             "encoders": [
-                {"name": f"tiny{i}", "source": str(source), "weight": weight, "max_seq_len": 32}
-                for i, (source, weight) in enumerate(zip(trio_sources, TRIO_WEIGHTS))
+                # the middle encoder runs on OpenVINO, so both CPU runtimes serve inside one pipeline
+                {"name": f"tiny{i}", "source": str(source), "weight": weight, "max_seq_len": 32, "runtime": runtime}
+                for i, (source, weight, runtime) in enumerate(
+                    zip(trio_sources, TRIO_WEIGHTS, ("onnxruntime", "openvino", "onnxruntime"))
+                )
             ],
             "fusion": {"mode": "weighted_mean"},
             "voting": {"mode": "majority"},
