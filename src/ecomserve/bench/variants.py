@@ -66,10 +66,13 @@ def build_variant(name: str, base: EncoderSpec, source: Path, directory: Path, p
     encoder = variant_spec(base, changes)
     model_path = directory / MODEL_FILES[encoder.runtime]
     record = directory / "build.json"
+    wanted = {"encoder": encoder.model_dump(), "source": str(source)}
     if record.is_file() and model_path.is_file():
-        return model_path, json.loads(record.read_text())
+        built = json.loads(record.read_text())
+        if built.get("built_from") == wanted:  # a changed spec or source is rebuilt, never reused
+            return model_path, built
     shutil.rmtree(directory, ignore_errors=True)
-    checks = export_encoder(encoder, source, directory, progress)
+    checks = export_encoder(encoder, source, directory, progress) | {"built_from": wanted}
     if changes.get("dynamic_int8"):
         fp32 = directory / "fp32.onnx"
         model_path.rename(fp32)
