@@ -139,3 +139,10 @@ def test_limits_come_from_the_spec(trio_server, protocol):
     too_long = infer(protocol, trio_server, "embed", [text(b"z" * 257)])
     assert not too_long.ok and "257 bytes, over the limit of 256" in too_long.message
     assert infer(protocol, trio_server, "rank", rank_inputs([b"shoes"], [b"item"] * 8)).ok
+
+
+def test_an_error_is_never_served_from_the_response_cache(default_server):
+    """Triton 2.51 caches a python model's error as an empty success; `embed` must not (README)."""
+    for _ in range(3):
+        answer = infer("http", default_server, "embed", [text(b"   ")])
+        assert not answer.ok and answer.status == "400", answer
