@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from raw_protocol import Tensor, infer
 from support import make_tiny_bert, spec_from, start_server
 
@@ -48,7 +47,9 @@ def test_flood_is_refused_fast_and_accepted_requests_are_right(small_queue_serve
     request = [Tensor("TEXT", "BYTES", [8, 1], [t.encode() for t in TEXTS])]
     expected = infer(protocol, small_queue_server, "embed", request).outputs["EMBEDDING"]
     with ThreadPoolExecutor(48) as pool:
-        results = list(pool.map(lambda _: _timed(lambda: infer(protocol, small_queue_server, "embed", request)), range(96)))
+        results = list(
+            pool.map(lambda _: _timed(lambda: infer(protocol, small_queue_server, "embed", request)), range(96))
+        )
     refused = [(a, t) for a, t in results if not a.ok]
     accepted = [a for a, _ in results if a.ok]
     assert refused, "48 concurrent clients never filled a queue of 2"

@@ -63,8 +63,8 @@ def _openvino_runner(path: Path, threads: int) -> Runner:
     return run
 
 
-# Texts run in chunks of similar length: a batch of product titles padded to its longest title wastes
-# about a third of its compute on [PAD] (measured: 204 → 281 titles/s, batches of 32, 1 thread, INT8).
+# Texts run in chunks of similar length: a batch of product titles padded to its longest title spends
+# much of its compute on [PAD]; the benchmark's "titles/s" columns include this.
 LENGTH_CHUNK = 8
 
 

@@ -25,15 +25,14 @@ class TextTokenizer:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_seq_len)
         self.max_seq_len = max_seq_len
-        pad_token = self._tokenizer.id_to_token(0) or "[PAD]"
-        self._pad_id = self._tokenizer.token_to_id(pad_token) or 0
 
     def encode(self, texts: list[str]) -> TokenBatch:
         encodings = self._tokenizer.encode_batch(texts)
         truncated = sum(bool(encoding.overflowing) for encoding in encodings)
         rows = [encoding.ids for encoding in encodings]
         length = max(len(row) for row in rows)
-        input_ids = np.full((len(rows), length), self._pad_id, dtype=np.int64)
+        # Padded positions are masked out, so the id placed there never changes an answer.
+        input_ids = np.zeros((len(rows), length), dtype=np.int64)
         attention_mask = np.zeros((len(rows), length), dtype=np.int64)
         for i, row in enumerate(rows):
             input_ids[i, : len(row)] = row

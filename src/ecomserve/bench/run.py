@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +185,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
             )
             encoder = variant_lib.variant_spec(base, variant_lib.VARIANTS[name])
             result = variant_lib.measure_variant(name, encoder, path, source, reference, work)
-            results["variants"].append(result.__dict__ | {"build_checks": checks["stages"]})
+            results["variants"].append(asdict(result) | {"build_checks": checks["stages"]})
             progress.advance(task)
 
         measurements: list[Measurement] = []

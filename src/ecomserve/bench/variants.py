@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +149,3 @@ def measure_variant(
         cosine_mean=float(cosines.mean()),
         batch_max_abs_diff=diff,
     )
-
-
-def as_rows(results: list[VariantResult]) -> list[dict]:
-    return [asdict(r) for r in results]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.progress import Progress
@@ -46,10 +46,10 @@ def export_encoder(encoder: EncoderSpec, source: Path, target_dir: Path, progres
     return {"stages": [asdict(r) for r in reports], "distill_losses": reference.losses}
 
 
+@dataclass(frozen=True)
 class _Reference:
-    def __init__(self, model: PooledEncoder, losses: list[float] | None):
-        self.model = model
-        self.losses = losses
+    model: PooledEncoder
+    losses: list[float] | None  # per distillation epoch, None when not distilled
 
 
 def _reference(encoder: EncoderSpec, source: Path, tokenizer: TextTokenizer, progress: Progress | None) -> _Reference:
