@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
-from ecomserve.errors import RepositoryError
 from ecomserve.repository.builder import plan, write_configs
 from ecomserve.repository.configs import all_configs, parse_pbtxt, to_pbtxt
 from ecomserve.spec import load_spec
@@ -72,7 +71,7 @@ def test_single_encoder_skips_the_fusion_hop():
     assert "fusion" not in configs
     steps = configs["embed"].ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["minilm_tokenizer", "minilm_encoder"]
-    assert steps[-1].output_map["EMBEDDING"] == "EMBEDDING"
+    assert steps[-1].output_map["embedding"] == "EMBEDDING"
 
 
 def test_encoder_batches_ragged_requests_and_warms_up():
@@ -110,22 +109,3 @@ def test_repository_layout(tmp_path):
     write_configs(with_layout(spec, "ensemble"), built, ensemble)
     assert (ensemble / "minilm_encoder" / "1" / "model.py").is_file()
     assert not (ensemble / "embed" / "1" / "model.py").exists()  # an ensemble has no code
-
-
-@pytest.mark.parametrize(
-    "override, message",
-    [({"serving": {"target": "tensorrt"}}, "serving.target"), ({"precision": "fp16"}, "precision")],
-)
-def test_unbuilt_variants_are_refused_clearly(tmp_path, override, message):
-    from ecomserve.repository.builder import build_repository
-    from ecomserve.spec import parse_spec
-
-    encoder = {
-        "name": "m",
-        "source": "bundled:all-MiniLM-L6-v2",
-        **{k: v for k, v in override.items() if k != "serving"},
-    }
-    raw = {"encoders": [encoder], **({"serving": override["serving"]} if "serving" in override else {})}
-    with pytest.raises(RepositoryError, match=message):
-        build_repository(parse_spec(raw), tmp_path / "repo")
-    assert not (tmp_path / "repo").exists()

@@ -11,9 +11,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ecomserve.errors import EcomserveError, ServerError
-from ecomserve.spec import load_spec
+from ecomserve.spec import PipelineSpec, load_spec
 
 DEFAULT_SPEC = Path("export/default.yaml")
 DEFAULT_REPOSITORY = Path("model_repository")
@@ -36,17 +37,42 @@ class ProtocolName(StrEnum):
 ProtocolOption = Annotated[ProtocolName, typer.Option("--protocol", help="KServe v2 over HTTP or gRPC")]
 
 
-def _build(spec_path: Path, repository: Path) -> None:
+class TargetName(StrEnum):
+    cpu = "cpu"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+def _build(spec_path: Path, repository: Path, target: TargetName | None = None) -> PipelineSpec:
     from ecomserve.repository.builder import build_repository
 
-    build_repository(load_spec(spec_path), repository, spec_dir=spec_path.parent, console=console)
+    spec = load_spec(spec_path, target=target.value if target else None)
+    build_repository(spec, repository, spec_dir=spec_path.parent, console=console)
     console.print(f"repository written to {repository}")
+    return spec
 
 
 @app.command()
-def build(spec: SpecOption = DEFAULT_SPEC, repository: RepositoryOption = DEFAULT_REPOSITORY) -> None:
-    """Export, verify and write the model repository for a spec."""
-    _build(spec, repository)
+def build(
+    spec: SpecOption = DEFAULT_SPEC,
+    repository: RepositoryOption = DEFAULT_REPOSITORY,
+    target: Annotated[TargetName | None, typer.Option(help="override serving.target of the spec")] = None,
+) -> None:
+    """Export, verify and write the model repository for a spec (and TensorRT engines where trtexec runs)."""
+    built = _build(spec, repository, target)
+    if built.serving.target != "tensorrt":
+        return
+    from ecomserve.export.tensorrt import ENGINES_FILE, build_engines, find_trtexec
+
+    if find_trtexec() is None:
+        console.print(
+            f"[yellow]TensorRT engines not built:[/] trtexec is not on this machine. Plans are tied to the GPU "
+            f"and TensorRT release that build them, so build them there: run `ecomserve build --target tensorrt` "
+            f"inside nvcr.io/nvidia/tritonserver:24.10-py3 on the target GPU, or deploy with the Helm chart "
+            f"(tensorrt.enabled=true), whose init container reads {repository / ENGINES_FILE}."
+        )
+        return
+    build_engines(repository, console.print)
 
 
 @app.command()
@@ -60,12 +86,19 @@ def serve(
     rebuild: Annotated[bool, typer.Option(help="rebuild the repository even if it exists")] = False,
 ) -> None:
     """Start tritonserver on the repository (building it first if missing) and block until stopped."""
-    from ecomserve.repository.builder import is_built
+    from ecomserve.repository.builder import built_target, is_built
     from ecomserve.server.process import Ports, ServerOptions, TritonServer
 
     if rebuild or not is_built(repository):
         console.print(f"building {repository} from {spec} …")
         _build(spec, repository)
+    target = built_target(repository)
+    if target != "cpu":
+        raise ServerError(
+            f"{repository} was built for target {target}, which runs in nvcr.io/nvidia/tritonserver:24.10-py3 on a "
+            "GPU (the embedded server has no onnxruntime or tensorrt backend): see k8s/README.md, or rebuild "
+            "with --target cpu (torch encoders run on CUDA there with serving.device: cuda)"
+        )
     server = TritonServer(
         ServerOptions(repository=repository, host=host, ports=Ports(http_port, grpc_port, metrics_port))
     )
@@ -177,5 +210,5 @@ def main() -> None:
     try:
         app()
     except EcomserveError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print("[red]error:[/]", escape(str(exc)), highlight=False)
         sys.exit(1)

@@ -1,29 +1,81 @@
-"""CPU runtimes that run an exported encoder: ONNX Runtime or OpenVINO, behind one call.
+"""Runtimes that run an exported encoder inside the python backend, behind one call: ONNX Runtime or
+OpenVINO on CPU, or PyTorch on CUDA (fp16) or CPU.
 
 The served encoder model, the parity checks and the benchmark's in-process contender all run
 encoders through `load_runner`, so what is measured in-process is what is served."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-Runtime = Literal["onnxruntime", "openvino"]
+Runtime = Literal["onnxruntime", "openvino", "torch"]
+Device = Literal["cpu", "cuda", "auto"]
 # (input_ids [batch, seq] int64, attention_mask [batch, seq] int64) → unit vectors [batch, dim] fp32
 Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
-MODEL_FILES = {"onnxruntime": "model.onnx", "openvino": "model.xml"}
+# Every encoder, whatever runs it, has the exported ONNX graph's tensor names.
+ENCODER_INPUTS = ("input_ids", "attention_mask")
+ENCODER_OUTPUT = "embedding"
+MODEL_FILES = {"onnxruntime": "model.onnx", "openvino": "model.xml", "torch": "model.pt"}
+# A torch encoder verified in fp16 also has this trace, run when CUDA is there.
+TORCH_FP16_FILE = "model_fp16.pt"
+
+log = logging.getLogger("ecomserve.runtime")
 
 
-def load_runner(runtime: Runtime, path: Path, threads: int = 1) -> Runner:
+def load_runner(runtime: Runtime, path: Path, threads: int = 1, device: Device = "cpu") -> Runner:
     if runtime == "onnxruntime":
         return _onnxruntime_runner(path, threads)
     if runtime == "openvino":
         return _openvino_runner(path, threads)
+    if runtime == "torch":
+        chosen = select_device(device)
+        half = path.with_name(TORCH_FP16_FILE)
+        if half.is_file() and chosen == "cpu":
+            # fp16 matmuls on CPU are emulated and slower than fp32; the answers stay within the fp16 bar.
+            log.warning("encoder %s: fp16 needs CUDA; running fp32 on CPU", path.parent.name)
+        return torch_runner(half if half.is_file() and chosen == "cuda" else path, chosen, threads)
     raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def select_device(requested: Device) -> str:
+    """cuda when asked for and present; auto falls back to CPU with a warning, cuda refuses to."""
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    reason = f"torch {torch.__version__} sees no CUDA device (a CPU-only build, or no GPU visible to this process)"
+    if requested == "cuda":
+        raise RuntimeError(
+            f"serving.device is cuda but {reason}: install a CUDA build of torch on a GPU machine, "
+            "or set serving.device: auto (falls back to CPU) or cpu"
+        )
+    log.warning("serving.device auto: %s; running on CPU", reason)
+    return "cpu"
+
+
+def torch_runner(path: Path, device: str, threads: int = 1) -> Runner:
+    """The traced PyTorch reference (export/torchscript.py) on `device`; fp16 traces pool in fp32."""
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    model = torch.jit.load(str(path), map_location=device)
+
+    @torch.inference_mode()
+    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        ids = torch.from_numpy(input_ids).to(device, non_blocking=True)
+        mask = torch.from_numpy(attention_mask).to(device, non_blocking=True)
+        return model(ids, mask).float().cpu().numpy()
+
+    return run
 
 
 def _onnxruntime_runner(path: Path, threads: int) -> Runner:

@@ -40,7 +40,10 @@ class EncoderSpec(_Strict):
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     keep_layers: int | None = Field(None, ge=1, description="layer pruning: keep the first N layers")
     distill: DistillSpec | None = Field(None, description="after pruning, distil from the full model")
-    runtime: Literal["onnxruntime", "openvino"] = Field("onnxruntime", description="CPU runtime of the encoder")
+    runtime: Literal["onnxruntime", "openvino", "torch"] = Field(
+        "onnxruntime",
+        description="runtime of a python-backend encoder (target cpu); torch runs on serving.device, fp16 on CUDA",
+    )
     optimize: bool = Field(False, description="ONNX Runtime transformer fusions (exact in fp32)")
     weight: float = Field(1.0, gt=0)
 
@@ -50,6 +53,8 @@ class EncoderSpec(_Strict):
             raise ValueError("distill needs keep_layers: only a pruned encoder has a full model to learn from")
         if self.optimize and (self.runtime != "onnxruntime" or self.precision != "fp32"):
             raise ValueError("optimize applies to fp32 encoders on runtime onnxruntime only")
+        if self.runtime == "torch" and self.precision == "int8":
+            raise ValueError("runtime torch serves fp32 or fp16; int8 runs on onnxruntime or openvino")
         return self
 
     @field_validator("name")
@@ -91,16 +96,59 @@ class QueueSpec(_Strict):
     timeout_us: int = Field(2_000_000, ge=0, description="a request waiting longer is refused; 0 means never")
 
 
-class ServingSpec(_Strict):
-    target: Literal["cpu", "onnxruntime", "tensorrt"] = "cpu"
-    layout: Literal["ensemble", "fused"] = Field(
-        "fused", description="ensemble: tokenizer and encoder models; fused: one embed model, fewer hops"
+class GpuSpec(_Strict):
+    """The GPU targets: encoder instances per GPU and the shapes TensorRT builds and tunes for."""
+
+    instances: int = Field(1, ge=1, le=16, description="encoder instances per GPU")
+    opt_batch_size: int | None = Field(
+        None, ge=1, description="batch size engines are tuned for; default: the largest preferred batch size"
     )
+    opt_seq_len: int = Field(32, ge=1, description="sequence length engines are tuned for (titles and queries)")
+    pad_to_multiple: int = Field(
+        8, ge=1, le=64, description="token ids are padded to a multiple of this, so similar texts batch together"
+    )
+    workspace_mb: int = Field(4096, ge=64, description="TensorRT builder workspace")
+    engine_cache_dir: str = Field(
+        "/var/cache/ecomserve/tensorrt", description="target onnxruntime: where the TensorRT provider caches engines"
+    )
+
+
+GPU_TARGETS = ("onnxruntime", "tensorrt")
+
+
+class ServingSpec(_Strict):
+    target: Literal["cpu", "onnxruntime", "tensorrt"] = Field(
+        "cpu", description="cpu: the embedded server; onnxruntime, tensorrt: Triton's GPU backends (NGC container)"
+    )
+    layout: Literal["ensemble", "fused"] = Field(
+        None,  # type: ignore[assignment]  # set from the target by _layout_from_target
+        description="ensemble: tokenizer and encoder models; fused: one embed model, fewer hops. "
+        "Default fused on target cpu; GPU targets need ensemble (the encoder is a Triton backend model)",
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="where runtime-torch encoders run on target cpu; auto takes CUDA when torch sees a GPU"
+    )
+    gpu: GpuSpec = Field(default_factory=GpuSpec)
     dynamic_batching: DynamicBatchingSpec = Field(default_factory=DynamicBatchingSpec)
     queue: QueueSpec = Field(default_factory=QueueSpec)
     instances: int = Field(1, ge=1, le=64, description="encoder model instances")
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per encoder instance")
     response_cache: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layout_from_target(cls, raw: object) -> object:
+        if isinstance(raw, dict) and raw.get("layout") is None:
+            return {**raw, "layout": "ensemble" if raw.get("target") in GPU_TARGETS else "fused"}
+        return raw
+
+    @model_validator(mode="after")
+    def _gpu_targets_use_ensembles(self) -> ServingSpec:
+        if self.target in GPU_TARGETS and self.layout != "ensemble":
+            raise ValueError(f"target {self.target} runs each encoder as its own Triton model: use layout ensemble")
+        if self.gpu.opt_batch_size is not None and self.gpu.opt_batch_size > self.dynamic_batching.max_batch_size:
+            raise ValueError("gpu.opt_batch_size must not exceed dynamic_batching.max_batch_size")
+        return self
 
 
 class LimitsSpec(_Strict):
@@ -125,9 +173,34 @@ class PipelineSpec(_Strict):
             raise ValueError(f"encoder names must be unique, repeated: {duplicates}")
         return encoders
 
+    @model_validator(mode="after")
+    def _encoders_fit_the_target(self) -> PipelineSpec:
+        target = self.serving.target
+        for encoder in self.encoders:
+            where = f"encoders[{encoder.name}]"
+            if target in GPU_TARGETS and encoder.runtime != "onnxruntime":
+                raise ValueError(
+                    f"{where}: target {target} runs the exported ONNX in a Triton GPU backend; "
+                    f"runtime {encoder.runtime} applies to target cpu only"
+                )
+            if target == "cpu" and encoder.precision == "fp16" and encoder.runtime != "torch":
+                raise ValueError(
+                    f"{where}: fp16 needs a GPU: use runtime torch (serving.device cuda) or target tensorrt/onnxruntime"
+                )
+            if target == "onnxruntime" and encoder.precision == "int8":
+                raise ValueError(f"{where}: INT8 on GPU is built as a TensorRT engine: use target tensorrt")
+            if target in GPU_TARGETS and encoder.optimize:
+                raise ValueError(
+                    f"{where}: optimize writes ONNX Runtime CPU fusions; GPU targets build from plain ONNX"
+                )
+        if self.serving.device != "cpu" and not any(e.runtime == "torch" for e in self.encoders):
+            raise ValueError("serving.device applies to runtime torch encoders; none uses it")
+        return self
 
-def load_spec(path: str | Path) -> PipelineSpec:
-    """Read and validate a spec; errors name the file and the offending field."""
+
+def load_spec(path: str | Path, target: str | None = None) -> PipelineSpec:
+    """Read and validate a spec; errors name the file and the offending field. `target` overrides
+    serving.target (and, for a GPU target, the layout, which must then be ensemble)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: spec not found (the default is export/default.yaml)")
@@ -135,7 +208,12 @@ def load_spec(path: str | Path) -> PipelineSpec:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_spec(raw, origin=str(path))
+    if target is not None and isinstance(raw, dict):
+        serving = {**(raw.get("serving") or {}), "target": target}
+        if target in GPU_TARGETS:
+            serving.pop("layout", None)
+        raw = {**raw, "serving": serving}
+    return parse_spec(raw, origin=f"{path} (serving.target {target})" if target else str(path))
 
 
 def parse_spec(raw: object, origin: str = "<spec>") -> PipelineSpec:

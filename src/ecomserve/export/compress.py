@@ -35,7 +35,7 @@ def optimize_onnx(source: Path, target: Path, num_heads: int, hidden_size: int) 
     return target
 
 
-class _Calibration:
+class CalibrationReader:
     """onnxruntime.quantization's CalibrationDataReader protocol over tokenized batches."""
 
     def __init__(self, batches: list[dict[str, np.ndarray]]):
@@ -73,7 +73,7 @@ def quantize_static_onnx(source: Path, target: Path, batches: list[dict[str, np.
     quantize_static(
         str(source),
         str(target),
-        _Calibration(batches),
+        CalibrationReader(batches),
         quant_format=QuantFormat.QDQ,
         # MatMuls carry nearly all the compute; LayerNorm, Softmax and pooling stay fp32.
         op_types_to_quantize=["MatMul"],

@@ -14,11 +14,16 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
 
 
-def export_onnx(model: PooledEncoder, path: Path) -> None:
-    # A padded row in the dummy batch keeps the traced graph honest about masking.
+def dummy_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch to trace with; its padded row keeps the traced graph honest about masking."""
     input_ids = torch.full((2, 8), 100, dtype=torch.int64)
     attention_mask = torch.ones((2, 8), dtype=torch.int64)
     attention_mask[1, 5:] = 0
+    return input_ids, attention_mask
+
+
+def export_onnx(model: PooledEncoder, path: Path) -> None:
+    input_ids, attention_mask = dummy_inputs()
     path.parent.mkdir(parents=True, exist_ok=True)
     # The TorchScript exporter is the one that handles these models (transformers 5); its deprecation
     # and tracer notes are expected and would only bury the build's own progress output.
@@ -40,3 +45,15 @@ def export_onnx(model: PooledEncoder, path: Path) -> None:
             opset_version=OPSET,
             dynamo=False,
         )
+    _fix_embedding_width(path, model.encoder.config.hidden_size)
+
+
+def _fix_embedding_width(path: Path, width: int) -> None:
+    """The tracer leaves the output's width symbolic; Triton's GPU backends check it against the config."""
+    import onnx
+
+    graph_model = onnx.load(str(path))
+    dim = graph_model.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = width
+    onnx.save(graph_model, str(path))

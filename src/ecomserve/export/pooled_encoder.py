@@ -37,12 +37,15 @@ class PooledEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # A ready 4-D additive mask is used as-is by transformers; its own 2-D mask handling branches on
         # the data (no padding → no mask), which a trace would freeze into the ONNX graph.
-        blocked = (1 - attention_mask[:, None, None, :]).to(torch.float32)
+        dtype = next(self.encoder.parameters()).dtype
+        blocked = (1 - attention_mask[:, None, None, :]).to(dtype)
         hidden = self.encoder(
             input_ids=input_ids,
-            attention_mask=blocked * torch.finfo(torch.float32).min,
+            attention_mask=blocked * torch.finfo(dtype).min,
             token_type_ids=torch.zeros_like(input_ids),
         ).last_hidden_state
+        # Pooling sums up to max_seq_len vectors and normalising squares them: fp32, whatever the encoder ran in.
+        hidden = hidden.float()
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:

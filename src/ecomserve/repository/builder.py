@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ecomserve.errors import RepositoryError
+from ecomserve.export.tensorrt import ENGINES_FILE
 from ecomserve.repository.configs import (
     CLASSIFY,
     EMBEDDER,
@@ -42,8 +43,6 @@ Weights, tokenizers and build records are git-ignored; change the spec and rebui
 `ecomserve_build.json` records the spec and each encoder's parity check against PyTorch.
 """
 WARMUP_TEXT = "wireless noise cancelling headphones"
-# What this version builds; the GPU targets and fp16 arrive with the GPU issue.
-SUPPORTED = {"target": {"cpu"}, "precision": {"fp32", "int8"}}
 
 # Which package class each python-backend model runs; the repository's model.py only imports it.
 _ENTRY_POINTS = {
@@ -54,19 +53,6 @@ _ENTRY_POINTS = {
     RANK: "ecomserve.serving_models.heads import RankModel as TritonPythonModel",
     CLASSIFY: "ecomserve.serving_models.heads import ClassifyModel as TritonPythonModel",
 }
-
-
-def check_supported(spec: PipelineSpec) -> None:
-    if spec.serving.target not in SUPPORTED["target"]:
-        raise RepositoryError(
-            f"serving.target '{spec.serving.target}' is not built by this version; use serving.target: cpu"
-        )
-    for encoder in spec.encoders:
-        if encoder.precision not in SUPPORTED["precision"]:
-            raise RepositoryError(
-                f"encoders[{encoder.name}].precision '{encoder.precision}' is not built for the cpu target; "
-                "use fp32 or int8"
-            )
 
 
 def plan_encoder(encoder: EncoderSpec, source_dir: Path) -> BuiltEncoder:
@@ -137,7 +123,7 @@ def build_encoder(spec: PipelineSpec, built: BuiltEncoder, source: Path, reposit
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source / TOKENIZER_FILE, tokenizer_dir / TOKENIZER_FILE)
     write_warmup_files(spec.serving.layout, built, source, repository)
-    return export_encoder(built.spec, source, model_dir, progress)
+    return export_encoder(built.spec, source, model_dir, progress, spec)
 
 
 def build_repository(
@@ -145,7 +131,6 @@ def build_repository(
 ) -> dict:
     """Build the whole repository for `spec` into `repository`, replacing it only on success."""
     console = console or Console(stderr=True)
-    check_supported(spec)
     planned = plan(spec, spec_dir)
     staging = repository.with_name(repository.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
@@ -166,6 +151,13 @@ def build_repository(
                 progress.update(task, description=f"export + verify {b.spec.name}")
                 info["parity"][b.spec.name] = build_encoder(spec, b, source, staging, progress)
                 progress.advance(task)
+        engines = [
+            {"model": encoder_model(b.spec), "version": VERSION, **info["parity"][b.spec.name].pop("engine")}
+            for b in built
+            if spec.serving.target == "tensorrt"
+        ]
+        if engines:
+            (staging / ENGINES_FILE).write_text(json.dumps(engines, indent=2) + "\n")
         (staging / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
         (staging / "README.md").write_text(REPOSITORY_README)
     except BaseException:
@@ -192,3 +184,7 @@ def _swap_in(staging: Path, repository: Path) -> None:
 
 def is_built(repository: Path) -> bool:
     return (repository / BUILD_INFO).is_file()
+
+
+def built_target(repository: Path) -> str:
+    return json.loads((repository / BUILD_INFO).read_text())["spec"]["serving"]["target"]

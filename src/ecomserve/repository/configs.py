@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from ecomserve.runtime import MODEL_FILES
-from ecomserve.spec import EncoderSpec, PipelineSpec
+from ecomserve.export.tensorrt import PLAN_FILE, profile
+from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, MODEL_FILES
+from ecomserve.spec import GPU_TARGETS, EncoderSpec, PipelineSpec
 
 EMBED, RANK, CLASSIFY, FUSION = "embed", "rank", "classify", "fusion"
 # The fused layout's one python model; `embed` stays an ensemble in front of it because Triton 2.51's
@@ -23,6 +24,8 @@ WARMUP_IDS_FILE = "input_ids"
 WARMUP_MASK_FILE = "attention_mask"
 # BLS heads await the encoders; two instances keep one slow request from blocking the next.
 HEAD_INSTANCES = 2
+# How each target runs an encoder model (the tokenizer, fusion and heads are python everywhere).
+TENSORRT_PLATFORM, ONNXRUNTIME_PLATFORM = "tensorrt_plan", "onnxruntime_onnx"
 
 
 def tokenizer_model(encoder: EncoderSpec) -> str:
@@ -79,6 +82,11 @@ def _cpu_instances(count: int) -> list[pb.ModelInstanceGroup]:
     return [pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_CPU, count=count)]
 
 
+def _gpu_instances(count: int) -> list[pb.ModelInstanceGroup]:
+    """`count` instances on every GPU Triton sees."""
+    return [pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_GPU, count=count)]
+
+
 def _text_warmup() -> list[pb.ModelWarmup]:
     return [
         pb.ModelWarmup(
@@ -100,45 +108,90 @@ def tokenizer_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
         instance_group=_cpu_instances(spec.serving.instances),
         model_warmup=_text_warmup(),
     )
+    gpu = spec.serving.target in GPU_TARGETS
     _parameters(
         config,
-        {"max_seq_len": built.spec.max_seq_len, "max_text_bytes": spec.limits.max_text_bytes},
+        {
+            "max_seq_len": built.spec.max_seq_len,
+            "max_text_bytes": spec.limits.max_text_bytes,
+            "pad_to_multiple": spec.serving.gpu.pad_to_multiple if gpu else 1,
+        },
     )
     return config
 
 
 def encoder_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
+    """token ids → EMBEDDING, with the exported graph's tensor names on every target."""
     max_batch = spec.serving.dynamic_batching.max_batch_size
     warmup_inputs = {
         name: pb.ModelWarmup.Input(data_type=pb.TYPE_INT64, dims=[built.warmup_tokens], input_data_file=file)
-        for name, file in (("INPUT_IDS", WARMUP_IDS_FILE), ("ATTENTION_MASK", WARMUP_MASK_FILE))
+        for name, file in zip(ENCODER_INPUTS, (WARMUP_IDS_FILE, WARMUP_MASK_FILE))
     }
+    # The python encoder pads a ragged batch itself; Triton's GPU backends need equal shapes per batch.
+    ragged = spec.serving.target == "cpu"
     config = pb.ModelConfig(
         name=encoder_model(built.spec),
-        backend=PYTHON_BACKEND,
         max_batch_size=max_batch,
-        input=[
-            _tensor("INPUT_IDS", pb.TYPE_INT64, [-1], ragged=True),
-            _tensor("ATTENTION_MASK", pb.TYPE_INT64, [-1], ragged=True),
-        ],
-        output=[_tensor("EMBEDDING", pb.TYPE_FP32, [built.dim])],
+        input=[_tensor(name, pb.TYPE_INT64, [-1], ragged=ragged) for name in ENCODER_INPUTS],
+        output=[_tensor(ENCODER_OUTPUT, pb.TYPE_FP32, [built.dim])],
         dynamic_batching=_dynamic_batching(spec),
-        instance_group=_cpu_instances(spec.serving.instances),
-        # The warm-up runs the largest batch too, so ONNX Runtime has sized its buffers before traffic.
+        # The warm-up runs the largest batch too, so the runtime has sized its buffers before traffic.
         model_warmup=[
             pb.ModelWarmup(name=f"batch_{size}", batch_size=size, inputs=warmup_inputs)
             for size in sorted({1, max_batch})
         ],
     )
+    _ENCODER_BACKENDS[spec.serving.target](config, spec, built)
+    return config
+
+
+def _python_encoder(config: pb.ModelConfig, spec: PipelineSpec, built: BuiltEncoder) -> None:
+    config.backend = PYTHON_BACKEND
+    config.instance_group.extend(_cpu_instances(spec.serving.instances))
     _parameters(
         config,
         {
             "runtime": built.spec.runtime,
             "model_file": MODEL_FILES[built.spec.runtime],
             "intra_op_threads": spec.serving.intra_op_threads,
+            "device": spec.serving.device,
         },
     )
-    return config
+
+
+def _tensorrt_encoder(config: pb.ModelConfig, spec: PipelineSpec, built: BuiltEncoder) -> None:
+    """A plan built on the target GPU from the ONNX beside it (export/tensorrt.py)."""
+    config.platform = TENSORRT_PLATFORM
+    config.default_model_filename = PLAN_FILE
+    config.instance_group.extend(_gpu_instances(spec.serving.gpu.instances))
+
+
+def _onnxruntime_encoder(config: pb.ModelConfig, spec: PipelineSpec, built: BuiltEncoder) -> None:
+    """ONNX Runtime with the TensorRT provider (engines cached on disk), CUDA for what TensorRT cannot run."""
+    config.platform = ONNXRUNTIME_PLATFORM
+    config.default_model_filename = MODEL_FILES["onnxruntime"]
+    config.instance_group.extend(_gpu_instances(spec.serving.gpu.instances))
+    gpu, shapes = spec.serving.gpu, profile(spec, built.spec)
+    parameters = {
+        "precision_mode": built.spec.precision.upper(),
+        "max_workspace_size_bytes": str(gpu.workspace_mb << 20),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": f"{gpu.engine_cache_dir}/{config.name}",
+        "trt_timing_cache_enable": "1",
+        # One profile over every shape the tokenizer can send, so no request triggers an engine rebuild.
+        "trt_profile_min_shapes": shapes.shapes("min"),
+        "trt_profile_opt_shapes": shapes.shapes("opt"),
+        "trt_profile_max_shapes": shapes.shapes("max"),
+    }
+    if built.spec.precision == "fp16":
+        parameters["trt_layer_norm_fp32_fallback"] = "1"
+    accelerators = pb.ModelOptimizationPolicy.ExecutionAccelerators
+    config.optimization.execution_accelerators.gpu_execution_accelerator.append(
+        accelerators.Accelerator(name="tensorrt", parameters=parameters)
+    )
+
+
+_ENCODER_BACKENDS = {"cpu": _python_encoder, "tensorrt": _tensorrt_encoder, "onnxruntime": _onnxruntime_encoder}
 
 
 def _fusion_parameters(spec: PipelineSpec, built: list[BuiltEncoder]) -> dict[str, object]:
@@ -193,6 +246,7 @@ def embedder_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
                 for b in built
             ],
             "intra_op_threads": spec.serving.intra_op_threads,
+            "device": spec.serving.device,
             "max_text_bytes": spec.limits.max_text_bytes,
         },
     )
@@ -233,13 +287,14 @@ def embed_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfi
                 output_map={"INPUT_IDS": f"{prefix}_input_ids", "ATTENTION_MASK": f"{prefix}_attention_mask"},
             )
         )
+        ids, mask = ENCODER_INPUTS
         steps.append(
             pb.ModelEnsembling.Step(
                 model_name=encoder_model(b.spec),
                 model_version=-1,
-                input_map={"INPUT_IDS": f"{prefix}_input_ids", "ATTENTION_MASK": f"{prefix}_attention_mask"},
+                input_map={ids: f"{prefix}_input_ids", mask: f"{prefix}_attention_mask"},
                 # Fusing one encoder is the identity, so its output is the public tensor directly.
-                output_map={"EMBEDDING": "EMBEDDING" if single else f"{prefix}_embedding"},
+                output_map={ENCODER_OUTPUT: "EMBEDDING" if single else f"{prefix}_embedding"},
             )
         )
     if not single:

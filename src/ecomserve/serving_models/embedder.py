@@ -28,14 +28,14 @@ from ecomserve.validation import decode_texts
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
-        threads = parameter(config, "intra_op_threads")
+        threads, device = parameter(config, "intra_op_threads"), parameter(config, "device")
         self.max_text_bytes = parameter(config, "max_text_bytes")
         self.slices = encoder_slices(config)
         self.encoders = []
         for encoder in parameter(config, "encoders"):
             files = version_dir(args) / encoder["name"]
             tokenizer = TextTokenizer(files / TOKENIZER_FILE, encoder["max_seq_len"])
-            runner = load_runner(encoder["runtime"], files / encoder["model_file"], threads)
+            runner = load_runner(encoder["runtime"], files / encoder["model_file"], threads, device)
             self.encoders.append((tokenizer, runner))
         self.truncation_family, self.truncated = truncation_counter(args["model_name"])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ecomserve.runtime import load_runner, run_by_length
+from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, load_runner, run_by_length
 from ecomserve.serving_models.base import error_response, input_array, model_config, output, parameter, version_dir
 
 
@@ -20,18 +20,20 @@ class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
         path = version_dir(args) / parameter(config, "model_file")
-        self.run = load_runner(parameter(config, "runtime"), path, parameter(config, "intra_op_threads"))
+        self.run = load_runner(
+            parameter(config, "runtime"), path, parameter(config, "intra_op_threads"), parameter(config, "device")
+        )
 
     def execute(self, requests):
         try:
-            ids = [input_array(r, "INPUT_IDS") for r in requests]
-            masks = [input_array(r, "ATTENTION_MASK") for r in requests]
+            ids = [input_array(r, ENCODER_INPUTS[0]) for r in requests]
+            masks = [input_array(r, ENCODER_INPUTS[1]) for r in requests]
             length = max(a.shape[1] for a in ids)
             embeddings = run_by_length(self.run, _pad(ids, length), _pad(masks, length))
         except Exception as exc:  # noqa: BLE001 - the whole batch failed together
             return [error_response(exc) for _ in requests]
         bounds = np.cumsum([a.shape[0] for a in ids])[:-1]
         return [
-            pb_utils.InferenceResponse(output_tensors=[output("EMBEDDING", part)])
+            pb_utils.InferenceResponse(output_tensors=[output(ENCODER_OUTPUT, part)])
             for part in np.split(embeddings, bounds)
         ]

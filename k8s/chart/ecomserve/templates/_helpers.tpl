@@ -125,9 +125,6 @@ the init container (links into /models-source and the engine cache). */}}
 {{- if ne $repo.source "pvc" }}
 {{- fail "tensorrt.enabled needs modelRepository.source=pvc (the init container reads the ONNX files from the volume)" }}
 {{- end }}
-{{- if not .Values.tensorrt.engines }}
-{{- fail "tensorrt.engines is empty: list the models to build" }}
-{{- end }}
 {{- if and (not .Values.tensorrt.cache.existingClaim) (not $repo.pvc.subPath) }}
 {{- fail "modelRepository.pvc.subPath must not be empty when the engine cache shares its volume (Triton would see the cache folder as a model)" }}
 {{- end }}
