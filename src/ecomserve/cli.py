@@ -86,6 +86,7 @@ def serve(
     rebuild: Annotated[bool, typer.Option(help="rebuild the repository even if it exists")] = False,
 ) -> None:
     """Start tritonserver on the repository (building it first if missing) and block until stopped."""
+    from ecomserve.publish import ADMIN_KEY_ENV, ADMIN_KEY_FILE, admin_key
     from ecomserve.repository.builder import built_target, is_built
     from ecomserve.server.process import Ports, ServerOptions, TritonServer
 
@@ -99,8 +100,10 @@ def serve(
             "GPU (the embedded server has no onnxruntime or tensorrt backend): see k8s/README.md, or rebuild "
             "with --target cpu (torch encoders run on CUDA there with serving.device: cuda)"
         )
+    work_dir = ServerOptions(repository=repository).work_dir
+    key = admin_key(work_dir, create=True)
     server = TritonServer(
-        ServerOptions(repository=repository, host=host, ports=Ports(http_port, grpc_port, metrics_port))
+        ServerOptions(repository=repository, host=host, ports=Ports(http_port, grpc_port, metrics_port), admin_key=key)
     )
     console.print("starting tritonserver …")
     try:
@@ -113,12 +116,74 @@ def serve(
         signal.signal(signum, lambda *_: server.request_stop())
     console.print(
         f"[green]ready[/]  HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
-        f"models: embed, rank, classify · log: {server.log_path} · Ctrl-C to stop"
+        f"models: embed, rank, classify · log: {server.log_path} · Ctrl-C to stop\n"
+        f"model control (ecomserve publish / rollback) takes the key in {work_dir / ADMIN_KEY_FILE} "
+        f"or ${ADMIN_KEY_ENV}"
     )
     code = server.wait()
     if not server.stop_requested:
         raise ServerError(f"tritonserver exited unexpectedly (code {code}).\n{server.log_excerpt()}")
     console.print("tritonserver stopped")
+
+
+AdminKeyOption = Annotated[
+    str | None,
+    typer.Option("--admin-key", help="model-control key (default: $ECOMSERVE_ADMIN_KEY, .ecomserve/admin.key)"),
+]
+ControlUrlOption = Annotated[str, typer.Option("--url", help="the server's HTTP host:port")]
+
+
+def _control(url: str, key: str | None):
+    from ecomserve.publish import ModelControl, admin_key
+    from ecomserve.server.process import ServerOptions
+
+    return ModelControl(url, key or admin_key(ServerOptions(repository=DEFAULT_REPOSITORY).work_dir))
+
+
+@app.command()
+def publish(
+    spec: SpecOption = DEFAULT_SPEC,
+    repository: RepositoryOption = DEFAULT_REPOSITORY,
+    url: ControlUrlOption = "127.0.0.1:8000",
+    key: AdminKeyOption = None,
+) -> None:
+    """Build, verify and switch a running server to a new release of the spec's encoders."""
+    from ecomserve.publish import publish as publish_release
+
+    control = _control(url, key)
+    try:
+        release = publish_release(load_spec(spec), spec.parent, repository, control, console)
+    finally:
+        control.close()
+    console.print(f"[green]release {release} is live[/] (ecomserve rollback returns to the previous one)")
+
+
+@app.command()
+def rollback(
+    repository: RepositoryOption = DEFAULT_REPOSITORY,
+    url: ControlUrlOption = "127.0.0.1:8000",
+    key: AdminKeyOption = None,
+    to: Annotated[int | None, typer.Option(help="release to serve (default: the one before the live one)")] = None,
+) -> None:
+    """Serve an earlier release again."""
+    from ecomserve.publish import rollback as rollback_release
+
+    control = _control(url, key)
+    try:
+        was, now = rollback_release(repository, control, to)
+    finally:
+        control.close()
+    console.print(f"[green]release {now} is live again[/] (was {was})")
+
+
+@app.command()
+def models(url: ControlUrlOption = "127.0.0.1:8000", key: AdminKeyOption = None) -> None:
+    """List the server's models, versions and states (JSON)."""
+    control = _control(url, key)
+    try:
+        print(json.dumps(control.index(), indent=2))
+    finally:
+        control.close()
 
 
 @app.command()

@@ -134,6 +134,9 @@ class ServingSpec(_Strict):
     instances: int = Field(1, ge=1, le=64, description="encoder model instances")
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per encoder instance")
     response_cache: bool = True
+    versions_loaded: int = Field(
+        2, ge=1, le=10, description="releases kept loaded (the live one and older ones, for instant rollback)"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -107,7 +107,7 @@ def _reference(encoder: EncoderSpec, source: Path, tokenizer: TextTokenizer, pro
     """The PyTorch model every stage is checked against: pruned and, if asked, distilled."""
     try:
         model = PooledEncoder(load_encoder(source, encoder.keep_layers), encoder.pooling)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - unreadable weights raise whatever their format's reader raises
         raise ExportError(f"encoders[{encoder.name}]: cannot load {source}: {exc}") from exc
     if encoder.distill is None:
         return _Reference(model, None)

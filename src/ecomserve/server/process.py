@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,6 +18,10 @@ from ecomserve.server.environment import TritonInstall, locate_triton
 
 # Triton's error and warning lines start with E or W and the date (E1123 14:00:00.123 ...).
 _PROBLEM_LINE = re.compile(r"^[EW]\d{4} |error|failed|unable", re.IGNORECASE)
+# The header Triton checks on model-repository calls (--http-restricted-api / --grpc-restricted-protocol).
+ADMIN_HEADER = "ecomserve-admin-key"
+# gRPC clients send it as this metadata key (Triton's prefix for restricted-protocol headers).
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 # On a machine without a GPU these are expected and say nothing about the failure.
 _HARMLESS_LINE = re.compile(r"CUDA|NVML|DCGM|pinned memory|CudaDriverHelper", re.IGNORECASE)
 
@@ -39,6 +44,9 @@ class ServerOptions:
     work_dir: Path = Path(".ecomserve")
     cache_bytes: int = 256 * 1024 * 1024
     exit_timeout_s: int = 30
+    # Model control (load, unload, index) needs this key in the `ecomserve-admin-key` header; None locks
+    # it with a key nobody holds. Inference, health and metadata stay open.
+    admin_key: str | None = None
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -80,6 +88,9 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self._client_host}:{self.options.ports.metrics}/metrics"
 
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
@@ -91,6 +102,7 @@ class TritonServer:
     def command(self, install: TritonInstall) -> list[str]:
         options = self.options
         host, ports = options.host, options.ports
+        restricted = f"model-repository:{ADMIN_HEADER}={options.admin_key or secrets.token_urlsafe(24)}"
         return [
             str(install.binary),
             f"--model-repository={options.repository.resolve()}",
@@ -104,6 +116,11 @@ class TritonServer:
             f"--metrics-address={host}",
             f"--metrics-port={ports.metrics}",
             f"--exit-timeout-secs={options.exit_timeout_s}",
+            # Explicit control: everything loads at start, and `ecomserve publish` loads new releases.
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
             "--log-verbose=0",
             *options.extra_args,
         ]

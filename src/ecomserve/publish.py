@@ -1,0 +1,167 @@
+"""Live model updates: publish a new release into a running server's repository, roll back, list.
+
+publish: build and verify the spec in a scratch repository (a failing build touches nothing live),
+check it only replaces weights, copy it in as the next release, then have the server load it through
+Triton's model-control API (explicit mode; protected by the admin key). Versioned models load the new
+release beside the old one; `embed` switches last, so traffic moves in one step and is never refused.
+If the server cannot load the release, the previous one is put back and the new one removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from ecomserve.errors import RepositoryError, ServerError
+from ecomserve.repository.builder import BUILD_INFO, build_repository
+from ecomserve.repository.releases import (
+    add_release,
+    check_compatible,
+    keep_loaded,
+    live_release,
+    releases,
+    remove_release,
+    serve,
+    versioned_models,
+)
+from ecomserve.server.process import ADMIN_HEADER
+from ecomserve.spec import PipelineSpec
+
+ADMIN_KEY_ENV = "ECOMSERVE_ADMIN_KEY"
+ADMIN_KEY_FILE = "admin.key"
+READY_TIMEOUT_S = 300.0
+
+
+def admin_key(work_dir: Path, create: bool = False) -> str:
+    """$ECOMSERVE_ADMIN_KEY, else the key `ecomserve serve` keeps in <work_dir>/admin.key (made once, 0600)."""
+    if os.environ.get(ADMIN_KEY_ENV):
+        return os.environ[ADMIN_KEY_ENV]
+    path = work_dir / ADMIN_KEY_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    if not create:
+        raise ServerError(f"no admin key: set {ADMIN_KEY_ENV} or run this where `ecomserve serve` wrote {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(24)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(key + "\n")
+    return key
+
+
+@dataclass
+class ModelControl:
+    """Triton's model-repository API over HTTP, with the admin key on every call."""
+
+    url: str
+    key: str
+
+    def __post_init__(self):
+        import tritonclient.http as httpclient
+
+        self._client = httpclient.InferenceServerClient(self.url, connection_timeout=30.0, network_timeout=600.0)
+        self._headers = {ADMIN_HEADER: self.key}
+
+    def load(self, model: str) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            self._client.load_model(model, headers=self._headers)
+        except InferenceServerException as exc:
+            raise ServerError(f"the server could not load '{model}': {exc.message()}") from None
+
+    def wait_ready(self, model: str, version: int, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self._client.is_model_ready(model, str(version)):
+            if time.monotonic() > deadline:
+                raise ServerError(f"'{model}' version {version} not ready after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def index(self) -> list[dict]:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return self._client.get_model_repository_index(headers=self._headers)
+        except InferenceServerException as exc:
+            raise ServerError(f"model repository index refused: {exc.message()} (check the admin key)") from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def publish(
+    spec: PipelineSpec, spec_dir: Path | None, repository: Path, control: ModelControl, console: Console
+) -> int:
+    """Build, verify and switch to a new release; returns its number."""
+    previous = live_release(repository)
+    with tempfile.TemporaryDirectory(dir=repository.parent, prefix=".ecomserve-candidate-") as work:
+        candidate = Path(work) / repository.name
+        console.print(f"building the candidate release (live: {previous}) …")
+        info = build_repository(spec, candidate, spec_dir=spec_dir, console=console)
+        check_compatible(repository, candidate)
+        release = add_release(repository, candidate)
+    keep = spec.serving.versions_loaded
+    try:
+        switch(repository, release, keep, control, handover_from=previous)
+    except ServerError:
+        console.print(f"[red]release {release} failed to load; back to {previous}[/]")
+        switch(repository, previous, keep, control)
+        remove_release(repository, release)
+        raise
+    _record(repository, release, info)
+    return release
+
+
+def rollback(repository: Path, control: ModelControl, to: int | None = None) -> tuple[int, int]:
+    """Serve an earlier release again (default: the one before the live one); returns (from, to)."""
+    live = live_release(repository)
+    earlier = [r for r in releases(repository) if r < live]
+    target = to if to is not None else (earlier[-1] if earlier else None)
+    if target is None:
+        raise RepositoryError(f"release {live} is the first one in {repository}: nothing to roll back to")
+    if target not in releases(repository) or target == live:
+        raise RepositoryError(f"release {target} is not an earlier release in {repository}: {releases(repository)}")
+    switch(repository, target, _versions_loaded(repository), control)
+    return live, target
+
+
+def switch(repository: Path, release: int, keep: int, control: ModelControl, handover_from: int | None = None) -> None:
+    """Load `release` and make `embed` serve it. Triton reloads `embed` whenever a model it uses is
+    loaded, so the order keeps every version `embed` reads loaded at each step: forward, the models
+    load the new release first and `embed` moves after; backward, `embed` moves first."""
+    *models, embed = versioned_models(repository)
+    live = live_release(repository)
+
+    def load_models() -> None:
+        keep_loaded(repository, release, keep, live=live_release(repository))
+        for model in models:
+            control.load(model)
+            control.wait_ready(model, release)
+
+    def move_embed() -> None:
+        serve(repository, release, handover_from)
+        control.load(embed)
+        control.wait_ready(embed, release)
+
+    steps = (load_models, move_embed) if release > live else (move_embed, load_models)
+    for step in steps:
+        step()
+
+
+def _versions_loaded(repository: Path) -> int:
+    return json.loads((repository / BUILD_INFO).read_text())["spec"]["serving"]["versions_loaded"]
+
+
+def _record(repository: Path, release: int, info: dict) -> None:
+    path = repository / BUILD_INFO
+    record = json.loads(path.read_text())
+    record.setdefault("releases", {})[str(release)] = info
+    staged = path.with_name(BUILD_INFO + ".tmp")
+    staged.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(staged, path)

@@ -1,0 +1,249 @@
+"""Live updates on a real tritonserver: publish and rollback under traffic, protected model control,
+the response cache across releases, refused releases, and recovery from a killed python stub.
+
+The server serves a tiny random BERT; the release published over it is another tiny BERT (another
+seed), so which release answered is visible in every embedding."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from rich.console import Console
+from support import TorchReference, client_for, make_tiny_bert, spec_from
+from tritonclient.utils import InferenceServerException
+
+from ecomserve.errors import EcomserveError, RepositoryError
+from ecomserve.publish import ModelControl, publish, rollback
+from ecomserve.repository.builder import build_repository
+from ecomserve.repository.releases import live_release, releases
+from ecomserve.server.process import ADMIN_HEADER, GRPC_ADMIN_HEADER, Ports, ServerOptions, TritonServer, free_port
+
+ADMIN_KEY = "test-admin-key"
+TEXTS = ["red running shoes", "stainless steel water bottle", "wireless headphones"]
+CANDIDATES = ["trail runner", "teapot", "usb cable", "kids headphones"]
+
+
+def tiny_spec(source: Path, **encoder):
+    return spec_from(
+        {
+            "encoders": [{"name": "tiny", "source": str(source), "max_seq_len": 32, **encoder}],
+            "serving": {"instances": 1},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("releases")
+    return {"old": make_tiny_bert(root / "old", seed=11), "new": make_tiny_bert(root / "new", seed=12)}
+
+
+@pytest.fixture(scope="module")
+def references(sources) -> dict[str, np.ndarray]:
+    return {name: TorchReference(str(path), max_seq_len=32).embed(TEXTS) for name, path in sources.items()}
+
+
+@pytest.fixture(scope="module")
+def live(sources, tmp_path_factory):
+    root = tmp_path_factory.mktemp("live")
+    repository = root / "model_repository"
+    build_repository(tiny_spec(sources["old"]), repository)
+    ports = Ports(http=free_port(), grpc=free_port(), metrics=free_port())
+    server = TritonServer(
+        ServerOptions(repository=repository, ports=ports, work_dir=root / "work", admin_key=ADMIN_KEY)
+    )
+    server.start(timeout_s=240)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def control(live):
+    control = ModelControl(live.http_url, ADMIN_KEY)
+    yield control
+    control.close()
+
+
+def which_release(vectors: np.ndarray, references: dict[str, np.ndarray]) -> str:
+    matches = [name for name, ref in references.items() if np.allclose(vectors, ref, atol=1e-4)]
+    assert len(matches) == 1, "an answer matched neither release (or both)"
+    return matches[0]
+
+
+class Traffic:
+    """4 threads of embed and rank (both protocols) until stopped; every failure and every answer kept."""
+
+    def __init__(self, server, references):
+        self.server, self.references = server, references
+        self.failures: list[str] = []
+        self.answers: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(4)]
+
+    def _run(self, index: int) -> None:
+        with client_for(self.server, ("http", "grpc")[index % 2]) as client:
+            while not self._stop.is_set():
+                try:
+                    if index < 2:
+                        self.answers.append((time.monotonic(), which_release(client.embed(TEXTS), self.references)))
+                    else:
+                        assert len(client.rank(TEXTS[0], CANDIDATES).scores) == len(CANDIDATES)
+                except Exception as exc:  # noqa: BLE001 - every kind of failure counts
+                    self.failures.append(repr(exc))
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+def test_publish_and_rollback_under_traffic(live, control, sources, references):
+    repository = live.options.repository
+    with client_for(live, "http") as client:
+        assert which_release(client.embed(TEXTS), references) == "old"  # now in the response cache too
+    with Traffic(live, references) as traffic:
+        released = publish(tiny_spec(sources["new"]), None, repository, control, Console(stderr=True))
+        published_at = time.monotonic()
+        time.sleep(1.5)
+        _, back_to = rollback(repository, control)
+        rolled_back_at = time.monotonic()
+        time.sleep(1.5)
+    assert traffic.failures == []
+    assert (released, back_to) == (2, 1) and releases(repository) == [1, 2] and live_release(repository) == 1
+    # answers switch once and never mix: all "new" between publish and rollback, "old" after it
+    between = {name for at, name in traffic.answers if published_at < at < rolled_back_at - 1.0}
+    after = {name for at, name in traffic.answers if at > rolled_back_at + 0.5}
+    assert between == {"new"} and after == {"old"}
+    assert len(traffic.answers) > 20
+
+
+def cache_counts(server) -> tuple[float, float]:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+
+    def total(metric: str) -> float:
+        return sum(float(v) for v in re.findall(rf'^{metric}{{model="embed",[^}}]*}} (\S+)$', text, re.MULTILINE))
+
+    return total("nv_cache_num_hits_per_model"), total("nv_cache_num_misses_per_model")
+
+
+def test_response_cache_hits_show_in_metrics_and_never_outlive_a_release(live, control, sources, references):
+    repository = live.options.repository
+    with client_for(live, "grpc") as client:
+        before = cache_counts(live)
+        first = client.embed(TEXTS[:1])
+        client.embed(TEXTS[:1])
+        hits, misses = cache_counts(live)
+        assert hits >= before[0] + 1 and misses >= before[1] + 1
+        released = publish(tiny_spec(sources["new"]), None, repository, control, Console(stderr=True))
+        after_publish = client.embed(TEXTS[:1])
+        rollback(repository, control, to=1)
+        after_rollback = client.embed(TEXTS[:1])
+    assert released == 3
+    np.testing.assert_allclose(first, references["old"][:1], atol=1e-4)
+    np.testing.assert_allclose(after_publish, references["new"][:1], atol=1e-4)  # not the cached old answer
+    np.testing.assert_allclose(after_rollback, references["old"][:1], atol=1e-4)
+
+
+def tree_digest(repository: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(repository.rglob("*")):
+        digest.update(str(path.relative_to(repository)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ("broken_source", "not a Hugging Face model directory"),
+        ("corrupt_weights", "cannot load"),
+        ("other_shape", "changes the config of"),
+    ],
+)
+def test_a_bad_release_is_refused_before_the_live_repository_changes(
+    live, control, sources, references, tmp_path, change, error
+):
+    repository = live.options.repository
+    if change == "broken_source":
+        spec = tiny_spec(tmp_path / "missing")
+    elif change == "corrupt_weights":
+        corrupt = make_tiny_bert(tmp_path / "corrupt", seed=13)
+        (corrupt / "model.safetensors").write_bytes(b"not weights")
+        spec = tiny_spec(corrupt)
+    else:
+        spec = tiny_spec(sources["new"], max_seq_len=64)
+    before = tree_digest(repository)
+    with Traffic(live, references) as traffic, pytest.raises(EcomserveError, match=error):
+        publish(spec, None, repository, control, Console(stderr=True))
+    assert traffic.failures == []
+    assert tree_digest(repository) == before
+    assert {name for _, name in traffic.answers} == {"old"}
+
+
+def test_rollback_needs_an_earlier_release(live, control):
+    with pytest.raises(RepositoryError, match="not an earlier release"):
+        rollback(live.options.repository, control, to=99)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_model_control_requires_the_admin_key(live, protocol):
+    if protocol == "http":
+        client, header = httpclient.InferenceServerClient(live.http_url), ADMIN_HEADER
+    else:
+        client, header = grpcclient.InferenceServerClient(live.grpc_url), GRPC_ADMIN_HEADER
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.load_model("embed")
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.unload_model("embed", headers={header: "wrong"})
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.get_model_repository_index()
+    index = client.get_model_repository_index(headers={header: ADMIN_KEY})
+    names = {m["name"] for m in index} if protocol == "http" else {m.name for m in index.models}
+    assert {"embed", "embedder", "rank", "classify"} <= names
+    # inference stays open, and the refused calls changed nothing
+    assert client.is_model_ready("embed")
+    client.close()
+
+
+def stub_pids(server_pid: int) -> set[int]:
+    return {int(pid) for pid in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()}
+
+
+def test_server_recovers_when_a_python_stub_dies(live, references):
+    """Triton restarts a dead stub; at most the requests in flight when it died fail."""
+    live_answers = references["old" if live_release(live.options.repository) == 1 else "new"]
+    victims = stub_pids(live.pid)
+    os.kill(sorted(victims)[0], signal.SIGKILL)
+    deadline, answered = time.monotonic() + 60, None
+    with client_for(live, "http") as client:
+        while time.monotonic() < deadline:
+            try:
+                answered = client.embed(["a text never sent before the stub died"] + TEXTS)
+                rank = client.rank(TEXTS[0], CANDIDATES)
+                break
+            except EcomserveError:
+                time.sleep(0.5)
+        assert answered is not None, "no answer within 60 s of the stub's death"
+        np.testing.assert_allclose(answered[1:], live_answers, atol=1e-4)
+        assert len(rank.scores) == len(CANDIDATES)
+        for _ in range(5):  # and it keeps answering
+            np.testing.assert_allclose(client.embed(TEXTS), live_answers, atol=1e-4)
+    assert live.is_running()
