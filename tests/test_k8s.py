@@ -10,6 +10,7 @@ reload) run here against stand-ins for trtexec, nvidia-smi and Triton's HTTP API
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -310,7 +311,10 @@ def test_pods_run_as_non_root_without_privileges(source):
 @pytest.mark.parametrize("source", ALL_RENDERS)
 def test_no_secret_values_are_rendered(source):
     rendered = render(source)
-    assert not objects(rendered, "Secret"), "credentials come from existing Secrets, referenced by name"
+    secrets = [secret["metadata"]["name"] for secret in objects(rendered, "Secret")]
+    # Credentials come from existing Secrets, referenced by name; the one exception is the admin key the
+    # chart generates (random, never in values; test_model_control_needs_the_admin_key).
+    assert secrets == ([f"{RELEASE}-admin-key"] if source.startswith("chart:") else []), secrets
     sensitive = re.compile(r"KEY|SECRET|TOKEN|PASSWORD")
     for owner, _, spec in pod_templates(rendered):
         for container in containers(spec):
@@ -407,7 +411,8 @@ def test_object_storage_repositories():
     assert flag(container, "model-repository") == "s3://ecomserve-models/model_repository"
     secrets = {env["name"]: env["valueFrom"]["secretKeyRef"]["name"] for env in container["env"] if "valueFrom" in env}
     aws_keys = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
-    assert secrets == dict.fromkeys(aws_keys, "ecomserve-s3-credentials")
+    admin = {"ECOMSERVE_ADMIN_KEY": f"{RELEASE}-admin-key"}
+    assert secrets == {**dict.fromkeys(aws_keys, "ecomserve-s3-credentials"), **admin}
     assert not objects(s3, "PersistentVolumeClaim")
     volumes = one(s3, "Deployment")["spec"]["template"]["spec"]["volumes"]
     assert all("persistentVolumeClaim" not in volume for volume in volumes)
@@ -438,11 +443,83 @@ def test_new_revision_rolls_pods_or_reloads_models():
     assert flag(triton(reload), "model-control-mode") == "explicit" and "--load-model=*" in triton(reload)["args"]
     job = one(reload, "Job")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-upgrade"
-    env = {item["name"]: item["value"] for item in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {item["name"]: item.get("value") for item in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["TRITON_SERVICE"] == f"{RELEASE}-headless.{NAMESPACE}.svc"
+    assert env["RELOAD_MODELS"] == "", "default: the whole index, embed last (the script orders it)"
     scripts = one(reload, "ConfigMap", f"{RELEASE}-scripts")["data"]
     assert scripts["reload_models.py"] == (CHART / "files" / "reload_models.py").read_text().rstrip("\n")
     assert not objects(chart("default"), "Job")
+
+
+ADMIN_ARGS = [
+    "--http-restricted-api=model-repository:ecomserve-admin-key=$(ECOMSERVE_ADMIN_KEY)",
+    "--grpc-restricted-protocol=model-repository:ecomserve-admin-key=$(ECOMSERVE_ADMIN_KEY)",
+]
+
+
+def admin_key_ref(container: dict) -> dict | None:
+    """The Secret key ECOMSERVE_ADMIN_KEY comes from, or None without that variable."""
+    env = {item["name"]: item for item in container.get("env", [])}
+    if "ECOMSERVE_ADMIN_KEY" not in env:
+        return None
+    assert "value" not in env["ECOMSERVE_ADMIN_KEY"], "the admin key comes from a Secret, never a literal"
+    return env["ECOMSERVE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+
+
+def generated_admin_key(rendered: list[dict]) -> str:
+    secret = one(rendered, "Secret", f"{RELEASE}-admin-key")
+    assert secret["type"] == "Opaque" and set(secret["data"]) == {"admin-key"}
+    return base64.b64decode(secret["data"]["admin-key"]).decode()
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_model_control_needs_the_admin_key(source):
+    rendered = render(source)
+    container = triton(rendered)
+    assert flag(container, "model-control-mode") == "explicit" and "--load-model=*" in container["args"]
+    for arg in ADMIN_ARGS:
+        assert container["args"].count(arg) == 1, f"{source}: missing {arg}"
+    # Kubernetes expands $(ECOMSERVE_ADMIN_KEY) only for a variable the container defines.
+    reference = {"name": f"{RELEASE}-admin-key", "key": "admin-key"}
+    assert admin_key_ref(container) == reference
+    for owner, _, spec in pod_templates(rendered):
+        if owner.startswith("Job/"):
+            assert admin_key_ref(spec["containers"][0]) == reference, f"{owner} must send the same key"
+    if source.startswith("kustomize:"):
+        assert not objects(rendered, "Secret"), "the overlays reference a Secret made beforehand (README)"
+        return
+    key = generated_admin_key(rendered)
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", key), "letters and digits: safe inside Triton's key=value flag"
+    assert key not in yaml.safe_dump_all([obj for obj in rendered if obj["kind"] != "Secret"])
+    if source == "chart:default":
+        again = documents(checked(helm_template_command()))
+        assert generated_admin_key(again) != key, "a random key per install (kept on upgrades by lookup)"
+
+
+def test_admin_key_from_an_existing_secret_and_none_without_explicit_control():
+    sets = ("triton.adminKey.existingSecret=shop-triton-admin", "triton.adminKey.secretKey=token")
+    rendered = chart("reload", sets=sets)
+    assert not objects(rendered, "Secret"), "an existing Secret is referenced, not rendered"
+    reference = {"name": "shop-triton-admin", "key": "token"}
+    assert admin_key_ref(triton(rendered)) == reference
+    assert admin_key_ref(one(rendered, "Job")["spec"]["template"]["spec"]["containers"][0]) == reference
+    assert all(arg in triton(rendered)["args"] for arg in ADMIN_ARGS)
+    for mode in ("none", "poll"):
+        plain = chart("default", sets=(f"triton.modelControl.mode={mode}",))
+        assert not objects(plain, "Secret") and admin_key_ref(triton(plain)) is None
+        assert not set(ADMIN_ARGS) & set(triton(plain)["args"])
+
+
+def test_notes_name_the_admin_key_secret_but_never_print_it():
+    command = [tools()["helm"], "install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client"]
+    result = run([*command, "--values", CI_VALUES["reload"]], env={**os.environ, "KUBECONFIG": os.devnull})
+    assert result.returncode == 0, result.stderr
+    manifest, notes = result.stdout.split("\nNOTES:\n")
+    encoded = re.search(r'^  admin-key: "?([A-Za-z0-9+/=]+)"?$', manifest, re.MULTILINE).group(1)
+    assert len(base64.b64decode(encoded)) == 48
+    assert f"Secret {RELEASE}-admin-key, key admin-key" in notes
+    assert encoded not in notes and base64.b64decode(encoded).decode() not in notes
+    assert "ecomserve publish" in notes and "rollout.revision" in notes
 
 
 def test_tensorrt_engines_are_built_in_an_init_container(tmp_path):
@@ -496,6 +573,8 @@ def test_network_policy_limits_inference_to_the_given_peers():
         (("modelRepository.source=gcs",), "modelRepository.gcs.uri is required"),
         (("gpu.enabled=false", "tensorrt.enabled=true"), "tensorrt.enabled needs gpu.enabled"),
         (("rollout.strategy=reload", "triton.modelControl.mode=none"), "needs triton.modelControl.mode=explicit"),
+        (("triton.adminKey.existingSecret=Admin_Key",), "/triton/adminKey/existingSecret"),
+        (("triton.adminKey.secretKey=a/b",), "/triton/adminKey/secretKey"),
         (("podDisruptionBudget.minAvailable=2",), "must be below the smallest replica count"),
         (("modelRepository.source=ftp",), "/modelRepository/source"),
         (("triton.unknownKey=1",), "unknownKey"),
@@ -748,19 +827,54 @@ def test_engine_build_needs_values_or_a_manifest(tmp_path):
     assert "tensorrt.engines is empty and the repository has no tensorrt_engines.json" in result.stderr
 
 
-class FakeTriton(BaseHTTPRequestHandler):
-    """Triton's repository API: index lists two models; loading `broken` fails like Triton does."""
+ADMIN_KEY = "k3y-for-the-stand-in_0"
+# The repository index of a release with a split layout (one entry per model version, as Triton lists them).
+RELEASE_INDEX = [
+    {"name": "classify", "version": "1", "state": "READY"},
+    {"name": "embed", "version": "2", "state": "READY"},
+    {"name": "fusion", "version": "1", "state": "READY"},
+    {"name": "fusion", "version": "2", "state": "READY"},
+    {"name": "minilm_encoder", "version": "2", "state": "READY"},
+    {"name": "minilm_tokenizer", "version": "2", "state": "READY"},
+    {"name": "rank", "version": "1", "state": "READY"},
+]
 
-    calls: list[str] = []
+
+class FakeTriton(BaseHTTPRequestHandler):
+    """Triton's HTTP API as the reload Job sees it: the repository API refuses requests without the
+    admin key (403, Triton's message); loading `broken` fails; `embed` answers not ready
+    `not_ready_polls` times, then ready. Records (method, path, admin header) of every call."""
+
+    calls: list[tuple[str, str, str | None]] = []
+    not_ready_polls = 0
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
-        self.calls.append(self.path)
-        if self.path == "/v2/repository/index":
-            body, status = [{"name": "embed", "version": "1", "state": "READY"}, {"name": "rank"}], 200
+        self._record()
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.headers.get("ecomserve-admin-key") != ADMIN_KEY:
+            self._answer({"error": "This API is restricted, expecting header 'ecomserve-admin-key'"}, 403)
+        elif self.path == "/v2/repository/index":
+            self._answer(RELEASE_INDEX, 200)
         elif self.path.endswith("/broken/load"):
-            body, status = {"error": "failed to load 'broken'"}, 400
+            self._answer({"error": "failed to load 'broken'"}, 400)
         else:
-            body, status = {}, 200
+            self._answer({}, 200)
+
+    def do_GET(self):  # noqa: N802
+        self._record()
+        if self.path == "/v2/models/embed/ready":
+            ready = FakeTriton.not_ready_polls <= 0
+            FakeTriton.not_ready_polls -= 1
+            self._answer({} if ready else {"error": "model not ready"}, 200 if ready else 400)
+        elif self.path == "/v2/models/embed":
+            self._answer({"name": "embed", "versions": ["2"], "platform": "ensemble"}, 200)
+        else:
+            self._answer({"error": "unknown"}, 404)
+
+    def _record(self):
+        self.calls.append((self.command, self.path, self.headers.get("ecomserve-admin-key")))
+
+    def _answer(self, body, status: int):
         payload = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Length", str(len(payload)))
@@ -771,23 +885,57 @@ class FakeTriton(BaseHTTPRequestHandler):
         pass
 
 
-def test_reload_job_loads_every_model_on_every_pod():
+@pytest.fixture
+def fake_triton():
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTriton)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
 
-        def reload(models: str) -> subprocess.CompletedProcess:
-            FakeTriton.calls = []
-            env = {**os.environ, "TRITON_SERVICE": "127.0.0.1", "TRITON_HTTP_PORT": str(server.server_port)}
-            return run([sys.executable, CHART / "files" / "reload_models.py"], env={**env, "RELOAD_MODELS": models})
+    def reload(models: str = "", key: str = ADMIN_KEY, not_ready_polls: int = 0, timeout_s: int = 30):
+        FakeTriton.calls, FakeTriton.not_ready_polls = [], not_ready_polls
+        env = {
+            **os.environ, "TRITON_SERVICE": "127.0.0.1", "TRITON_HTTP_PORT": str(server.server_port),
+            "RELOAD_MODELS": models, "ECOMSERVE_ADMIN_KEY": key, "LOAD_TIMEOUT_S": str(timeout_s),
+        }  # fmt: skip
+        return run([sys.executable, CHART / "files" / "reload_models.py"], env=env)
 
-        everything = reload("")
-        assert everything.returncode == 0, everything.stderr
-        assert FakeTriton.calls == [
-            "/v2/repository/index", "/v2/repository/models/embed/load", "/v2/repository/models/rank/load"
-        ]  # fmt: skip
-        failed = reload("rank,broken")
-        assert failed.returncode == 1
-        assert "broken: HTTP 400: failed to load 'broken'" in failed.stderr
-    finally:
-        server.shutdown()
+    yield reload
+    server.shutdown()
+    server.server_close()
+
+
+def test_reload_job_loads_the_release_on_every_pod_embed_last(fake_triton):
+    result = fake_triton(not_ready_polls=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    repository_calls = [call for call in FakeTriton.calls if call[1].startswith("/v2/repository/")]
+    assert [(method, path) for method, path, _ in repository_calls] == [
+        ("POST", "/v2/repository/index"),
+        ("POST", "/v2/repository/models/fusion/load"),
+        ("POST", "/v2/repository/models/minilm_encoder/load"),
+        ("POST", "/v2/repository/models/minilm_tokenizer/load"),
+        ("POST", "/v2/repository/models/embed/load"),
+    ], "every versioned model once, in index order, embed last; rank and classify are not reloaded"
+    assert all(key == ADMIN_KEY for _, _, key in repository_calls), "every repository call needs the admin key"
+    others = [call for call in FakeTriton.calls if call not in repository_calls]
+    assert others[:2] == [("GET", "/v2/models/embed/ready", None)] * 2, "waits until embed is ready"
+    assert all(key is None for _, _, key in others), "the key goes to the repository API only"
+    assert FakeTriton.calls.index(others[0]) > FakeTriton.calls.index(repository_calls[-1]), "ready after the loads"
+    assert "embed ready, serving release 2" in result.stdout
+    assert ADMIN_KEY not in result.stdout + result.stderr
+
+
+def test_reload_job_fails_on_a_refused_or_failed_load_or_embed_not_ready(fake_triton):
+    wrong_key = fake_triton(key="not-the-key")
+    assert wrong_key.returncode == 1
+    assert "repository index: HTTP 403: This API is restricted, expecting header 'ecomserve-admin-key'" in (
+        wrong_key.stderr
+    )
+    assert "not-the-key" not in wrong_key.stdout + wrong_key.stderr
+    failed = fake_triton("rank,broken")
+    assert failed.returncode == 1
+    assert "broken: HTTP 400: failed to load 'broken'" in failed.stderr
+    assert [path for _, path, _ in FakeTriton.calls][:2] == [
+        "/v2/repository/models/rank/load", "/v2/repository/models/broken/load"
+    ], "an explicit rollout.reload.models list is loaded as given"  # fmt: skip
+    never_ready = fake_triton(not_ready_polls=100, timeout_s=1)
+    assert never_ready.returncode == 1
+    assert "embed: not ready after 1 s (HTTP 400: model not ready)" in never_ready.stderr

@@ -20,8 +20,14 @@ def model_config(args: dict) -> dict:
     return json.loads(args["model_config"])
 
 
-def parameter(config: dict, key: str):
-    """A parameter written by the repository builder (JSON-encoded unless it is a plain string)."""
+_REQUIRED = object()
+
+
+def parameter(config: dict, key: str, default=_REQUIRED):
+    """A parameter written by the repository builder (JSON-encoded unless it is a plain string);
+    `default` serves repositories built before the parameter existed."""
+    if key not in config["parameters"] and default is not _REQUIRED:
+        return default
     value = config["parameters"][key]["string_value"]
     try:
         return json.loads(value)

@@ -28,7 +28,7 @@ from ecomserve.validation import decode_texts
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
-        threads, device = parameter(config, "intra_op_threads"), parameter(config, "device")
+        threads, device = parameter(config, "intra_op_threads"), parameter(config, "device", "cpu")
         self.max_text_bytes = parameter(config, "max_text_bytes")
         self.slices = encoder_slices(config)
         self.encoders = []

@@ -21,7 +21,10 @@ class TritonPythonModel:
         config = model_config(args)
         path = version_dir(args) / parameter(config, "model_file")
         self.run = load_runner(
-            parameter(config, "runtime"), path, parameter(config, "intra_op_threads"), parameter(config, "device")
+            parameter(config, "runtime"),
+            path,
+            parameter(config, "intra_op_threads"),
+            parameter(config, "device", "cpu"),
         )
 
     def execute(self, requests):

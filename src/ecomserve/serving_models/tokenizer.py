@@ -24,7 +24,9 @@ class TritonPythonModel:
         config = model_config(args)
         self.max_text_bytes = parameter(config, "max_text_bytes")
         self.tokenizer = TextTokenizer(
-            version_dir(args) / TOKENIZER_FILE, parameter(config, "max_seq_len"), parameter(config, "pad_to_multiple")
+            version_dir(args) / TOKENIZER_FILE,
+            parameter(config, "max_seq_len"),
+            parameter(config, "pad_to_multiple", 1),
         )
         self.truncation_family, self.truncated = truncation_counter(args["model_name"])
 

@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
-"""Model reload Job: every ready Triton pod behind the headless Service reloads its models in place.
+"""Model reload Job: every ready Triton pod behind the headless Service loads the repository's release.
 
 With --model-control-mode=explicit, a load request for a model that is already loaded makes Triton
 read the repository again, load what is there now beside the serving version, and switch once it is
-ready; if the load fails, the serving version stays. Pods are done one after another, so at most one
-pod at a time holds two versions in memory. Any failure makes the Job (and `helm upgrade`) fail.
+ready; if the load fails, the serving version stays. `ecomserve publish` (or `rollback`) rewrites the
+configs for a release through one pod; this Job brings every pod onto it: the versioned models first
+(they load the release's versions beside the older ones), `embed` last (its config pins the release of
+every step, so traffic moves in one step), then it waits until `embed` is ready on the pod. `rank` and
+`classify` call `embed` and follow it; they are not reloaded. Pods are done one after another, so at
+most one pod at a time loads a release. Any failure makes the Job (and `helm upgrade`) fail.
+
+Every model-repository call carries the header ecomserve-admin-key (Triton refuses them without it);
+the key is never printed.
 
 Environment: TRITON_SERVICE (headless Service DNS name), TRITON_HTTP_PORT, RELOAD_MODELS (comma
-separated, in order; empty: every model in the repository index), LOAD_TIMEOUT_S.
+separated, in order; empty: every model in the repository index but rank and classify, embed last),
+LOAD_TIMEOUT_S (per load, and for embed to be ready), ECOMSERVE_ADMIN_KEY.
 """
 
 from __future__ import annotations
@@ -16,9 +24,17 @@ import json
 import os
 import socket
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+
+ADMIN_HEADER = "ecomserve-admin-key"
+# Loaded after every other model: its config names the release of each step.
+ENSEMBLE = "embed"
+# Python heads that call `embed`: not versioned, nothing to reload.
+UNVERSIONED = ("rank", "classify")
+POLL_S = 1.0
 
 
 def pod_addresses(service: str, port: int) -> list[str]:
@@ -29,15 +45,41 @@ def pod_addresses(service: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
-def post(url: str, timeout_s: float) -> bytes:
-    request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"}, method="POST")
+def post(url: str, timeout_s: float, key: str) -> bytes:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers[ADMIN_HEADER] = key
+    request = urllib.request.Request(url, data=b"{}", headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return response.read()
 
 
-def repository_models(base: str) -> list[str]:
-    index = json.loads(post(f"{base}/v2/repository/index", 30))
-    return list(dict.fromkeys(entry["name"] for entry in index))
+def load_order(names: list[str]) -> list[str]:
+    """The index's models to reload: all but rank and classify, embed after the others."""
+    unique = [name for name in dict.fromkeys(names) if name not in UNVERSIONED]
+    return [name for name in unique if name != ENSEMBLE] + [name for name in unique if name == ENSEMBLE]
+
+
+def repository_models(base: str, key: str) -> list[str]:
+    index = json.loads(post(f"{base}/v2/repository/index", 30, key))
+    return load_order([entry["name"] for entry in index])
+
+
+def wait_ready(base: str, model: str, timeout_s: float) -> str | None:
+    """None once GET /v2/models/<model>/ready answers 200, else why not after timeout_s."""
+    url = f"{base}/v2/models/{urllib.parse.quote(model, safe='')}/ready"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                if response.status == 200:
+                    return None
+                last = f"HTTP {response.status}"
+        except OSError as exc:
+            last = reason(exc)
+        if time.monotonic() >= deadline:
+            return f"not ready after {timeout_s:.0f} s ({last})"
+        time.sleep(POLL_S)
 
 
 def reason(exc: Exception) -> str:
@@ -50,27 +92,48 @@ def reason(exc: Exception) -> str:
     return str(exc)
 
 
+def reload_pod(base: str, wanted: list[str], timeout_s: float, key: str) -> list[str]:
+    """Loads the models on one pod, then waits for embed; returns the failures."""
+    try:
+        models = wanted or repository_models(base, key)
+    except (OSError, ValueError) as exc:
+        return [f"repository index: {reason(exc)}"]
+    failures = []
+    for model in models:
+        try:
+            post(f"{base}/v2/repository/models/{urllib.parse.quote(model, safe='')}/load", timeout_s, key)
+        except OSError as exc:
+            failures.append(f"{model}: {reason(exc)}")
+            continue
+        print(f"{base}: {model} loaded", flush=True)
+    not_ready = wait_ready(base, ENSEMBLE, timeout_s)
+    if not_ready:
+        failures.append(f"{ENSEMBLE}: {not_ready}")
+    else:
+        print(f"{base}: {ENSEMBLE} ready, serving release {served_versions(base, ENSEMBLE)}", flush=True)
+    return failures
+
+
+def served_versions(base: str, model: str) -> str:
+    """The versions the model's metadata lists (for the log; `embed` serves exactly one release)."""
+    try:
+        with urllib.request.urlopen(f"{base}/v2/models/{urllib.parse.quote(model, safe='')}", timeout=10) as response:
+            return ",".join(json.loads(response.read()).get("versions", [])) or "?"
+    except (OSError, ValueError, AttributeError):
+        return "?"
+
+
 def main() -> int:
     service = os.environ["TRITON_SERVICE"]
     port = int(os.environ.get("TRITON_HTTP_PORT", "8000"))
     wanted = [name for name in os.environ.get("RELOAD_MODELS", "").split(",") if name]
     timeout_s = float(os.environ.get("LOAD_TIMEOUT_S", "600"))
+    key = os.environ.get("ECOMSERVE_ADMIN_KEY", "")
     addresses = pod_addresses(service, port)
     failures = []
     for address in addresses:
         base = f"http://{f'[{address}]' if ':' in address else address}:{port}"
-        try:
-            models = wanted or repository_models(base)
-        except (OSError, ValueError) as exc:
-            failures.append(f"{address}: repository index: {reason(exc)}")
-            continue
-        for model in models:
-            try:
-                post(f"{base}/v2/repository/models/{urllib.parse.quote(model, safe='')}/load", timeout_s)
-            except OSError as exc:
-                failures.append(f"{address}: {model}: {reason(exc)}")
-                continue
-            print(f"{address}: {model} reloaded", flush=True)
+        failures += [f"{address}: {failure}" for failure in reload_pod(base, wanted, timeout_s, key)]
     for failure in failures:
         print(f"reload failed: {failure}", file=sys.stderr)
     print(f"{len(addresses)} pod(s), {len(failures)} failure(s)", flush=True)

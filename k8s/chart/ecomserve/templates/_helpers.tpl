@@ -86,6 +86,25 @@ Call with (dict "image" .Values.x.image "defaultTag" "..."). */}}
 {{- default (include "ecomserve.suffixedName" (dict "root" . "suffix" "models")) .Values.modelRepository.pvc.existingClaim }}
 {{- end }}
 
+{{/* Whether Triton's model-repository API is on (explicit model control), hence guarded by the admin key. */}}
+{{- define "ecomserve.adminKeyEnabled" -}}
+{{- if eq .Values.triton.modelControl.mode "explicit" }}true{{ end }}
+{{- end }}
+
+{{/* Secret holding the admin key: triton.adminKey.existingSecret, or the one the chart creates. */}}
+{{- define "ecomserve.adminKeySecret" -}}
+{{- default (include "ecomserve.suffixedName" (dict "root" . "suffix" "admin-key")) .Values.triton.adminKey.existingSecret }}
+{{- end }}
+
+{{/* ECOMSERVE_ADMIN_KEY from that Secret, as a one-item EnvVar list (the Triton container and the reload Job). */}}
+{{- define "ecomserve.adminKeyEnv" -}}
+- name: ECOMSERVE_ADMIN_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ecomserve.adminKeySecret" . }}
+      key: {{ .Values.triton.adminKey.secretKey }}
+{{- end }}
+
 {{/* What --model-repository points at. With TensorRT engines, /models is the repository assembled by
 the init container (links into /models-source and the engine cache). */}}
 {{- define "ecomserve.repositoryURI" -}}
@@ -170,7 +189,15 @@ the init container (links into /models-source and the engine cache). */}}
 {{- $args = concat $args (list
   "--strict-readiness=true"
   (printf "--exit-timeout-secs=%d" (int .Values.shutdown.exitTimeoutSeconds))
-  (printf "--log-verbose=%d" (int $t.logVerbose))) $t.extraArgs }}
+  (printf "--log-verbose=%d" (int $t.logVerbose))) }}
+{{- if include "ecomserve.adminKeyEnabled" . }}
+{{- /* Load, unload and the index need the header ecomserve-admin-key; Kubernetes puts the key from the
+container's env into $(ECOMSERVE_ADMIN_KEY), so the pod spec holds only the reference. */}}
+{{- $args = concat $args (list
+  "--http-restricted-api=model-repository:ecomserve-admin-key=$(ECOMSERVE_ADMIN_KEY)"
+  "--grpc-restricted-protocol=model-repository:ecomserve-admin-key=$(ECOMSERVE_ADMIN_KEY)") }}
+{{- end }}
+{{- $args = concat $args $t.extraArgs }}
 {{- toYaml $args }}
 {{- end }}
 
