@@ -34,11 +34,12 @@ TEXTS = ["red running shoes", "stainless steel water bottle", "wireless headphon
 CANDIDATES = ["trail runner", "teapot", "usb cable", "kids headphones"]
 
 
-def tiny_spec(source: Path, **encoder):
+def tiny_spec(source: Path, max_ndcg_drop: float = 1.0, **encoder):
+    """Random tiny models rank the eval set at random, so the quality gate is opened unless a test shuts it."""
     return spec_from(
         {
             "encoders": [{"name": "tiny", "source": str(source), "max_seq_len": 32, **encoder}],
-            "serving": {"instances": 1},
+            "serving": {"instances": 1, "max_ndcg_drop": max_ndcg_drop},
         }
     )
 
@@ -176,6 +177,7 @@ def tree_digest(repository: Path) -> str:
         ("broken_source", "not a Hugging Face model directory"),
         ("corrupt_weights", "cannot load"),
         ("other_shape", "changes the config of"),
+        ("worse_ranking", "below the live release's .* by more than serving.max_ndcg_drop"),
     ],
 )
 def test_a_bad_release_is_refused_before_the_live_repository_changes(
@@ -188,8 +190,10 @@ def test_a_bad_release_is_refused_before_the_live_repository_changes(
         corrupt = make_tiny_bert(tmp_path / "corrupt", seed=13)
         (corrupt / "model.safetensors").write_bytes(b"not weights")
         spec = tiny_spec(corrupt)
-    else:
+    elif change == "other_shape":
         spec = tiny_spec(sources["new"], max_seq_len=64)
+    else:  # a drop of -1 demands an NDCG@5 gain of 1.0, which no release can show
+        spec = tiny_spec(sources["new"], max_ndcg_drop=-1.0)
     before = tree_digest(repository)
     with Traffic(live, references) as traffic, pytest.raises(EcomserveError, match=error):
         publish(spec, None, repository, control, Console(stderr=True))

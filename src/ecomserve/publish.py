@@ -1,10 +1,11 @@
 """Live model updates: publish a new release into a running server's repository, roll back, list.
 
 publish: build and verify the spec in a scratch repository (a failing build touches nothing live),
-check it only replaces weights, copy it in as the next release, then have the server load it through
-Triton's model-control API (explicit mode; protected by the admin key). Versioned models load the new
-release beside the old one; `embed` switches last, so traffic moves in one step and is never refused.
-If the server cannot load the release, the previous one is put back and the new one removed."""
+check it only replaces weights and keeps the live release's NDCG@5 (within serving.max_ndcg_drop),
+copy it in as the next release, then have the server load it through Triton's model-control API
+(explicit mode; protected by the admin key). Versioned models load the new release beside the old
+one; `embed` switches last, so traffic moves in one step and is never refused. If the server cannot
+load the release, the previous one is put back and the new one removed."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from rich.console import Console
 
 from ecomserve.errors import RepositoryError, ServerError
 from ecomserve.repository.builder import BUILD_INFO, build_repository
+from ecomserve.repository.quality import release_ndcg
 from ecomserve.repository.releases import (
     add_release,
     check_compatible,
@@ -105,6 +107,7 @@ def publish(
         console.print(f"building the candidate release (live: {previous}) …")
         info = build_repository(spec, candidate, spec_dir=spec_dir, console=console)
         check_compatible(repository, candidate)
+        info["ndcg5"] = check_quality(repository, previous, candidate, spec, console)
         release = add_release(repository, candidate)
     keep = spec.serving.versions_loaded
     try:
@@ -116,6 +119,20 @@ def publish(
         raise
     _record(repository, release, info)
     return release
+
+
+def check_quality(repository: Path, live: int, candidate: Path, spec: PipelineSpec, console: Console) -> dict:
+    """The candidate's NDCG@5 against the live release's, on the same eval set, before anything goes live."""
+    scores = {"live": release_ndcg(repository, live), "candidate": release_ndcg(candidate, 1, spec)}
+    console.print(
+        f"NDCG@5 on the eval set: live release {live} {scores['live']:.4f}, candidate {scores['candidate']:.4f}"
+    )
+    if scores["candidate"] < scores["live"] - spec.serving.max_ndcg_drop:
+        raise RepositoryError(
+            f"the candidate's NDCG@5 {scores['candidate']:.4f} is below the live release's {scores['live']:.4f} "
+            f"by more than serving.max_ndcg_drop ({spec.serving.max_ndcg_drop}); nothing was published"
+        )
+    return scores
 
 
 def rollback(repository: Path, control: ModelControl, to: int | None = None) -> tuple[int, int]:

@@ -137,6 +137,12 @@ class ServingSpec(_Strict):
     versions_loaded: int = Field(
         2, ge=1, le=10, description="releases kept loaded (the live one and older ones, for instant rollback)"
     )
+    max_ndcg_drop: float = Field(
+        0.01,
+        ge=-1,
+        le=1,
+        description="publish refuses a release whose NDCG@5 on the eval set is below the live one's by more",
+    )
 
     @model_validator(mode="before")
     @classmethod

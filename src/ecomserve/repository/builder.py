@@ -93,12 +93,12 @@ def _bytes_tensor_file(texts: list[str]) -> bytes:
     return b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
 
 
-def _encoder_dirs(layout: str, built: BuiltEncoder, repository: Path) -> tuple[Path, Path]:
+def encoder_dirs(layout: str, encoder: EncoderSpec, repository: Path, version: str = VERSION) -> tuple[Path, Path]:
     """Where an encoder's tokenizer and model files go: its own models, or inside the fused embedder."""
     if layout == "fused":
-        shared = repository / EMBEDDER / VERSION / built.spec.name
+        shared = repository / EMBEDDER / version / encoder.name
         return shared, shared
-    return repository / tokenizer_model(built.spec) / VERSION, repository / encoder_model(built.spec) / VERSION
+    return repository / tokenizer_model(encoder) / version, repository / encoder_model(encoder) / version
 
 
 def write_warmup_files(layout: str, built: BuiltEncoder, source: Path, repository: Path) -> None:
@@ -119,7 +119,7 @@ def build_encoder(spec: PipelineSpec, built: BuiltEncoder, source: Path, reposit
     """Tokenizer, warm-up inputs and the verified model files of one encoder; returns the checks."""
     from ecomserve.export.pipeline import export_encoder
 
-    tokenizer_dir, model_dir = _encoder_dirs(spec.serving.layout, built, repository)
+    tokenizer_dir, model_dir = encoder_dirs(spec.serving.layout, built.spec, repository)
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source / TOKENIZER_FILE, tokenizer_dir / TOKENIZER_FILE)
     write_warmup_files(spec.serving.layout, built, source, repository)
