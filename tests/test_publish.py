@@ -24,8 +24,12 @@ from support import TorchReference, client_for, make_tiny_bert, spec_from
 from tritonclient.utils import InferenceServerException
 
 from ecomserve.errors import EcomserveError, RepositoryError
+from ecomserve.index.catalog import CatalogItem
+from ecomserve.index.ops import build_index, index_dir
+from ecomserve.paths import CORPUS_DIR
 from ecomserve.publish import ModelControl, publish, rollback
 from ecomserve.repository.builder import build_repository
+from ecomserve.repository.inprocess import release_embedder
 from ecomserve.repository.releases import live_release, releases
 from ecomserve.server.process import ADMIN_HEADER, GRPC_ADMIN_HEADER, Ports, ServerOptions, TritonServer, free_port
 
@@ -40,6 +44,7 @@ def tiny_spec(source: Path, max_ndcg_drop: float = 1.0, **encoder):
         {
             "encoders": [{"name": "tiny", "source": str(source), "max_seq_len": 32, **encoder}],
             "serving": {"instances": 1, "max_ndcg_drop": max_ndcg_drop},
+            "search": {"max_top_k": 20},
         }
     )
 
@@ -251,3 +256,58 @@ def test_server_recovers_when_a_python_stub_dies(live, references):
         for _ in range(5):  # and it keeps answering
             np.testing.assert_allclose(client.embed(TEXTS), live_answers, atol=1e-4)
     assert live.is_running()
+
+
+def test_search_never_mixes_releases(live, control, sources):
+    """`search` embeds queries with the release that embedded its index, whatever `embed` serves, and
+    refuses once that release is unloaded, until the index is rebuilt."""
+    repository = live.options.repository
+    spec = tiny_spec(sources["old"])
+    titles = [t for t in (CORPUS_DIR / "titles.txt").read_text(encoding="utf-8").splitlines() if t.strip()][:60]
+    items = [CatalogItem(f"sku-{i}", title) for i, title in enumerate(titles)]
+    target = index_dir(spec, repository.parent)
+
+    def expected_scores(release: int, query: str) -> np.ndarray:
+        embed = release_embedder(repository, release, spec)
+        return np.sort(embed(titles) @ embed([query])[0])[::-1][:5]
+
+    indexed = live_release(repository)
+    build_index(spec, repository, items, target, Console(stderr=True))
+    with client_for(live, "grpc") as client:
+        before = client.search(TEXTS[0], top_k=5).scores
+        np.testing.assert_allclose(before, expected_scores(indexed, TEXTS[0]), atol=1e-5)
+        newer = publish(tiny_spec(sources["new"]), None, repository, control, Console(stderr=True))
+        # `embed` now serves the new release; search still compares old vectors with old vectors
+        np.testing.assert_allclose(client.embed(TEXTS[:1]), references_for(sources, "new")[:1], atol=1e-4)
+        np.testing.assert_allclose(client.search(TEXTS[0], top_k=5).scores, before, atol=1e-5)
+        newest = publish(tiny_spec(sources["old"]), None, repository, control, Console(stderr=True))
+        assert indexed not in (newer, newest)
+        # (a query answered before may still come from the result cache: old vectors against old vectors)
+        with pytest.raises(EcomserveError, match=f"embedded by release {indexed}, which is not loaded"):
+            client.search(TEXTS[1], top_k=5)
+        build_index(spec, repository, items, target, Console(stderr=True))
+        assert wait_until(lambda: _search_ok(client))
+        np.testing.assert_allclose(
+            client.search(TEXTS[0], top_k=5).scores, expected_scores(newest, TEXTS[0]), atol=1e-5
+        )
+
+
+def references_for(sources, name: str) -> np.ndarray:
+    return TorchReference(str(sources[name]), max_seq_len=32).embed(TEXTS)
+
+
+def _search_ok(client) -> bool:
+    try:
+        client.search(TEXTS[0], top_k=5)
+    except EcomserveError:
+        return False
+    return True
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False

@@ -22,6 +22,8 @@ DEFAULT_REPOSITORY = Path("model_repository")
 app = typer.Typer(help="Text encoders served by Triton for e-commerce search.", no_args_is_help=True)
 query_app = typer.Typer(help="Call a public model on a running server and print JSON.", no_args_is_help=True)
 app.add_typer(query_app, name="query")
+index_app = typer.Typer(help="The catalog index behind the `search` model.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 console = Console(stderr=True)
 
 SpecOption = Annotated[Path, typer.Option("--spec", help="pipeline spec (YAML)")]
@@ -184,6 +186,60 @@ def models(url: ControlUrlOption = "127.0.0.1:8000", key: AdminKeyOption = None)
         print(json.dumps(control.index(), indent=2))
     finally:
         control.close()
+
+
+CatalogArgument = Annotated[Path, typer.Argument(help="JSONL or CSV with `id` and `title` per item")]
+
+
+def _index_target(spec: PipelineSpec, repository: Path) -> Path:
+    from ecomserve.index.ops import index_dir
+
+    # Relative index folders sit beside the repository, where the search model looks for them.
+    return index_dir(spec, repository.resolve().parent)
+
+
+@index_app.command("build")
+def index_build(
+    catalog: CatalogArgument, spec: SpecOption = DEFAULT_SPEC, repository: RepositoryOption = DEFAULT_REPOSITORY
+) -> None:
+    """Embed every catalog item with the live release and swap the new index in (resumable)."""
+    from ecomserve.index.catalog import read_catalog
+    from ecomserve.index.ops import build_index
+
+    loaded = load_spec(spec)
+    target = _index_target(loaded, repository)
+    manifest = build_index(loaded, repository, list(read_catalog(catalog)), target, console)
+    console.print(
+        f"[green]index version {manifest.version}[/]: {manifest.items} items, release {manifest.release}, {target}"
+    )
+
+
+@index_app.command("upsert")
+def index_upsert(
+    catalog: CatalogArgument, spec: SpecOption = DEFAULT_SPEC, repository: RepositoryOption = DEFAULT_REPOSITORY
+) -> None:
+    """Add or replace items; `search` sees them at its next request."""
+    from ecomserve.index.catalog import read_catalog
+    from ecomserve.index.ops import upsert_items
+
+    loaded = load_spec(spec)
+    target = _index_target(loaded, repository)
+    manifest = upsert_items(loaded, repository, list(read_catalog(catalog)), target, console)
+    console.print(f"[green]index version {manifest.version}[/]: {manifest.items} items")
+
+
+@index_app.command("delete")
+def index_delete(
+    ids: Annotated[list[str], typer.Argument(help="item ids to remove")],
+    spec: SpecOption = DEFAULT_SPEC,
+    repository: RepositoryOption = DEFAULT_REPOSITORY,
+) -> None:
+    """Remove items by id; `search` stops returning them at its next request."""
+    from ecomserve.index.ops import delete_items
+
+    loaded = load_spec(spec)
+    manifest, removed = delete_items(loaded, ids, _index_target(loaded, repository))
+    console.print(f"[green]index version {manifest.version}[/]: removed {removed}, {manifest.items} items")
 
 
 @app.command()

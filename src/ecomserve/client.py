@@ -35,6 +35,12 @@ class ClassifyResult:
     scores: np.ndarray  # [labels] fused score per label
 
 
+@dataclass(frozen=True)
+class SearchResult:
+    ids: list[str]  # best first
+    scores: np.ndarray  # [len(ids)] fused score of each
+
+
 def _module(protocol: Protocol):
     if protocol == "http":
         import tritonclient.http as module
@@ -112,6 +118,16 @@ class EcomClient:
         inputs = [self._bytes_input("TEXT", [text], [1]), self._bytes_input("LABELS", labels, [len(labels)])]
         out = self._infer("classify", inputs, ["LABEL", "VOTES", "SCORES"])
         return ClassifyResult(out["LABEL"][0].decode("utf-8"), out["VOTES"], out["SCORES"])
+
+    def search(self, query: str, top_k: int | None = None) -> SearchResult:
+        """Catalog items for `query`, best first; `top_k` defaults to the server's search.top_k."""
+        inputs = [self._bytes_input("QUERY", [query], [1])]
+        if top_k is not None:
+            count = self._module.InferInput("TOP_K", [1], "INT32")
+            count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
+            inputs.append(count)
+        out = self._infer("search", inputs, ["IDS", "SCORES"])
+        return SearchResult([i.decode("utf-8") for i in out["IDS"]], out["SCORES"])
 
     def is_ready(self) -> bool:
         try:

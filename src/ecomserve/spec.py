@@ -160,6 +160,56 @@ class ServingSpec(_Strict):
         return self
 
 
+class FaissSpec(_Strict):
+    """In-process index: exact inner product for small catalogs, HNSW beyond `exact_below` items."""
+
+    exact_below: int = Field(50_000, ge=0, description="catalogs smaller than this are searched exactly")
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree")
+    ef_construction: int = Field(200, ge=8)
+    ef_search: int = Field(128, ge=8, description="HNSW search breadth: recall against latency")
+
+
+class MilvusSpec(_Strict):
+    """Milvus for catalogs beyond one machine; a local file path runs Milvus Lite in-process."""
+
+    uri: str = Field("milvus_catalog.db", description="http://host:19530, or a .db file for Milvus Lite")
+    collection: str = Field("ecomserve_catalog", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+    token: str | None = Field(None, description="user:password or API key for a Milvus server")
+
+
+class RerankSpec(_Strict):
+    enabled: bool = Field(
+        False,
+        description="rerank the retrieved items with `rank`'s fusion of every encoder (changes the order only "
+        "for fusion max or rrf: weighted_mean is the dot product the index already ranks by)",
+    )
+    candidates: int = Field(50, ge=1, le=1000, description="items retrieved for the rerank stage")
+
+
+class SearchCacheSpec(_Strict):
+    size: int = Field(10_000, ge=0, description="query results kept (LRU); 0 disables the cache")
+    ttl_s: float = Field(60.0, gt=0, description="seconds a cached result may be served")
+
+
+class SearchSpec(_Strict):
+    """The `search` model: the query embedded at request time, items from a precomputed index."""
+
+    backend: Literal["faiss", "milvus"] = "faiss"
+    index_dir: str = Field("catalog_index", description="where `ecomserve index build` writes the index")
+    top_k: int = Field(10, ge=1, description="TOP_K when the request does not send one")
+    max_top_k: int = Field(100, ge=1, description="larger TOP_K is refused (INVALID_ARGUMENT)")
+    rerank: RerankSpec = Field(default_factory=RerankSpec)
+    faiss: FaissSpec = Field(default_factory=FaissSpec)
+    milvus: MilvusSpec = Field(default_factory=MilvusSpec)
+    cache: SearchCacheSpec = Field(default_factory=SearchCacheSpec)
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> SearchSpec:
+        if self.top_k > self.max_top_k:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed max_top_k ({self.max_top_k})")
+        return self
+
+
 class LimitsSpec(_Strict):
     max_text_bytes: int = Field(2048, ge=16)
     max_candidates: int = Field(1000, ge=1)
@@ -172,6 +222,7 @@ class PipelineSpec(_Strict):
     voting: VotingSpec = Field(default_factory=VotingSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    search: SearchSpec | None = Field(None, description="adds the public `search` model over a catalog index")
 
     @field_validator("encoders")
     @classmethod

@@ -22,6 +22,7 @@ from ecomserve.repository.configs import (
     FUSION,
     PYTHON_BACKEND,
     RANK,
+    SEARCH,
     WARMUP_IDS_FILE,
     WARMUP_MASK_FILE,
     WARMUP_TEXT_FILE,
@@ -52,6 +53,7 @@ _ENTRY_POINTS = {
     FUSION: "ecomserve.serving_models.fusion import TritonPythonModel",
     RANK: "ecomserve.serving_models.heads import RankModel as TritonPythonModel",
     CLASSIFY: "ecomserve.serving_models.heads import ClassifyModel as TritonPythonModel",
+    SEARCH: "ecomserve.serving_models.search import TritonPythonModel",
 }
 
 
@@ -186,5 +188,10 @@ def is_built(repository: Path) -> bool:
     return (repository / BUILD_INFO).is_file()
 
 
+def built_spec(repository: Path) -> PipelineSpec:
+    """The spec a repository was built from (its releases share every setting but the weights)."""
+    return PipelineSpec.model_validate(json.loads((repository / BUILD_INFO).read_text())["spec"])
+
+
 def built_target(repository: Path) -> str:
-    return json.loads((repository / BUILD_INFO).read_text())["spec"]["serving"]["target"]
+    return built_spec(repository).serving.target

@@ -12,7 +12,7 @@ from ecomserve.export.tensorrt import PLAN_FILE, profile
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, MODEL_FILES
 from ecomserve.spec import GPU_TARGETS, EncoderSpec, PipelineSpec
 
-EMBED, RANK, CLASSIFY, FUSION = "embed", "rank", "classify", "fusion"
+EMBED, RANK, CLASSIFY, FUSION, SEARCH = "embed", "rank", "classify", "fusion", "search"
 # The fused layout's one python model; `embed` stays an ensemble in front of it because Triton 2.51's
 # response cache stores a python model's error response as an empty success (seen: a second identical
 # bad request got 200 with no outputs), while an ensemble caches only successful responses.
@@ -351,8 +351,23 @@ def classify_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
     )
 
 
+def search_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
+    """QUERY (+ optional TOP_K) → IDS, SCORES from the catalog index (serving_models/search.py)."""
+    config = _head_config(
+        SEARCH,
+        spec,
+        built,
+        inputs=[_tensor("QUERY", pb.TYPE_STRING, [1]), {**_tensor("TOP_K", pb.TYPE_INT32, [1]), "optional": True}],
+        outputs=[_tensor("IDS", pb.TYPE_STRING, [-1]), _tensor("SCORES", pb.TYPE_FP32, [-1])],
+    )
+    _parameters(config, {"search": spec.search.model_dump(), "layout": spec.serving.layout})
+    return config
+
+
 def all_configs(spec: PipelineSpec, built: list[BuiltEncoder]) -> list[pb.ModelConfig]:
     heads = [rank_config(spec, built), classify_config(spec, built)]
+    if spec.search is not None:
+        heads.append(search_config(spec, built))
     if spec.serving.layout == "fused":
         return [embedder_config(spec, built), fused_embed_config(spec, built), *heads]
     configs = []

@@ -18,11 +18,11 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as pb
 
 from ecomserve.errors import RepositoryError
-from ecomserve.repository.configs import CLASSIFY, EMBED, RANK, parse_pbtxt, to_pbtxt
+from ecomserve.repository.configs import CLASSIFY, EMBED, RANK, SEARCH, parse_pbtxt, to_pbtxt
 
 CONFIG = "config.pbtxt"
-# The python heads call `embed` and follow whatever release it serves; they are not versioned.
-UNVERSIONED = {RANK, CLASSIFY}
+# The python heads follow whatever release `embed` serves (search: the release its index names).
+UNVERSIONED = {RANK, CLASSIFY, SEARCH}
 
 
 def read_config(repository: Path, model: str) -> pb.ModelConfig:

@@ -1,0 +1,96 @@
+"""The catalog side of an index: reading catalog files, item titles, and the manifest that versions
+an index folder.
+
+The manifest (`index.json`) says which release of the encoders embedded the vectors and counts every
+change: the `search` model re-reads the index when `version` moves, answers only with queries embedded
+by the same `release`, and keys its result cache by both."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ecomserve.errors import EcomserveError
+
+MANIFEST = "index.json"
+TITLES = "titles.json"
+
+
+class CatalogError(EcomserveError):
+    """A catalog file or index folder the user has to fix."""
+
+
+@dataclass(frozen=True)
+class CatalogItem:
+    id: str
+    title: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    backend: str
+    release: int  # the encoders' release that embedded every vector
+    dim: int
+    version: int  # +1 on every build, upsert or delete
+    items: int
+
+
+def read_catalog(path: Path) -> Iterator[CatalogItem]:
+    """Items from JSONL (one object per line) or CSV (header row); `id` and `title` are required,
+    other fields (category, price …) are ignored by the index."""
+    if not path.is_file():
+        raise CatalogError(f"catalog {path} not found")
+    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    for line, row in rows:
+        item_id, title = str(row.get("id") or "").strip(), str(row.get("title") or "").strip()
+        if not item_id or not title:
+            raise CatalogError(f"{path}:{line}: every item needs a non-empty 'id' and 'title'")
+        yield CatalogItem(item_id, title)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8") as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise CatalogError(f"{path}:{line}: not JSON ({exc.msg}); use JSONL or a .csv file") from None
+            if not isinstance(row, dict):
+                raise CatalogError(f"{path}:{line}: expected a JSON object with 'id' and 'title'")
+            yield line, row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        yield from enumerate(csv.DictReader(handle), start=2)
+
+
+def read_manifest(index_dir: Path) -> Manifest | None:
+    path = index_dir / MANIFEST
+    return Manifest(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+
+def write_manifest(index_dir: Path, manifest: Manifest) -> None:
+    _write_atomically(index_dir / MANIFEST, json.dumps(asdict(manifest), indent=2) + "\n")
+
+
+def read_titles(index_dir: Path) -> dict[str, str]:
+    path = index_dir / TITLES
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_titles(index_dir: Path, titles: dict[str, str]) -> None:
+    _write_atomically(index_dir / TITLES, json.dumps(titles, ensure_ascii=False))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(text, encoding="utf-8")
+    os.replace(staged, path)

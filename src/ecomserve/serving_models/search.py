@@ -1,0 +1,188 @@
+"""search: QUERY (+ optional TOP_K) → IDS, SCORES from the catalog index.
+
+Only the query is embedded at request time, and always by the release that embedded the index (the
+manifest says which): the query goes through BLS to that release's own model versions, never through
+`embed`, which serves whatever release is live. If that release is no longer loaded the request is
+refused with what to do, so vectors of two releases are never compared.
+
+The index is re-read when its manifest version moves (upserts, deletes, rebuilds), and the result
+cache is keyed by index version and release, so a change is visible at the next request."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from cachetools import TTLCache
+
+from ecomserve.errors import InvalidInput
+from ecomserve.fusion import encoder_scores, fuse_embeddings, fuse_scores, split_embeddings
+from ecomserve.index.backends import open_index
+from ecomserve.index.catalog import read_manifest, read_titles
+from ecomserve.index.ops import backend_spec
+from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT
+from ecomserve.serving_models.base import (
+    UpstreamError,
+    bytes_array,
+    encoder_slices,
+    error_response,
+    input_array,
+    model_config,
+    output,
+    parameter,
+)
+from ecomserve.spec import SearchSpec
+from ecomserve.validation import decode_texts
+
+EMBEDDER = "embedder"
+# How stale the index may be: well inside the 5 s the catalog promises.
+MANIFEST_CHECK_S = 0.25
+# Triton's words for a model version that is not loaded (BLS errors all arrive as INTERNAL).
+_NOT_LOADED = re.compile(r"unknown model|no available versions|is not ready|version \d+ is not", re.IGNORECASE)
+
+
+class Unavailable(Exception):
+    """The index is missing or its release is not loaded: UNAVAILABLE, with the command that fixes it."""
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = model_config(args)
+        self.search = SearchSpec.model_validate(parameter(config, "search"))
+        folder = Path(self.search.index_dir)
+        self.index_dir = folder if folder.is_absolute() else Path(args["model_repository"]).parents[1] / folder
+        self.slices = encoder_slices(config)
+        self.fusion = parameter(config, "fusion")
+        self.layout = parameter(config, "layout")
+        self.chunk = parameter(config, "embed_batch")
+        self.max_text_bytes = parameter(config, "limits")["max_text_bytes"]
+        self.manifest, self.index, self.titles, self.checked_at = None, None, {}, 0.0
+        self.cache = TTLCache(maxsize=max(self.search.cache.size, 1), ttl=self.search.cache.ttl_s)
+        self.cache_family = pb_utils.MetricFamily(
+            name="ecomserve_search_cache_total",
+            description="search results answered from the query cache (hit) or computed (miss)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.hits = self.cache_family.Metric(labels={"model": args["model_name"], "result": "hit"})
+        self.misses = self.cache_family.Metric(labels={"model": args["model_name"], "result": "miss"})
+
+    async def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(await self._handle(request))
+            except Unavailable as exc:
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
+                )
+            except Exception as exc:  # noqa: BLE001 - each failure becomes that request's error response
+                responses.append(error_response(exc))
+        return responses
+
+    async def _handle(self, request):
+        (query,) = decode_texts("QUERY", input_array(request, "QUERY"), self.max_text_bytes)
+        top_k = self._top_k(request)
+        self._refresh()
+        key = (self.manifest.version, self.manifest.release, query, top_k)
+        found = self.cache.get(key) if self.search.cache.size else None
+        if found is None:
+            self.misses.increment(1)
+            found = await self._search(query, top_k)
+            if self.search.cache.size:
+                self.cache[key] = found
+        else:
+            self.hits.increment(1)
+        ids, scores = found
+        return pb_utils.InferenceResponse(
+            output_tensors=[output("IDS", bytes_array(ids)), output("SCORES", np.asarray(scores, np.float32))]
+        )
+
+    def _top_k(self, request) -> int:
+        tensor = pb_utils.get_input_tensor_by_name(request, "TOP_K")
+        if tensor is None:
+            return self.search.top_k
+        values = tensor.as_numpy().reshape(-1)
+        top_k = int(values[0]) if values.size == 1 else -1
+        if not 1 <= top_k <= self.search.max_top_k:
+            raise InvalidInput(
+                f"TOP_K: got {values.tolist()}, expected one value from 1 to {self.search.max_top_k} (search.max_top_k)"
+            )
+        return top_k
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if self.index is not None and now - self.checked_at < MANIFEST_CHECK_S:
+            return
+        self.checked_at = now
+        manifest = read_manifest(self.index_dir)
+        if manifest is None or manifest.version == 0:
+            raise Unavailable(f"no catalog index at {self.index_dir}: run `ecomserve index build CATALOG`")
+        if manifest != self.manifest:
+            self.index = open_index(backend_spec(self.search, manifest.release), self.index_dir, manifest.dim)
+            self.titles = read_titles(self.index_dir)
+            self.manifest = manifest
+            self.cache.clear()
+
+    async def _search(self, query: str, top_k: int) -> tuple[list[str], list[float]]:
+        rerank = self.search.rerank
+        wanted = max(top_k, rerank.candidates) if rerank.enabled else top_k
+        (vector,) = await self._embed([query])
+        hits = [(item, score) for item, score in self.index.search(vector[None, :], wanted)[0] if item in self.titles]
+        if not rerank.enabled or not hits:
+            return [item for item, _ in hits[:top_k]], [score for _, score in hits[:top_k]]
+        # The rank fusion of every encoder over the retrieved titles, embedded by the index's release.
+        fused = np.concatenate([vector[None, :], await self._embed([self.titles[item] for item, _ in hits])])
+        per_encoder = split_embeddings(fused, self.slices)
+        scores = fuse_scores(
+            encoder_scores([p[:1] for p in per_encoder], [p[1:] for p in per_encoder]),
+            self.slices,
+            self.fusion["mode"],
+            self.fusion["rrf_k"],
+        )
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return [hits[i][0] for i in order], [float(scores[i]) for i in order]
+
+    async def _embed(self, texts: list[str]) -> np.ndarray:
+        chunks = [texts[i : i + self.chunk] for i in range(0, len(texts), self.chunk)]
+        return np.concatenate(await asyncio.gather(*(self._embed_chunk(chunk) for chunk in chunks)))
+
+    async def _embed_chunk(self, texts: list[str]) -> np.ndarray:
+        release = self.manifest.release
+        text = pb_utils.Tensor("TEXT", bytes_array(texts).reshape(-1, 1))
+        if self.layout == "fused":
+            (response,) = await self._call([(EMBEDDER, [text], ["EMBEDDING"])], release)
+            return pb_utils.get_output_tensor_by_name(response, "EMBEDDING").as_numpy()
+        vectors = []
+        for encoder in self.slices:
+            (tokens,) = await self._call(
+                [(f"{encoder.name}_tokenizer", [text], ["INPUT_IDS", "ATTENTION_MASK"])], release
+            )
+            ids, mask = (
+                pb_utils.get_output_tensor_by_name(tokens, n).as_numpy() for n in ("INPUT_IDS", "ATTENTION_MASK")
+            )
+            inputs = [pb_utils.Tensor(ENCODER_INPUTS[0], ids), pb_utils.Tensor(ENCODER_INPUTS[1], mask)]
+            (embedded,) = await self._call([(f"{encoder.name}_encoder", inputs, [ENCODER_OUTPUT])], release)
+            vectors.append(pb_utils.get_output_tensor_by_name(embedded, ENCODER_OUTPUT).as_numpy())
+        return vectors[0] if len(vectors) == 1 else fuse_embeddings(vectors, self.slices)
+
+    async def _call(self, calls: list[tuple[str, list, list[str]]], release: int) -> list:
+        requests = [
+            pb_utils.InferenceRequest(
+                model_name=name, model_version=release, inputs=inputs, requested_output_names=outs
+            )
+            for name, inputs, outs in calls
+        ]
+        responses = await asyncio.gather(*(r.async_exec() for r in requests))
+        for (name, _, _), response in zip(calls, responses):
+            if response.has_error():
+                if _NOT_LOADED.search(response.error().message()):
+                    raise Unavailable(
+                        f"the catalog index was embedded by release {release}, which is not loaded ('{name}'); "
+                        "rebuild it for the live release: `ecomserve index build CATALOG`"
+                    )
+                raise UpstreamError(response.error())
+        return responses

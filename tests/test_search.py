@@ -1,0 +1,194 @@
+"""The `search` model on real tritonservers, for each index backend (faiss in-process, Milvus Lite):
+exact answers, the TOP_K rules, catalog upserts and deletes under traffic, the result cache; and on
+the default MiniLM pipeline, search quality against `rank` over the whole catalog."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from rich.console import Console
+from support import client_for, make_tiny_bert, spec_from, start_server
+from tritonclient.utils import InferenceServerException
+
+from ecomserve.errors import RequestFailed
+from ecomserve.evaluation import load_eval_set, ndcg_at_k
+from ecomserve.index.catalog import CatalogItem, read_catalog
+from ecomserve.index.ops import build_index, delete_items, index_dir, upsert_items
+from ecomserve.paths import CORPUS_DIR
+from ecomserve.repository.inprocess import release_embedder
+from ecomserve.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+QUERIES = ["red running shoes", "espresso machine", "wireless headphones", "yoga mat", "kids toys"]
+
+
+def catalog_items() -> list[CatalogItem]:
+    titles = (CORPUS_DIR / "titles.txt").read_text(encoding="utf-8").splitlines()
+    return [CatalogItem(f"sku-{i}", title) for i, title in enumerate(t for t in titles if t.strip())]
+
+
+@pytest.fixture(scope="module", params=["faiss", "milvus"])
+def catalog(request, tmp_path_factory):
+    """A tiny-BERT server with `search` on the given backend, and its index built from 800 titles."""
+    root = tmp_path_factory.mktemp(f"search_{request.param}")
+    search = {
+        "backend": request.param,
+        "max_top_k": 20,
+        "rerank": {"enabled": True, "candidates": 30},
+        "cache": {"size": 1000, "ttl_s": 60},
+    }
+    stop_milvus = None
+    if request.param == "milvus":
+        from ecomserve.index.backends import start_milvus_lite
+
+        milvus = start_milvus_lite(root / "milvus.db")
+        stop_milvus = milvus.stop
+        search["milvus"] = {"uri": milvus.uri}
+    spec = spec_from(
+        {
+            "encoders": [{"name": "tiny", "source": str(make_tiny_bert(root / "tiny", seed=21)), "max_seq_len": 32}],
+            "serving": {"instances": 1},
+            "search": search,
+        }
+    )
+    server = start_server(spec, root)
+    repository = server.options.repository
+    target = index_dir(spec, repository.parent)
+    build_index(spec, repository, catalog_items(), target, Console(stderr=True))
+    yield {"server": server, "spec": spec, "repository": repository, "index": target}
+    server.stop()
+    if stop_milvus is not None:
+        stop_milvus()
+
+
+def exact_top(catalog, query: str, k: int, items: list[CatalogItem]) -> list[str]:
+    embed = release_embedder(catalog["repository"], 1, catalog["spec"])
+    scores = embed([item.title for item in items]) @ embed([query])[0]
+    return [items[i].id for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+def test_search_returns_the_exact_top_k(catalog, protocol):
+    items = catalog_items()
+    with client_for(catalog["server"], protocol) as client:
+        for query in QUERIES:
+            found = client.search(query, top_k=10)
+            assert found.ids == exact_top(catalog, query, 10, items)
+            assert np.all(np.diff(found.scores) <= 1e-6)  # best first
+        assert len(client.search(QUERIES[0]).ids) == 10  # the spec's default top_k
+
+
+@pytest.mark.parametrize("top_k", [0, -3, 21])
+def test_top_k_out_of_bounds_is_refused(catalog, protocol, top_k):
+    server = catalog["server"]
+    module, url = (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
+    client = module.InferenceServerClient(url)
+    query = module.InferInput("QUERY", [1], "BYTES")
+    query.set_data_from_numpy(np.array([b"red running shoes"], dtype=np.object_))
+    count = module.InferInput("TOP_K", [1], "INT32")
+    count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("search", [query, count])
+    assert "TOP_K" in refused.value.message() and "1 to 20" in refused.value.message()
+    assert str(refused.value.status()) in ("400", "StatusCode.INVALID_ARGUMENT")
+    client.close()
+    with client_for(server, protocol) as ecom:  # still answering
+        assert len(ecom.search("red running shoes", top_k=3).ids) == 3
+
+
+def test_empty_query_is_refused(catalog):
+    with client_for(catalog["server"], "http") as client, pytest.raises(RequestFailed, match="QUERY.*empty"):
+        client.search("   ")
+
+
+def cache_count(server, result: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    pattern = rf'^ecomserve_search_cache_total{{[^}}]*result="{result}"[^}}]*}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+
+
+def test_upserts_and_deletes_show_within_seconds_under_traffic(catalog):
+    server, spec, repository, target = catalog["server"], catalog["spec"], catalog["repository"], catalog["index"]
+    new_item = CatalogItem("sku-new", "zebra print velvet armchair")
+    failures, stop = [], threading.Event()
+
+    def traffic(index: int) -> None:
+        with client_for(server, ("http", "grpc")[index % 2]) as client:
+            while not stop.is_set():
+                try:
+                    assert len(client.search(QUERIES[index % len(QUERIES)], top_k=5).ids) == 5
+                except Exception as exc:  # noqa: BLE001 - every failure counts
+                    failures.append(repr(exc))
+
+    def top_id(client) -> str:
+        return client.search(new_item.title, top_k=1).ids[0]
+
+    threads = [threading.Thread(target=traffic, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        with client_for(server, "http") as client:
+            assert top_id(client) != new_item.id
+            hits_before = cache_count(server, "hit")
+            for _ in range(3):  # the same query again: each of the 2 instances answers it from its cache
+                top_id(client)
+            assert cache_count(server, "hit") >= hits_before + 1
+            upsert_items(spec, repository, [new_item], target, Console(stderr=True))
+            assert wait_for(lambda: top_id(client) == new_item.id), "upsert not visible within 5 s"
+            delete_items(spec, [new_item.id], target)
+            assert wait_for(lambda: top_id(client) != new_item.id), "delete not visible within 5 s"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert failures == []
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_catalog_files_are_read_as_jsonl_and_csv(tmp_path):
+    (tmp_path / "items.jsonl").write_text(
+        '{"id": "a", "title": "red shoes", "category": "shoes"}\n\n{"id": 7, "title": "mug"}\n'
+    )
+    (tmp_path / "items.csv").write_text("id,title,price\na,red shoes,10\n7,mug,3\n")
+    expected = [CatalogItem("a", "red shoes"), CatalogItem("7", "mug")]
+    assert list(read_catalog(tmp_path / "items.jsonl")) == expected == list(read_catalog(tmp_path / "items.csv"))
+    (tmp_path / "bad.jsonl").write_text('{"id": "a"}\n')
+    with pytest.raises(Exception, match="bad.jsonl:1: every item needs"):
+        list(read_catalog(tmp_path / "bad.jsonl"))
+
+
+def test_search_keeps_the_ndcg_of_rank_over_the_whole_catalog(default_server):
+    """Retrieve from the index (then rerank) must rank the eval set as well as `rank` over all products."""
+    spec = load_spec(ROOT / "export/default.yaml")
+    repository = default_server.options.repository
+    eval_set = load_eval_set()
+    items = [CatalogItem(pid, title) for pid, title in zip(eval_set.product_ids, eval_set.titles)]
+    build_index(spec, repository, items, index_dir(spec, repository.parent), Console(stderr=True))
+    position = {pid: i for i, pid in enumerate(eval_set.product_ids)}
+    searched, ranked = [], []
+    with client_for(default_server, "grpc") as client:
+        for query in eval_set.queries:
+            gains = eval_set.gains(query)
+            found = client.search(query.text, top_k=10)
+            scores = np.full(len(items), -np.inf)
+            scores[[position[i] for i in found.ids]] = found.scores
+            searched.append(ndcg_at_k(scores, gains))
+            ranked.append(ndcg_at_k(client.rank(query.text, eval_set.titles).scores, gains))
+    assert abs(np.mean(searched) - np.mean(ranked)) <= 0.01
+    print(json.dumps({"search_ndcg5": np.mean(searched), "rank_ndcg5": np.mean(ranked)}))
