@@ -192,3 +192,28 @@ def test_search_keeps_the_ndcg_of_rank_over_the_whole_catalog(default_server):
             ranked.append(ndcg_at_k(client.rank(query.text, eval_set.titles).scores, gains))
     assert abs(np.mean(searched) - np.mean(ranked)) <= 0.01
     print(json.dumps({"search_ndcg5": np.mean(searched), "rank_ndcg5": np.mean(ranked)}))
+
+
+def test_an_interrupted_build_resumes(tmp_path):
+    """What a killed build left in <index>.building is kept; only the rest is embedded, then swapped in."""
+    from ecomserve.index.catalog import read_manifest, read_titles
+    from ecomserve.repository.builder import build_repository
+
+    spec = spec_from(
+        {
+            "encoders": [{"name": "tiny", "source": str(make_tiny_bert(tmp_path / "tiny", seed=5)), "max_seq_len": 32}],
+            "search": {},
+        }
+    )
+    repository = tmp_path / "model_repository"
+    build_repository(spec, repository)
+    target = index_dir(spec, tmp_path)
+    items = catalog_items()[:300]
+    build_index(spec, repository, items[:120], target, Console(stderr=True))
+    target.rename(target.with_name(target.name + ".building"))  # as if the full build had died here
+    console = Console(record=True, width=200)
+    manifest = build_index(spec, repository, items, target, console)
+    assert "120 items already embedded, 180 to go" in console.export_text()
+    assert manifest.items == 300 and read_manifest(target) == manifest
+    assert set(read_titles(target)) == {item.id for item in items}
+    assert not target.with_name(target.name + ".building").exists()

@@ -242,6 +242,11 @@ def index_delete(
     console.print(f"[green]index version {manifest.version}[/]: removed {removed}, {manifest.items} items")
 
 
+class WorkloadName(StrEnum):
+    serving = "serving"
+    search = "search"
+
+
 @app.command()
 def bench(
     spec: SpecOption = DEFAULT_SPEC,
@@ -252,8 +257,23 @@ def bench(
     concurrency: Annotated[list[int] | None, typer.Option(help="client counts for the served runs")] = None,
     variant: Annotated[list[str] | None, typer.Option(help="compression variants to build and measure")] = None,
     tune: Annotated[bool, typer.Option(help="also compare layouts, instances × threads, batching delay")] = True,
+    workload: Annotated[
+        WorkloadName, typer.Option(help="serving: the encoders and server; search: the catalog index backends")
+    ] = WorkloadName.serving,
+    scales: Annotated[
+        list[int] | None, typer.Option(help="search: catalog sizes, repeat for each (default 10000, 100000)")
+    ] = None,
 ) -> None:
-    """PyTorch, the in-process runtime, every compression variant and the served pipeline, in one run."""
+    """PyTorch, the in-process runtime, every compression variant and the served pipeline, in one run
+    (--workload search: faiss exact / HNSW and Milvus Lite on synthetic catalogs)."""
+    if workload == WorkloadName.search:
+        from ecomserve.bench.search import MAX_SCALE, bench_search, search_markdown
+
+        if any(not 100 <= scale <= MAX_SCALE for scale in scales or []):
+            raise typer.BadParameter(f"each scale must be between 100 and {MAX_SCALE}", param_hint="--scales")
+        found = bench_search(load_spec(spec), spec.parent, out, duration, scales, console)
+        console.print(search_markdown(found), highlight=False, soft_wrap=True)
+        return
     from ecomserve.bench.run import BenchOptions, run_bench
     from ecomserve.bench.variants import VARIANTS
 
