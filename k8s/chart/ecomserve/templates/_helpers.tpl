@@ -86,6 +86,31 @@ Call with (dict "image" .Values.x.image "defaultTag" "..."). */}}
 {{- default (include "ecomserve.suffixedName" (dict "root" . "suffix" "models")) .Values.modelRepository.pvc.existingClaim }}
 {{- end }}
 
+{{/* Claim holding the catalog index folder (search.indexVolume). */}}
+{{- define "ecomserve.indexClaim" -}}
+{{- default (include "ecomserve.repositoryClaim" .) .Values.search.indexVolume.existingClaim }}
+{{- end }}
+
+{{/* Pod volume of that claim: the repository's own volume when it is the same claim. */}}
+{{- define "ecomserve.indexVolumeName" -}}
+{{- if and (eq .Values.modelRepository.source "pvc") (eq (include "ecomserve.indexClaim" .) (include "ecomserve.repositoryClaim" .)) }}model-repository{{ else }}catalog-index{{ end }}
+{{- end }}
+
+{{/* The spec's search.index_dir that names <mountPath>/catalog_index for both readers: relative when
+`ecomserve index --repository <volume>/<pvc.subPath>` resolves it to the mounted folder too (same claim,
+subPath beside the repository folder), otherwise absolute. */}}
+{{- define "ecomserve.indexDir" -}}
+{{- $iv := .Values.search.indexVolume }}
+{{- $repo := .Values.modelRepository }}
+{{- $relative := printf "%s/catalog_index" (trimPrefix "/" $iv.mountPath) }}
+{{- $besideRepository := clean (printf "%s/%s" (dir (default "." $repo.pvc.subPath)) (trimPrefix "/" $iv.mountPath)) }}
+{{- if and (eq (include "ecomserve.indexVolumeName" .) "model-repository") $repo.pvc.subPath (eq (clean $iv.subPath) $besideRepository) }}
+{{- $relative }}
+{{- else }}
+{{- printf "%s/catalog_index" $iv.mountPath }}
+{{- end }}
+{{- end }}
+
 {{/* Whether Triton's model-repository API is on (explicit model control), hence guarded by the admin key. */}}
 {{- define "ecomserve.adminKeyEnabled" -}}
 {{- if eq .Values.triton.modelControl.mode "explicit" }}true{{ end }}
@@ -156,6 +181,26 @@ the init container (links into /models-source and the engine cache). */}}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
+{{- end }}
+{{- $iv := .Values.search.indexVolume }}
+{{- if $iv.enabled }}
+{{- if and (ne $repo.source "pvc") (not $iv.existingClaim) }}
+{{- fail (printf "search.indexVolume.existingClaim is required when modelRepository.source=%s (the index folder lives on a volume)" $repo.source) }}
+{{- end }}
+{{- if eq (include "ecomserve.indexVolumeName" .) "model-repository" }}
+{{- $inside := or (not $repo.pvc.subPath) (eq (clean $iv.subPath) (clean $repo.pvc.subPath)) (hasPrefix (printf "%s/" (clean $repo.pvc.subPath)) (clean $iv.subPath)) }}
+{{- if $inside }}
+{{- fail "search.indexVolume.subPath must lie beside modelRepository.pvc.subPath (which must not be empty), not inside the repository: Triton would take the index folder for a model" }}
+{{- end }}
+{{- end }}
+{{- range list "/models" "/models-source" "/engine-cache" "/tmp" "/dev" "/proc" "/sys" "/opt" "/usr" "/etc" "/var" "/run" "/bin" "/sbin" "/lib" "/lib64" }}
+{{- if or (eq $iv.mountPath .) (hasPrefix (printf "%s/" .) $iv.mountPath) }}
+{{- fail (printf "search.indexVolume.mountPath %s: choose a folder outside %s (Triton, the chart or the image use it)" $iv.mountPath .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled .Values.search.milvus.enabled (ne $repo.source "pvc") (not .Values.networkPolicy.extraEgress) }}
+{{- fail (printf "search.milvus.enabled limits the pods' egress to DNS and Milvus: with modelRepository.source=%s list the object store in networkPolicy.extraEgress (e.g. [{ports: [{port: 443, protocol: TCP}]}])" $repo.source) }}
 {{- end }}
 {{- $pdb := .Values.podDisruptionBudget }}
 {{- if and $pdb.enabled (not $pdb.maxUnavailable) (not (kindIs "string" $pdb.minAvailable)) }}
