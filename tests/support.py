@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,13 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def client_for(server: TritonServer, protocol: str) -> EcomClient:
     return EcomClient(server.http_url if protocol == "http" else server.grpc_url, protocol)
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> bool:
+    """Poll `condition` every 0.1 s until it holds or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False

@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from rich.console import Console
-from support import TorchReference, client_for, make_tiny_bert, spec_from
+from support import TorchReference, client_for, make_tiny_bert, spec_from, wait_for
 from tritonclient.utils import InferenceServerException
 
 from ecomserve.errors import EcomserveError, RepositoryError
@@ -286,7 +286,7 @@ def test_search_never_mixes_releases(live, control, sources):
         with pytest.raises(EcomserveError, match=f"embedded by release {indexed}, which is not loaded"):
             client.search(TEXTS[1], top_k=5)
         build_index(spec, repository, items, target, Console(stderr=True))
-        assert wait_until(lambda: _search_ok(client))
+        assert wait_for(lambda: _search_ok(client))
         np.testing.assert_allclose(
             client.search(TEXTS[0], top_k=5).scores, expected_scores(newest, TEXTS[0]), atol=1e-5
         )
@@ -302,12 +302,3 @@ def _search_ok(client) -> bool:
     except EcomserveError:
         return False
     return True
-
-
-def wait_until(condition, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False

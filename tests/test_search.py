@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from rich.console import Console
-from support import client_for, make_tiny_bert, spec_from, start_server
+from support import client_for, make_tiny_bert, spec_from, start_server, wait_for
 from tritonclient.utils import InferenceServerException
 
 from ecomserve.errors import RequestFailed
@@ -150,15 +149,6 @@ def test_upserts_and_deletes_show_within_seconds_under_traffic(catalog):
         for thread in threads:
             thread.join(timeout=30)
     assert failures == []
-
-
-def wait_for(condition, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_catalog_files_are_read_as_jsonl_and_csv(tmp_path):

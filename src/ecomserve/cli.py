@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -135,11 +136,16 @@ AdminKeyOption = Annotated[
 ControlUrlOption = Annotated[str, typer.Option("--url", help="the server's HTTP host:port")]
 
 
+@contextmanager
 def _control(url: str, key: str | None):
     from ecomserve.publish import ModelControl, admin_key
     from ecomserve.server.process import ServerOptions
 
-    return ModelControl(url, key or admin_key(ServerOptions(repository=DEFAULT_REPOSITORY).work_dir))
+    control = ModelControl(url, key or admin_key(ServerOptions(repository=DEFAULT_REPOSITORY).work_dir))
+    try:
+        yield control
+    finally:
+        control.close()
 
 
 @app.command()
@@ -152,11 +158,8 @@ def publish(
     """Build, verify and switch a running server to a new release of the spec's encoders."""
     from ecomserve.publish import publish as publish_release
 
-    control = _control(url, key)
-    try:
+    with _control(url, key) as control:
         release = publish_release(load_spec(spec), spec.parent, repository, control, console)
-    finally:
-        control.close()
     console.print(f"[green]release {release} is live[/] (ecomserve rollback returns to the previous one)")
 
 
@@ -170,22 +173,16 @@ def rollback(
     """Serve an earlier release again."""
     from ecomserve.publish import rollback as rollback_release
 
-    control = _control(url, key)
-    try:
+    with _control(url, key) as control:
         was, now = rollback_release(repository, control, to)
-    finally:
-        control.close()
     console.print(f"[green]release {now} is live again[/] (was {was})")
 
 
 @app.command()
 def models(url: ControlUrlOption = "127.0.0.1:8000", key: AdminKeyOption = None) -> None:
     """List the server's models, versions and states (JSON)."""
-    control = _control(url, key)
-    try:
+    with _control(url, key) as control:
         print(json.dumps(control.index(), indent=2))
-    finally:
-        control.close()
 
 
 CatalogArgument = Annotated[Path, typer.Argument(help="JSONL or CSV with `id` and `title` per item")]
@@ -198,17 +195,23 @@ def _index_target(spec: PipelineSpec, repository: Path) -> Path:
     return index_dir(spec, repository.resolve().parent)
 
 
+def _write_index(operation, catalog: Path, spec_path: Path, repository: Path):
+    """Run a catalog operation (build, upsert) with the spec and the index folder it names."""
+    from ecomserve.index.catalog import read_catalog
+
+    spec = load_spec(spec_path)
+    target = _index_target(spec, repository)
+    return operation(spec, repository, list(read_catalog(catalog)), target, console), target
+
+
 @index_app.command("build")
 def index_build(
     catalog: CatalogArgument, spec: SpecOption = DEFAULT_SPEC, repository: RepositoryOption = DEFAULT_REPOSITORY
 ) -> None:
     """Embed every catalog item with the live release and swap the new index in (resumable)."""
-    from ecomserve.index.catalog import read_catalog
     from ecomserve.index.ops import build_index
 
-    loaded = load_spec(spec)
-    target = _index_target(loaded, repository)
-    manifest = build_index(loaded, repository, list(read_catalog(catalog)), target, console)
+    manifest, target = _write_index(build_index, catalog, spec, repository)
     console.print(
         f"[green]index version {manifest.version}[/]: {manifest.items} items, release {manifest.release}, {target}"
     )
@@ -219,12 +222,9 @@ def index_upsert(
     catalog: CatalogArgument, spec: SpecOption = DEFAULT_SPEC, repository: RepositoryOption = DEFAULT_REPOSITORY
 ) -> None:
     """Add or replace items; `search` sees them at its next request."""
-    from ecomserve.index.catalog import read_catalog
     from ecomserve.index.ops import upsert_items
 
-    loaded = load_spec(spec)
-    target = _index_target(loaded, repository)
-    manifest = upsert_items(loaded, repository, list(read_catalog(catalog)), target, console)
+    manifest, _ = _write_index(upsert_items, catalog, spec, repository)
     console.print(f"[green]index version {manifest.version}[/]: {manifest.items} items")
 
 

@@ -28,6 +28,7 @@ from ecomserve.index.catalog import (
     write_manifest,
     write_titles,
 )
+from ecomserve.repository.builder import swap_in
 from ecomserve.repository.inprocess import release_embedder
 from ecomserve.repository.releases import live_release
 from ecomserve.spec import PipelineSpec, SearchSpec
@@ -78,7 +79,7 @@ def build_index(
         previous = read_manifest(target)
         manifest = Manifest(search.backend, release, dim, (previous.version if previous else 0) + 1, len(index))
         write_manifest(staging, manifest)
-    _swap_in(staging, target)
+    swap_in(staging, target)
     return manifest
 
 
@@ -163,12 +164,3 @@ def _writer(folder: Path):
         yield
     finally:
         lock.unlink(missing_ok=True)
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -165,7 +165,7 @@ def build_repository(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _swap_in(staging, repository)
+    swap_in(staging, repository)
     for name, checks in info["parity"].items():
         for stage in checks["stages"]:
             console.print(
@@ -175,7 +175,8 @@ def build_repository(
     return info
 
 
-def _swap_in(staging: Path, repository: Path) -> None:
+def swap_in(staging: Path, repository: Path) -> None:
+    """Replace `repository` with `staging` by two renames; the old one is removed after."""
     old = repository.with_name(repository.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if repository.exists():
