@@ -103,6 +103,21 @@ def test_top_k_out_of_bounds_is_refused(catalog, protocol, top_k):
         assert len(ecom.search("red running shoes", top_k=3).ids) == 3
 
 
+def test_query_search_prints_json(catalog):
+    import subprocess
+    import sys
+
+    server = catalog["server"]
+    printed = subprocess.run(
+        [sys.executable, "-m", "ecomserve", "query", "search", QUERIES[0], "--top-k", "4", "--url", server.http_url],
+        capture_output=True,
+        text=True,
+    )
+    assert printed.returncode == 0, printed.stderr
+    answer = json.loads(printed.stdout)
+    assert answer["ids"] == exact_top(catalog, QUERIES[0], 4, catalog_items()) and len(answer["scores"]) == 4
+
+
 def test_empty_query_is_refused(catalog):
     with client_for(catalog["server"], "http") as client, pytest.raises(RequestFailed, match="QUERY.*empty"):
         client.search("   ")

@@ -326,6 +326,19 @@ def query_rank(
     )
 
 
+@query_app.command("search")
+def query_search(
+    query: str,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="items to return (default: search.top_k)")] = None,
+    url: UrlOption = None,
+    protocol: ProtocolOption = ProtocolName.http,
+) -> None:
+    """Catalog items for QUERY from the index, best first."""
+    with _client(url, protocol) as client:
+        result = client.search(query, top_k)
+    _print({"model": "search", "ids": result.ids, "scores": result.scores.tolist()})
+
+
 @query_app.command("classify")
 def query_classify(
     text: str,
