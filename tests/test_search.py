@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from ecomserve.errors import RequestFailed
 from ecomserve.evaluation import load_eval_set, ndcg_at_k
-from ecomserve.index.catalog import CatalogItem, read_catalog
+from ecomserve.index.catalog import CatalogError, CatalogItem, read_catalog
 from ecomserve.index.ops import build_index, delete_items, index_dir, upsert_items
 from ecomserve.paths import CORPUS_DIR
 from ecomserve.repository.inprocess import release_embedder
@@ -174,7 +174,7 @@ def test_catalog_files_are_read_as_jsonl_and_csv(tmp_path):
     expected = [CatalogItem("a", "red shoes"), CatalogItem("7", "mug")]
     assert list(read_catalog(tmp_path / "items.jsonl")) == expected == list(read_catalog(tmp_path / "items.csv"))
     (tmp_path / "bad.jsonl").write_text('{"id": "a"}\n')
-    with pytest.raises(Exception, match="bad.jsonl:1: every item needs"):
+    with pytest.raises(CatalogError, match="bad.jsonl:1: every item needs"):
         list(read_catalog(tmp_path / "bad.jsonl"))
 
 

@@ -91,7 +91,7 @@ def serve(
     """Start tritonserver on the repository (building it first if missing) and block until stopped."""
     from ecomserve.publish import ADMIN_KEY_ENV, ADMIN_KEY_FILE, admin_key
     from ecomserve.repository.builder import built_target, is_built
-    from ecomserve.server.process import Ports, ServerOptions, TritonServer
+    from ecomserve.server.process import WORK_DIR, Ports, ServerOptions, TritonServer
 
     if rebuild or not is_built(repository):
         console.print(f"building {repository} from {spec} …")
@@ -103,8 +103,7 @@ def serve(
             "GPU (the embedded server has no onnxruntime or tensorrt backend): see k8s/README.md, or rebuild "
             "with --target cpu (torch encoders run on CUDA there with serving.device: cuda)"
         )
-    work_dir = ServerOptions(repository=repository).work_dir
-    key = admin_key(work_dir, create=True)
+    key = admin_key(WORK_DIR, create=True)
     server = TritonServer(
         ServerOptions(repository=repository, host=host, ports=Ports(http_port, grpc_port, metrics_port), admin_key=key)
     )
@@ -120,7 +119,7 @@ def serve(
     console.print(
         f"[green]ready[/]  HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
         f"models: embed, rank, classify · log: {server.log_path} · Ctrl-C to stop\n"
-        f"model control (ecomserve publish / rollback) takes the key in {work_dir / ADMIN_KEY_FILE} "
+        f"model control (ecomserve publish / rollback) takes the key in {WORK_DIR / ADMIN_KEY_FILE} "
         f"or ${ADMIN_KEY_ENV}"
     )
     code = server.wait()
@@ -139,9 +138,9 @@ ControlUrlOption = Annotated[str, typer.Option("--url", help="the server's HTTP 
 @contextmanager
 def _control(url: str, key: str | None):
     from ecomserve.publish import ModelControl, admin_key
-    from ecomserve.server.process import ServerOptions
+    from ecomserve.server.process import WORK_DIR
 
-    control = ModelControl(url, key or admin_key(ServerOptions(repository=DEFAULT_REPOSITORY).work_dir))
+    control = ModelControl(url, key or admin_key(WORK_DIR))
     try:
         yield control
     finally:

@@ -154,9 +154,12 @@ def switch(repository: Path, release: int, keep: int, control: ModelControl, han
     load the new release first and `embed` moves after; backward, `embed` moves first."""
     *models, embed = versioned_models(repository)
     live = live_release(repository)
+    forward = release > live
 
     def load_models() -> None:
-        keep_loaded(repository, release, keep, live=live_release(repository))
+        # The release `embed` reads while the models load: the live one going forward; going back,
+        # `embed` has already moved to `release`.
+        keep_loaded(repository, release, keep, live=live if forward else release)
         for model in models:
             control.load(model)
             control.wait_ready(model, release)
@@ -166,7 +169,7 @@ def switch(repository: Path, release: int, keep: int, control: ModelControl, han
         control.load(embed)
         control.wait_ready(embed, release)
 
-    steps = (load_models, move_embed) if release > live else (move_embed, load_models)
+    steps = (load_models, move_embed) if forward else (move_embed, load_models)
     for step in steps:
         step()
 

@@ -33,7 +33,8 @@ class TextTokenizer:
         truncated = sum(bool(encoding.overflowing) for encoding in encodings)
         rows = [encoding.ids for encoding in encodings]
         longest = max(len(row) for row in rows)
-        length = min(-(-longest // self.pad_to_multiple) * self.pad_to_multiple, max(longest, self.max_seq_len))
+        # Truncation keeps `longest` within max_seq_len, so the cap never cuts a text.
+        length = min(-(-longest // self.pad_to_multiple) * self.pad_to_multiple, self.max_seq_len)
         # Padded positions are masked out, so the id placed there never changes an answer.
         input_ids = np.zeros((len(rows), length), dtype=np.int64)
         attention_mask = np.zeros((len(rows), length), dtype=np.int64)

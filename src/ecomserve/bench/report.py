@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     rows = [{k: v for k, v in row.items() if not isinstance(v, list | dict)} for row in rows]
     fields = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="") as handle:
@@ -107,10 +107,10 @@ def markdown(results: dict) -> str:
 
 def write_report(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(out_dir / "measurements.csv", results["measurements"])
-    _write_csv(out_dir / "variants.csv", results["variants"])
+    write_csv(out_dir / "measurements.csv", results["measurements"])
+    write_csv(out_dir / "variants.csv", results["variants"])
     if results.get("tuning"):
-        _write_csv(out_dir / "tuning.csv", results["tuning"])
+        write_csv(out_dir / "tuning.csv", results["tuning"])
     plot_throughput(results, out_dir / "throughput.png")
     plot_pareto(results, out_dir / "pareto.png")
     (out_dir / "summary.md").write_text(markdown(results))

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from ecomserve.bench.load import measure
-from ecomserve.bench.report import _write_csv, plt
+from ecomserve.bench.report import plt, write_csv
 from ecomserve.index.backends import FaissIndex, MilvusIndex, VectorIndex, start_milvus_lite
 from ecomserve.index.ops import EMBED_BATCH
 from ecomserve.paths import CORPUS_DIR
@@ -505,7 +505,7 @@ def search_markdown(results: dict) -> str:
 def write_search_report(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "search_results.json").write_text(json.dumps(results, indent=2))
-    _write_csv(out_dir / "search.csv", results["rows"])
+    write_csv(out_dir / "search.csv", results["rows"])
     plot_recall_qps(results, out_dir / "search_recall_qps.png")
     # Beside summary.md, not inside it: the default workload rewrites summary.md on every run.
     (out_dir / "search_summary.md").write_text(search_markdown(results))

@@ -69,6 +69,10 @@ class VectorIndex(Protocol):
         """Every live id, in no particular order."""
         ...
 
+    def save(self, directory: Path) -> object:
+        """Make every write so far durable in `directory` (where the backend keeps its data there)."""
+        ...
+
 
 def open_index(spec: SearchSpec, directory: Path, dim: int) -> VectorIndex:
     """The index of `spec.backend`. faiss: loaded from `directory` if saved there, else empty (save() writes
@@ -513,6 +517,9 @@ class MilvusIndex:
         finally:
             iterator.close()
         return found
+
+    def save(self, directory: Path) -> None:
+        """Nothing to write: the Milvus server already holds every upsert and delete."""
 
     def flush(self) -> None:
         """Seal what was written (optional: Milvus keeps writes durable without it)."""

@@ -128,9 +128,7 @@ def _commit(index, titles: dict[str, str], target: Path, manifest: Manifest) -> 
 
 def _save(index, titles: dict[str, str], folder: Path) -> None:
     # Vectors before titles: a title without a vector is never shown; a vector without a title is.
-    save = getattr(index, "save", None)
-    if save is not None:  # faiss keeps its vectors in the folder; Milvus already has them
-        save(folder)
+    index.save(folder)
     write_titles(folder, titles)
 
 

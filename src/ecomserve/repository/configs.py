@@ -53,10 +53,12 @@ def parse_pbtxt(text: str) -> pb.ModelConfig:
     return text_format.Parse(text, pb.ModelConfig())
 
 
-def _tensor(name: str, dtype: int, dims: list[int], ragged: bool = False) -> dict:
+def _tensor(name: str, dtype: int, dims: list[int], ragged: bool = False, optional: bool = False) -> dict:
     fields = {"name": name, "data_type": dtype, "dims": dims}
     if ragged:
         fields["allow_ragged_batch"] = True
+    if optional:
+        fields["optional"] = True
     return fields
 
 
@@ -357,7 +359,7 @@ def search_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConf
         SEARCH,
         spec,
         built,
-        inputs=[_tensor("QUERY", pb.TYPE_STRING, [1]), {**_tensor("TOP_K", pb.TYPE_INT32, [1]), "optional": True}],
+        inputs=[_tensor("QUERY", pb.TYPE_STRING, [1]), _tensor("TOP_K", pb.TYPE_INT32, [1], optional=True)],
         outputs=[_tensor("IDS", pb.TYPE_STRING, [-1]), _tensor("SCORES", pb.TYPE_FP32, [-1])],
     )
     _parameters(config, {"search": spec.search.model_dump(), "layout": spec.serving.layout})

@@ -26,6 +26,10 @@ GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 _HARMLESS_LINE = re.compile(r"CUDA|NVML|DCGM|pinned memory|CudaDriverHelper", re.IGNORECASE)
 
 
+# Logs, the python backend folder and the admin key of `ecomserve serve`, relative to where it runs.
+WORK_DIR = Path(".ecomserve")
+
+
 @dataclass(frozen=True)
 class Ports:
     http: int = 8000
@@ -41,7 +45,7 @@ class ServerOptions:
     repository: Path
     host: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
-    work_dir: Path = Path(".ecomserve")
+    work_dir: Path = WORK_DIR
     cache_bytes: int = 256 * 1024 * 1024
     exit_timeout_s: int = 30
     # Model control (load, unload, index) needs this key in the `ecomserve-admin-key` header; None locks

@@ -72,15 +72,32 @@ class UpstreamError(Exception):
         self.error = pb_utils.TritonError(error.message(), code)
 
 
+class Unavailable(Exception):
+    """What the request needs is not there yet (an index, a loaded release): UNAVAILABLE, with the fix."""
+
+
 def error_response(exc: Exception):
     """Bad input → INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT); an upstream error keeps its code;
-    anything else → INTERNAL, logged."""
+    Unavailable → UNAVAILABLE (503); anything else → INTERNAL, logged."""
     if isinstance(exc, UpstreamError):
         return pb_utils.InferenceResponse(error=exc.error)
+    if isinstance(exc, Unavailable):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
     if isinstance(exc, InvalidInput):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
     log.exception("request failed")
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}"))
+
+
+async def respond_each_async(requests, handle):
+    """respond_each for coroutine handlers (models that await BLS calls)."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(await handle(request))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes that request's error response
+            responses.append(error_response(exc))
+    return responses
 
 
 def respond_each(requests, handle):

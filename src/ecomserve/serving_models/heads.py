@@ -14,11 +14,11 @@ from ecomserve.serving_models.base import (
     UpstreamError,
     bytes_array,
     encoder_slices,
-    error_response,
     input_array,
     model_config,
     output,
     parameter,
+    respond_each_async,
 )
 from ecomserve.validation import check_count, decode_texts
 
@@ -41,13 +41,7 @@ class _HeadModel:
         self.chunk = parameter(config, "embed_batch")
 
     async def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(await self._handle(request))
-            except Exception as exc:  # noqa: BLE001 - each failure becomes that request's error response
-                responses.append(error_response(exc))
-        return responses
+        return await respond_each_async(requests, self._handle)
 
     async def _handle(self, request):
         max_bytes = self.limits["max_text_bytes"]

@@ -26,14 +26,15 @@ from ecomserve.index.catalog import read_manifest, read_titles
 from ecomserve.index.ops import backend_spec
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT
 from ecomserve.serving_models.base import (
+    Unavailable,
     UpstreamError,
     bytes_array,
     encoder_slices,
-    error_response,
     input_array,
     model_config,
     output,
     parameter,
+    respond_each_async,
 )
 from ecomserve.spec import SearchSpec
 from ecomserve.validation import decode_texts
@@ -43,10 +44,6 @@ EMBEDDER = "embedder"
 MANIFEST_CHECK_S = 0.25
 # Triton's words for a model version that is not loaded (BLS errors all arrive as INTERNAL).
 _NOT_LOADED = re.compile(r"unknown model|no available versions|is not ready|version \d+ is not", re.IGNORECASE)
-
-
-class Unavailable(Exception):
-    """The index is missing or its release is not loaded: UNAVAILABLE, with the command that fixes it."""
 
 
 class TritonPythonModel:
@@ -71,17 +68,7 @@ class TritonPythonModel:
         self.misses = self.cache_family.Metric(labels={"model": args["model_name"], "result": "miss"})
 
     async def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(await self._handle(request))
-            except Unavailable as exc:
-                responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
-                )
-            except Exception as exc:  # noqa: BLE001 - each failure becomes that request's error response
-                responses.append(error_response(exc))
-        return responses
+        return await respond_each_async(requests, self._handle)
 
     async def _handle(self, request):
         (query,) = decode_texts("QUERY", input_array(request, "QUERY"), self.max_text_bytes)
