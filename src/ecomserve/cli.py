@@ -137,7 +137,8 @@ ControlUrlOption = Annotated[str, typer.Option("--url", help="the server's HTTP 
 
 @contextmanager
 def _control(url: str, key: str | None):
-    from ecomserve.publish import ModelControl, admin_key
+    from ecomserve.publish import admin_key
+    from ecomserve.server.control import ModelControl
     from ecomserve.server.process import WORK_DIR
 
     control = ModelControl(url, key or admin_key(WORK_DIR))

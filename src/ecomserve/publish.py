@@ -13,8 +13,6 @@ import json
 import os
 import secrets
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -32,12 +30,11 @@ from ecomserve.repository.releases import (
     serve,
     versioned_models,
 )
-from ecomserve.server.process import ADMIN_HEADER
+from ecomserve.server.control import ModelControl
 from ecomserve.spec import PipelineSpec
 
 ADMIN_KEY_ENV = "ECOMSERVE_ADMIN_KEY"
 ADMIN_KEY_FILE = "admin.key"
-READY_TIMEOUT_S = 300.0
 
 
 def admin_key(work_dir: Path, create: bool = False) -> str:
@@ -55,46 +52,6 @@ def admin_key(work_dir: Path, create: bool = False) -> str:
     with os.fdopen(descriptor, "w") as handle:
         handle.write(key + "\n")
     return key
-
-
-@dataclass
-class ModelControl:
-    """Triton's model-repository API over HTTP, with the admin key on every call."""
-
-    url: str
-    key: str
-
-    def __post_init__(self):
-        import tritonclient.http as httpclient
-
-        self._client = httpclient.InferenceServerClient(self.url, connection_timeout=30.0, network_timeout=600.0)
-        self._headers = {ADMIN_HEADER: self.key}
-
-    def load(self, model: str) -> None:
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            self._client.load_model(model, headers=self._headers)
-        except InferenceServerException as exc:
-            raise ServerError(f"the server could not load '{model}': {exc.message()}") from None
-
-    def wait_ready(self, model: str, version: int, timeout_s: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self._client.is_model_ready(model, str(version)):
-            if time.monotonic() > deadline:
-                raise ServerError(f"'{model}' version {version} not ready after {timeout_s:.0f} s")
-            time.sleep(0.2)
-
-    def index(self) -> list[dict]:
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            return self._client.get_model_repository_index(headers=self._headers)
-        except InferenceServerException as exc:
-            raise ServerError(f"model repository index refused: {exc.message()} (check the admin key)") from None
-
-    def close(self) -> None:
-        self._client.close()
 
 
 def publish(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,10 @@ class TritonInstall:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.library_dir), env.get("LD_LIBRARY_PATH")]))
-        # The stub embeds its own interpreter: point it at this environment's packages (ecomserve included).
-        paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+        # The stub embeds an isolated interpreter that ignores PYTHONPATH and finds its prefix by looking
+        # up `python3` on PATH: this environment's interpreter must come first, or the stub runs on the
+        # system Python without ecomserve (a venv used without `activate`, a systemd unit, cron).
+        env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
         return env
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ecomserve.errors import RepositoryError, ServerError
 from ecomserve.server.environment import TritonInstall, locate_triton
+from ecomserve.server.stub_watchdog import StubWatchdog
 
 # Triton's error and warning lines start with E or W and the date (E1123 14:00:00.123 ...).
 _PROBLEM_LINE = re.compile(r"^[EW]\d{4} |error|failed|unable", re.IGNORECASE)
@@ -49,8 +50,11 @@ class ServerOptions:
     cache_bytes: int = 256 * 1024 * 1024
     exit_timeout_s: int = 30
     # Model control (load, unload, index) needs this key in the `ecomserve-admin-key` header; None locks
-    # it with a key nobody holds. Inference, health and metadata stay open.
+    # it with a random key only this process holds (its stub watchdog reloads models with it). Inference,
+    # health and metadata stay open.
     admin_key: str | None = None
+    # Reload a python model whose stub process died (Triton 2.51 does not restart it): server/stub_watchdog.
+    recover_stubs: bool = True
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -78,7 +82,9 @@ class TritonServer:
         self.options = options
         self.log_path = options.work_dir / "logs" / f"tritonserver-{options.ports.http}.log"
         self._process: subprocess.Popen | None = None
+        self._watchdog: StubWatchdog | None = None
         self.stop_requested = False
+        self.admin_key = options.admin_key or secrets.token_urlsafe(24)
 
     @property
     def http_url(self) -> str:
@@ -106,7 +112,7 @@ class TritonServer:
     def command(self, install: TritonInstall) -> list[str]:
         options = self.options
         host, ports = options.host, options.ports
-        restricted = f"model-repository:{ADMIN_HEADER}={options.admin_key or secrets.token_urlsafe(24)}"
+        restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
         return [
             str(install.binary),
             f"--model-repository={options.repository.resolve()}",
@@ -148,6 +154,9 @@ class TritonServer:
                 command, stdout=log, stderr=subprocess.STDOUT, env=install.environment(), start_new_session=True
             )
         self._wait_ready(timeout_s)
+        if options.recover_stubs:
+            self._watchdog = StubWatchdog(self._process.pid, self.http_url, self.admin_key)
+            self._watchdog.start()
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -183,11 +192,15 @@ class TritonServer:
     def request_stop(self) -> None:
         """Ask Triton to drain and exit (SIGTERM); returns at once. Safe inside a signal handler."""
         self.stop_requested = True
+        if self._watchdog is not None:
+            self._watchdog.request_stop()
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM lets Triton finish in-flight requests (up to exit_timeout_s); then SIGKILL."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
         process = self._process
         if process is None or process.poll() is not None:
             return process.returncode if process else None

@@ -1,0 +1,143 @@
+"""Bring a python model back when its stub process dies.
+
+Triton's python backend runs every model instance in a stub process, and 2.51 does not restart a
+stub that dies (killed, OOM-killed, a crash in a native library): the model stays READY and each
+request to it fails with "Stub process '<instance>' is not healthy" until the model is loaded again.
+tritonserver reaps a stub only when it unloads that instance, so a dead stub stays behind as a
+zombie child. The watchdog looks for those and reloads their model through model control; Triton
+starts fresh instances and swaps them in once they are ready, as it does for any reload."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from pathlib import PurePath
+
+import psutil
+
+from ecomserve.errors import ServerError
+
+log = logging.getLogger(__name__)
+
+STUB_BINARY = "triton_python_backend_stub"
+
+
+def stub_model(cmdline: list[str]) -> str | None:
+    """The model a stub serves; its command line is `<stub> <repository>/<model>/<version>/model.py …`."""
+    if len(cmdline) < 2 or PurePath(cmdline[0]).name != STUB_BINARY:
+        return None
+    return PurePath(cmdline[1]).parent.parent.name
+
+
+class DeadStubs:
+    """Which models have a dead stub, read from tritonserver's child processes.
+
+    A zombie counts once it is seen on two polls in a row: a stub that exits in a normal unload is a
+    zombie only until Triton's waitpid, a moment later. A zombie's command line is gone, so the model
+    of every stub is noted while it lives (the first poll runs at once)."""
+
+    def __init__(self, server_pid: int):
+        self._server = psutil.Process(server_pid)
+        self._models: dict[int, str] = {}
+        self._zombies: set[int] = set()
+        self._recovered: set[int] = set()
+        self.poll()
+
+    def poll(self) -> dict[str, set[int]]:
+        """Models with a stub that died and has not been recovered: model -> stub pids."""
+        models: dict[int, str] = {}
+        zombies: set[int] = set()
+        for child in self._server.children():
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    zombies.add(child.pid)
+                    model = self._models.get(child.pid)
+                else:
+                    model = self._models.get(child.pid) or stub_model(child.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if model:
+                models[child.pid] = model
+        dead: dict[str, set[int]] = defaultdict(set)
+        for pid in (zombies & self._zombies) - self._recovered:
+            if pid in models:
+                dead[models[pid]].add(pid)
+            else:
+                # Died before any poll saw it alive: it can only be one of the python models.
+                log.warning("a python stub (pid %d) died before its model was known: reloading every python model", pid)
+                for model in set(models.values()):
+                    dead[model].add(pid)
+        self._models, self._zombies = models, zombies
+        self._recovered &= zombies
+        return dict(dead)
+
+    def recovered(self, pids: set[int]) -> None:
+        """The model of these stubs was reloaded: their zombies wait only for Triton to unload the old instances."""
+        self._recovered |= pids
+
+
+class StubWatchdog(threading.Thread):
+    """Polls tritonserver's children and restarts each model whose stub died, through model control
+    (explicit mode and the admin key). Restarts run in threads of their own, so the polls that note new
+    stubs go on while a model loads; a failed restart is retried after `retry_s`."""
+
+    def __init__(self, server_pid: int, url: str, admin_key: str, interval_s: float = 0.5, retry_s: float = 5.0):
+        super().__init__(name="ecomserve-stub-watchdog", daemon=True)
+        self.url, self.admin_key = url, admin_key
+        self.interval_s, self.retry_s = interval_s, retry_s
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._restarting: set[str] = set()
+        self._retry_at: dict[str, float] = {}
+        # Note the living stubs now, before a caller could kill one.
+        self._stubs = DeadStubs(server_pid)
+
+    def run(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            with self._lock:
+                try:
+                    dead = self._stubs.poll()
+                except psutil.NoSuchProcess:
+                    return
+                due = {
+                    model: pids
+                    for model, pids in dead.items()
+                    if model not in self._restarting and time.monotonic() >= self._retry_at.get(model, 0.0)
+                }
+                self._restarting |= due.keys()
+            for model, pids in due.items():
+                threading.Thread(target=self._restart, args=(model, pids), name=f"restart-{model}", daemon=True).start()
+
+    def _restart(self, model: str, pids: set[int]) -> None:
+        from ecomserve.server.control import ModelControl
+
+        log.warning("python stub of model '%s' died (pid %s); restarting the model", model, ", ".join(map(str, pids)))
+        started = time.monotonic()
+        # tritonclient's HTTP client is gevent-based: one per thread.
+        control = ModelControl(self.url, self.admin_key)
+        try:
+            control.restart(model)
+        except ServerError as exc:
+            log.error("%s; retrying in %.0f s", exc, self.retry_s)
+            with self._lock:
+                self._retry_at[model] = time.monotonic() + self.retry_s
+                self._restarting.discard(model)
+            return
+        finally:
+            control.close()
+        log.warning("model '%s' restarted in %.1f s; it answers again", model, time.monotonic() - started)
+        with self._lock:
+            self._stubs.recovered(pids)
+            self._retry_at.pop(model, None)
+            self._restarting.discard(model)
+
+    def request_stop(self) -> None:
+        """Stop polling; returns at once (safe inside a signal handler)."""
+        self._stopping.set()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.request_stop()
+        if self.is_alive():
+            self.join(timeout_s)
