@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from support import make_tiny_bert, spec_from
 
 from ecomserve.errors import RepositoryError, ServerError
+from ecomserve.server.environment import locate_triton
 from ecomserve.server.process import Ports, ServerOptions, TritonServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -67,7 +69,8 @@ def test_invalid_repository_shows_the_relevant_log_lines(tmp_path):
     assert "CUDA" not in message  # GPU-less warnings are filtered out as noise
 
 
-def test_serve_prints_endpoints_and_stops_cleanly_on_sigint(tiny_repository, tmp_path):
+def test_serve_prints_endpoints_recovers_a_dead_stub_and_stops_cleanly(tiny_repository, tmp_path):
+    """`ecomserve serve` as a service runs it: the venv is not activated (its bin is not on PATH)."""
     ports = free_ports()
     command = ECOMSERVE + [
         "serve",
@@ -80,26 +83,21 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigint(tiny_repository, tmp
         "--metrics-port",
         str(ports.metrics),
     ]
-    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PATH": path}
+    )
     try:
-        lines = []
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
-            lines.append(process.stderr.readline())
-            assert process.poll() is None, "".join(lines)
-        output = "".join(lines)
+        output = _read_until(process, "Ctrl-C")
         assert f"http://127.0.0.1:{ports.http}" in output and f"127.0.0.1:{ports.grpc}" in output
+        assert len(_query_embed(ports)) == 2
 
-        query = subprocess.run(
-            ECOMSERVE
-            + ["query", "embed", "red shoes", "blue bag", "--url", f"127.0.0.1:{ports.grpc}", "--protocol", "grpc"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert query.returncode == 0, query.stderr
-        embeddings = json.loads(query.stdout)["embeddings"]
-        assert len(embeddings) == 2 and len(embeddings[0]) == 32
+        (triton,) = psutil.Process(process.pid).children()
+        (stub,) = [c for c in triton.children() if "/embedder/" in " ".join(c.cmdline())]
+        stub.kill()
+        assert "model 'embedder' restarted" in _read_until(process, "restarted")
+        assert len(_query_embed(ports)) == 2
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
@@ -109,6 +107,29 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigint(tiny_repository, tmp
             process.kill()
     # Triton let go of the ports: nothing of it is left behind.
     assert all(_can_bind(port) for port in ports.named().values())
+
+
+def _read_until(process: subprocess.Popen, marker: str, timeout_s: float = 180) -> str:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not any(marker in line for line in lines):
+        lines.append(process.stderr.readline())
+        assert process.poll() is None, "".join(lines)
+    return "".join(lines)
+
+
+def _query_embed(ports: Ports) -> list[list[float]]:
+    query = subprocess.run(
+        ECOMSERVE
+        + ["query", "embed", "red shoes", "blue bag", "--url", f"127.0.0.1:{ports.grpc}", "--protocol", "grpc"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert query.returncode == 0, query.stderr
+    embeddings = json.loads(query.stdout)["embeddings"]
+    assert len(embeddings[0]) == 32
+    return embeddings
 
 
 def _can_bind(port: int) -> bool:
@@ -161,3 +182,46 @@ def test_cli_errors_are_one_line_and_exit_1(default_server, tmp_path):
     assert down.returncode == 1 and "is `ecomserve serve` running?" in down.stderr
     spec = subprocess.run(ECOMSERVE + ["build", "--spec", str(tmp_path / "none.yaml")], capture_output=True, text=True)
     assert spec.returncode == 1 and "spec not found" in spec.stderr
+
+
+def test_supervise_runs_tritonserver_restarts_dead_stubs_and_passes_sigterm(tiny_repository, tmp_path):
+    """The Kubernetes entrypoint: `python -m ecomserve.server.supervise -- tritonserver …` with the key in env."""
+    ports = free_ports()
+    options = ServerOptions(repository=tiny_repository, ports=ports, work_dir=tmp_path, admin_key="supervise-key")
+    install = locate_triton(tmp_path)
+    command = [sys.executable, "-m", "ecomserve.server.supervise", "--", *TritonServer(options).command(install)]
+    env = {**install.environment(), "ECOMSERVE_ADMIN_KEY": "supervise-key"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _read_until(process, "Started HTTPService")
+        assert len(_query_embed(ports)) == 2
+        (stub,) = [c for c in psutil.Process(process.pid).children()[0].children() if "/embedder/" in c.cmdline()[1]]
+        stub.kill()
+        assert "model 'embedder' restarted" in _read_until(process, "restarted")
+        assert len(_query_embed(ports)) == 2
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, process.stderr.read()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert all(_can_bind(port) for port in ports.named().values())
+
+
+@pytest.mark.parametrize(
+    ("command", "key", "problem"),
+    [
+        ([], "k", "usage"),
+        (["tritonserver", "--model-repository=/m"], "k", "--model-control-mode=explicit"),
+        (["tritonserver", "--model-control-mode", "poll"], "k", "--model-control-mode=explicit"),
+        (["tritonserver", "--model-control-mode=explicit"], "", "ECOMSERVE_ADMIN_KEY"),
+    ],
+)
+def test_supervise_refuses_a_command_it_cannot_watch(command, key, problem):
+    result = subprocess.run(
+        [sys.executable, "-m", "ecomserve.server.supervise", "--", *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ECOMSERVE_ADMIN_KEY": key},
+        timeout=60,
+    )
+    assert result.returncode == 2 and problem in result.stderr

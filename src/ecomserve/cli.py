@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.markup import escape
 
 from ecomserve.errors import EcomserveError, ServerError
@@ -89,8 +91,9 @@ def serve(
     rebuild: Annotated[bool, typer.Option(help="rebuild the repository even if it exists")] = False,
 ) -> None:
     """Start tritonserver on the repository (building it first if missing) and block until stopped."""
-    from ecomserve.publish import ADMIN_KEY_ENV, ADMIN_KEY_FILE, admin_key
+    from ecomserve.publish import ADMIN_KEY_FILE, admin_key
     from ecomserve.repository.builder import built_target, is_built
+    from ecomserve.server.control import ADMIN_KEY_ENV
     from ecomserve.server.process import WORK_DIR, Ports, ServerOptions, TritonServer
 
     if rebuild or not is_built(repository):
@@ -103,6 +106,10 @@ def serve(
             "GPU (the embedded server has no onnxruntime or tensorrt backend): see k8s/README.md, or rebuild "
             "with --target cpu (torch encoders run on CUDA there with serving.device: cuda)"
         )
+    # The stub watchdog's restarts show on the console, beside Triton's own log file.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+    )
     key = admin_key(WORK_DIR, create=True)
     server = TritonServer(
         ServerOptions(repository=repository, host=host, ports=Ports(http_port, grpc_port, metrics_port), admin_key=key)

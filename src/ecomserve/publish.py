@@ -30,10 +30,9 @@ from ecomserve.repository.releases import (
     serve,
     versioned_models,
 )
-from ecomserve.server.control import ModelControl
+from ecomserve.server.control import ADMIN_KEY_ENV, ModelControl
 from ecomserve.spec import PipelineSpec
 
-ADMIN_KEY_ENV = "ECOMSERVE_ADMIN_KEY"
 ADMIN_KEY_FILE = "admin.key"
 
 

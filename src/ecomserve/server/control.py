@@ -11,6 +11,8 @@ from ecomserve.errors import ServerError
 from ecomserve.server.process import ADMIN_HEADER
 
 READY_TIMEOUT_S = 300.0
+# Where ecomserve's tools and the Kubernetes pods read the admin key from.
+ADMIN_KEY_ENV = "ECOMSERVE_ADMIN_KEY"
 # Set in a model's configuration by restart(): when ecomserve last restarted its instances.
 RESTART_PARAMETER = "ecomserve_restarted_ns"
 

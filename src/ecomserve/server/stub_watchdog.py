@@ -22,6 +22,8 @@ from ecomserve.errors import ServerError
 log = logging.getLogger(__name__)
 
 STUB_BINARY = "triton_python_backend_stub"
+# The process name the kernel keeps (15 characters); a zombie has nothing else left to tell.
+STUB_COMM = STUB_BINARY[:15]
 
 
 def stub_model(cmdline: list[str]) -> str | None:
@@ -52,7 +54,8 @@ class DeadStubs:
         for child in self._server.children():
             try:
                 if child.status() == psutil.STATUS_ZOMBIE:
-                    zombies.add(child.pid)
+                    if child.pid in self._models or child.name() == STUB_COMM:
+                        zombies.add(child.pid)
                     model = self._models.get(child.pid)
                 else:
                     model = self._models.get(child.pid) or stub_model(child.cmdline())
