@@ -115,6 +115,8 @@ def render(source: str) -> list[dict]:
     return chart(name) if kind == "chart" else overlay(name)
 
 
+TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
+SUPERVISED = ["/opt/ecomserve/venv/bin/python3", "-m", "ecomserve.server.supervise", "--", TRITONSERVER]
 ALL_RENDERS = [f"chart:{name}" for name in CHART_RENDERS] + [f"kustomize:{name}" for name in OVERLAYS]
 
 
@@ -336,7 +338,7 @@ def test_rollouts_and_shutdown_keep_capacity(source):
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     exit_timeout = int(flag(container, "exit-timeout-secs"))
     assert sleep > 0 and spec["terminationGracePeriodSeconds"] > sleep + exit_timeout
-    assert container["command"] == ["/opt/tritonserver/bin/tritonserver"], "Triton must be PID 1 to get SIGTERM"
+    assert container["command"] == SUPERVISED, "the supervisor passes SIGTERM on and restarts dead stubs"
     assert {c["topologyKey"] for c in spec["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
     pdb = one(rendered, "PodDisruptionBudget")["spec"]
     hpa = objects(rendered, "HorizontalPodAutoscaler")
@@ -494,6 +496,13 @@ def test_model_control_needs_the_admin_key(source):
     if source == "chart:default":
         again = documents(checked(helm_template_command()))
         assert generated_admin_key(again) != key, "a random key per install (kept on upgrades by lookup)"
+
+
+def test_stub_watchdog_needs_explicit_model_control():
+    assert triton(chart("default", sets=("triton.stubWatchdog.enabled=false",)))["command"] == [TRITONSERVER]
+    for mode in ("none", "poll"):
+        plain = chart("default", sets=(f"triton.modelControl.mode={mode}",))
+        assert triton(plain)["command"] == [TRITONSERVER], "without model control tritonserver is PID 1"
 
 
 def test_admin_key_from_an_existing_secret_and_none_without_explicit_control():

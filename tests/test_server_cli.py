@@ -86,7 +86,7 @@ def test_serve_prints_endpoints_recovers_a_dead_stub_and_stops_cleanly(tiny_repo
     venv_bin = str(Path(sys.executable).parent)
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
     process = subprocess.Popen(
-        command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PATH": path}
+        command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PATH": path, "COLUMNS": "200"}
     )
     try:
         output = _read_until(process, "Ctrl-C")

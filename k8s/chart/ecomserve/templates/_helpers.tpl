@@ -116,6 +116,11 @@ subPath beside the repository folder), otherwise absolute. */}}
 {{- if eq .Values.triton.modelControl.mode "explicit" }}true{{ end }}
 {{- end }}
 
+{{/* The stub watchdog restarts models through model control, so it needs explicit mode and its key. */}}
+{{- define "ecomserve.stubWatchdog" -}}
+{{- if and .Values.triton.stubWatchdog.enabled (include "ecomserve.adminKeyEnabled" .) }}true{{ end }}
+{{- end }}
+
 {{/* Secret holding the admin key: triton.adminKey.existingSecret, or the one the chart creates. */}}
 {{- define "ecomserve.adminKeySecret" -}}
 {{- default (include "ecomserve.suffixedName" (dict "root" . "suffix" "admin-key")) .Values.triton.adminKey.existingSecret }}
