@@ -45,6 +45,7 @@ class DeadStubs:
         self._models: dict[int, str] = {}
         self._zombies: set[int] = set()
         self._recovered: set[int] = set()
+        self._unknown: set[int] = set()
         self.poll()
 
     def poll(self) -> dict[str, set[int]]:
@@ -69,11 +70,14 @@ class DeadStubs:
                 dead[models[pid]].add(pid)
             else:
                 # Died before any poll saw it alive: it can only be one of the python models.
-                log.warning("a python stub (pid %d) died before its model was known: reloading every python model", pid)
+                if pid not in self._unknown:
+                    log.warning("python stub %d died before its model was known: restarting every python model", pid)
+                    self._unknown.add(pid)
                 for model in set(models.values()):
                     dead[model].add(pid)
         self._models, self._zombies = models, zombies
         self._recovered &= zombies
+        self._unknown &= zombies
         return dict(dead)
 
     def recovered(self, pids: set[int]) -> None:
