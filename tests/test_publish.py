@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from ecomserve.errors import EcomserveError, RepositoryError
 from ecomserve.index.catalog import CatalogItem
 from ecomserve.index.ops import build_index, index_dir
-from ecomserve.paths import CORPUS_DIR
+from ecomserve.paths import corpus_lines
 from ecomserve.publish import publish, rollback
 from ecomserve.repository.builder import build_repository
 from ecomserve.repository.inprocess import release_embedder
@@ -252,7 +252,7 @@ def test_search_never_mixes_releases(live, control, sources):
     refuses once that release is unloaded, until the index is rebuilt."""
     repository = live.options.repository
     spec = tiny_spec(sources["old"])
-    titles = [t for t in (CORPUS_DIR / "titles.txt").read_text(encoding="utf-8").splitlines() if t.strip()][:60]
+    titles = corpus_lines("titles.txt")[:60]
     items = [CatalogItem(f"sku-{i}", title) for i, title in enumerate(titles)]
     target = index_dir(spec, repository.parent)
 

@@ -22,7 +22,7 @@ from ecomserve.errors import RequestFailed
 from ecomserve.evaluation import load_eval_set, ndcg_at_k
 from ecomserve.index.catalog import CatalogError, CatalogItem, read_catalog
 from ecomserve.index.ops import build_index, delete_items, index_dir, upsert_items
-from ecomserve.paths import CORPUS_DIR
+from ecomserve.paths import corpus_lines
 from ecomserve.repository.inprocess import release_embedder
 from ecomserve.spec import load_spec
 
@@ -31,8 +31,7 @@ QUERIES = ["red running shoes", "espresso machine", "wireless headphones", "yoga
 
 
 def catalog_items() -> list[CatalogItem]:
-    titles = (CORPUS_DIR / "titles.txt").read_text(encoding="utf-8").splitlines()
-    return [CatalogItem(f"sku-{i}", title) for i, title in enumerate(t for t in titles if t.strip())]
+    return [CatalogItem(f"sku-{i}", title) for i, title in enumerate(corpus_lines("titles.txt"))]
 
 
 @pytest.fixture(scope="module", params=["faiss", "milvus"])

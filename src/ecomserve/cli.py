@@ -91,9 +91,8 @@ def serve(
     rebuild: Annotated[bool, typer.Option(help="rebuild the repository even if it exists")] = False,
 ) -> None:
     """Start tritonserver on the repository (building it first if missing) and block until stopped."""
-    from ecomserve.publish import ADMIN_KEY_FILE, admin_key
     from ecomserve.repository.builder import built_target, is_built
-    from ecomserve.server.control import ADMIN_KEY_ENV
+    from ecomserve.server.control import ADMIN_KEY_ENV, ADMIN_KEY_FILE, admin_key
     from ecomserve.server.process import WORK_DIR, Ports, ServerOptions, TritonServer
 
     if rebuild or not is_built(repository):
@@ -144,8 +143,7 @@ ControlUrlOption = Annotated[str, typer.Option("--url", help="the server's HTTP 
 
 @contextmanager
 def _control(url: str, key: str | None):
-    from ecomserve.publish import admin_key
-    from ecomserve.server.control import ModelControl
+    from ecomserve.server.control import ModelControl, admin_key
     from ecomserve.server.process import WORK_DIR
 
     control = ModelControl(url, key or admin_key(WORK_DIR))

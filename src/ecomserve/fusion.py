@@ -55,6 +55,14 @@ def fuse_scores(scores: np.ndarray, slices: list[EncoderSlice], mode: str, rrf_k
     raise ValueError(f"unknown fusion mode {mode!r}")
 
 
+def query_scores(fused: np.ndarray, slices: list[EncoderSlice], mode: str, rrf_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fused embeddings of one query (row 0) and its items (the rest) → per-encoder cosines [encoders, items]
+    and the fused score per item."""
+    per_encoder = split_embeddings(fused, slices)
+    scores = encoder_scores([p[:1] for p in per_encoder], [p[1:] for p in per_encoder])
+    return scores, fuse_scores(scores, slices, mode, rrf_k)
+
+
 def vote(scores: np.ndarray, slices: list[EncoderSlice], mode: str, fused: np.ndarray) -> tuple[int, np.ndarray]:
     """Each encoder votes for its best label; returns (winning label index, votes per label).
 

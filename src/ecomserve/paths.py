@@ -8,9 +8,11 @@ CORPUS_DIR = EXPORT_DIR / "corpus"
 EVAL_SET = EXPORT_DIR / "eval" / "relevance.json"
 
 
+def corpus_lines(name: str) -> list[str]:
+    """The non-empty lines of a shipped corpus file (titles.txt, queries.txt), stripped."""
+    return [line.strip() for line in (CORPUS_DIR / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def corpus_texts() -> list[str]:
     """Shipped product titles and queries: calibration data for INT8, training data for distillation."""
-    texts = []
-    for name in ("titles.txt", "queries.txt"):
-        texts += [line.strip() for line in (CORPUS_DIR / name).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return texts
+    return corpus_lines("titles.txt") + corpus_lines("queries.txt")

@@ -10,15 +10,14 @@ load the release, the previous one is put back and the new one removed."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import tempfile
 from pathlib import Path
 
 from rich.console import Console
 
 from ecomserve.errors import RepositoryError, ServerError
-from ecomserve.repository.builder import BUILD_INFO, build_repository
+from ecomserve.files import write_text_atomically
+from ecomserve.repository.builder import BUILD_INFO, build_repository, built_spec
 from ecomserve.repository.quality import release_ndcg
 from ecomserve.repository.releases import (
     add_release,
@@ -30,27 +29,8 @@ from ecomserve.repository.releases import (
     serve,
     versioned_models,
 )
-from ecomserve.server.control import ADMIN_KEY_ENV, ModelControl
+from ecomserve.server.control import ModelControl
 from ecomserve.spec import PipelineSpec
-
-ADMIN_KEY_FILE = "admin.key"
-
-
-def admin_key(work_dir: Path, create: bool = False) -> str:
-    """$ECOMSERVE_ADMIN_KEY, else the key `ecomserve serve` keeps in <work_dir>/admin.key (made once, 0600)."""
-    if os.environ.get(ADMIN_KEY_ENV):
-        return os.environ[ADMIN_KEY_ENV]
-    path = work_dir / ADMIN_KEY_FILE
-    if path.is_file():
-        return path.read_text().strip()
-    if not create:
-        raise ServerError(f"no admin key: set {ADMIN_KEY_ENV} or run this where `ecomserve serve` wrote {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(24)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(key + "\n")
-    return key
 
 
 def publish(
@@ -100,7 +80,7 @@ def rollback(repository: Path, control: ModelControl, to: int | None = None) -> 
         raise RepositoryError(f"release {live} is the first one in {repository}: nothing to roll back to")
     if target not in releases(repository) or target == live:
         raise RepositoryError(f"release {target} is not an earlier release in {repository}: {releases(repository)}")
-    switch(repository, target, _versions_loaded(repository), control)
+    switch(repository, target, built_spec(repository).serving.versions_loaded, control)
     return live, target
 
 
@@ -130,14 +110,8 @@ def switch(repository: Path, release: int, keep: int, control: ModelControl, han
         step()
 
 
-def _versions_loaded(repository: Path) -> int:
-    return json.loads((repository / BUILD_INFO).read_text())["spec"]["serving"]["versions_loaded"]
-
-
 def _record(repository: Path, release: int, info: dict) -> None:
     path = repository / BUILD_INFO
     record = json.loads(path.read_text())
     record.setdefault("releases", {})[str(release)] = info
-    staged = path.with_name(BUILD_INFO + ".tmp")
-    staged.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(staged, path)
+    write_text_atomically(path, json.dumps(record, indent=2) + "\n")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -144,13 +145,8 @@ def tune(options: BenchOptions, work, console, progress) -> list[dict]:
 
 def server_rss_mb(pid: int) -> float:
     """Resident memory of tritonserver and its python-backend stubs."""
-    total = 0
-    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
-    for p in pids:
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
+    server = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [server, *server.children()]) / 2**20
 
 
 def run_bench(options: BenchOptions, console: Console | None = None) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
@@ -29,7 +30,7 @@ from ecomserve.bench.load import measure
 from ecomserve.bench.report import plt, write_csv
 from ecomserve.index.backends import FaissIndex, MilvusIndex, VectorIndex, start_milvus_lite
 from ecomserve.index.ops import EMBED_BATCH
-from ecomserve.paths import CORPUS_DIR
+from ecomserve.paths import corpus_lines
 from ecomserve.spec import FaissSpec, MilvusSpec, PipelineSpec
 
 K = 10
@@ -57,15 +58,11 @@ PACKS = (2, 3, 4, 5, 6, 8, 10, 12, 24)
 
 
 def shipped_titles() -> list[str]:
-    return _lines(CORPUS_DIR / "titles.txt")
+    return corpus_lines("titles.txt")
 
 
 def shipped_queries() -> list[str]:
-    return _lines(CORPUS_DIR / "queries.txt")
-
-
-def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return corpus_lines("queries.txt")
 
 
 def synthetic_titles(base: Sequence[str], n: int, seed: int = 0) -> list[str]:
@@ -246,22 +243,8 @@ class SearchBenchOptions:
     seed: int = 0
 
 
-def rss_mb(pid: int | str = "self") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
-
-
-def _children() -> set[int]:
-    """Child processes of this process, whichever thread started them."""
-    found: set[int] = set()
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            found |= {int(pid) for pid in (task / "children").read_text().split()}
-        except OSError:  # the thread ended meanwhile
-            continue
-    return found
+def rss_mb(pid: int | None = None) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 def _disk_mb(path: Path) -> float:
@@ -361,9 +344,9 @@ def _milvus_row(run: _Run, catalog: _Catalog) -> dict:
     db_file = run.scratch / f"milvus-{catalog.scale}.db"
     for stale in run.scratch.glob(f"*milvus-{catalog.scale}.db*"):  # a fresh collection: the build is timed
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    before_start = _children()
+    before_start = {child.pid for child in psutil.Process().children()}
     with start_milvus_lite(db_file) as server:
-        started = sorted(_children() - before_start)
+        started = sorted({child.pid for child in psutil.Process().children()} - before_start)
         pid = started[0] if len(started) == 1 else None
         index = MilvusIndex(MilvusSpec(uri=server.uri, collection=f"bench_{catalog.scale}"), catalog.vectors.shape[1])
         before, began = rss_mb(pid) if pid else None, time.perf_counter()

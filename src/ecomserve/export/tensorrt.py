@@ -49,6 +49,11 @@ FP16_MAX = 65504.0
 FP32_OPS = {"LayerNormalization", "Softmax", "ReduceSum", "ReduceMean", "ReduceL2", "Pow", "Sqrt", "Div", "Clip"}
 
 
+def shape_flag(batch: int, sequence: int) -> str:
+    """A trtexec shape value (--minShapes, --shapes …): every encoder input at [batch, sequence]."""
+    return ",".join(f"{name}:{batch}x{sequence}" for name in ENCODER_INPUTS)
+
+
 @dataclass(frozen=True)
 class Profile:
     """One TensorRT optimisation profile: (batch, sequence) at its minimum, tuned and maximum shapes."""
@@ -58,8 +63,7 @@ class Profile:
     max: tuple[int, int]
 
     def shapes(self, which: str) -> str:
-        batch, sequence = getattr(self, which)
-        return ",".join(f"{name}:{batch}x{sequence}" for name in ENCODER_INPUTS)
+        return shape_flag(*getattr(self, which))
 
 
 def profile(spec: PipelineSpec, encoder: EncoderSpec) -> Profile:
@@ -114,9 +118,8 @@ def write_check_files(
     (target_dir / CHECK_INPUTS["input_ids"]).write_bytes(input_ids.astype("<i8").tobytes())
     (target_dir / CHECK_INPUTS["attention_mask"]).write_bytes(attention_mask.astype("<i8").tobytes())
     (target_dir / CHECK_EXPECTED).write_bytes(expected.astype("<f4").tobytes())
-    batch, sequence = input_ids.shape
     return {
-        "shapes": ",".join(f"{name}:{batch}x{sequence}" for name in ENCODER_INPUTS),
+        "shapes": shape_flag(*input_ids.shape),
         "inputs": CHECK_INPUTS,
         "output": ENCODER_OUTPUT,
         "expected": CHECK_EXPECTED,

@@ -38,6 +38,7 @@ import faiss
 import numpy as np
 
 from ecomserve.errors import EcomserveError
+from ecomserve.server.process import free_port, port_is_free
 from ecomserve.spec import FaissSpec, MilvusSpec, SearchSpec
 
 ID_MAX_BYTES = 512  # the Milvus VARCHAR primary key's max_length; faiss keeps the same limit so a catalog fits both
@@ -717,14 +718,14 @@ def start_milvus_lite(
     except OSError:
         lock.close()
         raise VectorIndexError(f"Milvus Lite file {db_file} is already open in another process") from None
-    if port is not None and not _port_free(host, port):
+    if port is not None and not port_is_free(host, port):
         lock.close()
         raise VectorIndexError(f"{host}:{port} is in use: choose another port for Milvus Lite")
     log = db_file.parent / f".{db_file.name}.log"
     env = {**os.environ, "LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
     deadline = time.monotonic() + timeout_s
     for _attempt in range(3):  # a free port can be taken between choosing and binding it
-        chosen = port or _free_port(host)
+        chosen = port or free_port(host)
         with log.open("w") as log_file:
             process = subprocess.Popen(
                 [str(binary), str(db_file), f"{host}:{chosen}", os.environ.get("LOG_LEVEL", "ERROR"), str(lock_path)],
@@ -754,22 +755,6 @@ def start_milvus_lite(
     lock.close()
     tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
     raise VectorIndexError(f"Milvus Lite did not start serving {db_file} on {host}: see {log}\n{tail}")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def _port_free(host: str, port: int) -> bool:
-    # Checked before starting: connecting to someone else's server there would look like our server is up.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ecomserve.errors import EcomserveError
+from ecomserve.files import write_text_atomically
 
 MANIFEST = "index.json"
 TITLES = "titles.json"
@@ -77,7 +77,7 @@ def read_manifest(index_dir: Path) -> Manifest | None:
 
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:
-    _write_atomically(index_dir / MANIFEST, json.dumps(asdict(manifest), indent=2) + "\n")
+    write_text_atomically(index_dir / MANIFEST, json.dumps(asdict(manifest), indent=2) + "\n")
 
 
 def read_titles(index_dir: Path) -> dict[str, str]:
@@ -86,11 +86,4 @@ def read_titles(index_dir: Path) -> dict[str, str]:
 
 
 def write_titles(index_dir: Path, titles: dict[str, str]) -> None:
-    _write_atomically(index_dir / TITLES, json.dumps(titles, ensure_ascii=False))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(path.name + ".tmp")
-    staged.write_text(text, encoding="utf-8")
-    os.replace(staged, path)
+    write_text_atomically(index_dir / TITLES, json.dumps(titles, ensure_ascii=False))

@@ -71,10 +71,10 @@ def build_index(
         if resumed is not None:
             console.print(f"resuming {staging}: {len(titles)} items already embedded, {len(todo)} to go")
         _embed_into(index, titles, todo, embed, staging, console)
-        stale = sorted(set(titles) - {item.id for item in items})
+        stale = set(titles) - {item.id for item in items}
         if stale:
-            index.delete(stale)
-            titles = {k: v for k, v in titles.items() if k not in set(stale)}
+            index.delete(sorted(stale))
+            titles = {k: v for k, v in titles.items() if k not in stale}
         _save(index, titles, staging)
         previous = read_manifest(target)
         manifest = Manifest(search.backend, release, dim, (previous.version if previous else 0) + 1, len(index))
@@ -100,7 +100,8 @@ def delete_items(spec: PipelineSpec, ids: list[str], target: Path) -> tuple[Mani
     with _writer(target):
         index = open_index(backend_spec(_search(spec), manifest.release), target, manifest.dim)
         removed = index.delete(ids)
-        titles = {k: v for k, v in read_titles(target).items() if k not in set(ids)}
+        gone = set(ids)
+        titles = {k: v for k, v in read_titles(target).items() if k not in gone}
         return _commit(index, titles, target, manifest), removed
 
 
@@ -127,7 +128,8 @@ def _commit(index, titles: dict[str, str], target: Path, manifest: Manifest) -> 
 
 
 def _save(index, titles: dict[str, str], folder: Path) -> None:
-    # Vectors before titles: a title without a vector is never shown; a vector without a title is.
+    # Vectors before titles: `search` returns only ids that have a title, so a crash between the two
+    # writes leaves a new item unseen until the next write, never a deleted one shown.
     index.save(folder)
     write_titles(folder, titles)
 

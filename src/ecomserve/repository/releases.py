@@ -18,6 +18,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as pb
 
 from ecomserve.errors import RepositoryError
+from ecomserve.files import write_text_atomically
 from ecomserve.repository.configs import CLASSIFY, EMBED, RANK, SEARCH, parse_pbtxt, to_pbtxt
 
 CONFIG = "config.pbtxt"
@@ -31,10 +32,7 @@ def read_config(repository: Path, model: str) -> pb.ModelConfig:
 
 def write_config(repository: Path, config: pb.ModelConfig) -> None:
     """Atomically: Triton may read the file at any moment (a load, a restart)."""
-    path = repository / config.name / CONFIG
-    staged = path.with_name(CONFIG + ".tmp")
-    staged.write_text(to_pbtxt(config))
-    os.replace(staged, path)
+    write_text_atomically(repository / config.name / CONFIG, to_pbtxt(config))
 
 
 def versioned_models(repository: Path) -> list[str]:
@@ -75,7 +73,7 @@ def check_compatible(live: Path, candidate: Path) -> None:
 
 def add_release(live: Path, candidate: Path) -> int:
     """Copy the candidate's version 1 of every versioned model into `live` as the next release.
-    Nothing is served from it until `point_to` names it."""
+    Nothing is served from it until `serve` names it."""
     number = max(releases(live)) + 1
     for model in versioned_models(live):
         source, target = candidate / model / "1", live / model / str(number)

@@ -1,11 +1,14 @@
 """Triton's model-repository API (load, readiness, index) as ecomserve's tools call it: over HTTP,
-with the admin key on every call."""
+with the admin key on every call; and where that key comes from."""
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from ecomserve.errors import ServerError
 from ecomserve.server.process import ADMIN_HEADER
@@ -13,8 +16,26 @@ from ecomserve.server.process import ADMIN_HEADER
 READY_TIMEOUT_S = 300.0
 # Where ecomserve's tools and the Kubernetes pods read the admin key from.
 ADMIN_KEY_ENV = "ECOMSERVE_ADMIN_KEY"
+ADMIN_KEY_FILE = "admin.key"
 # Set in a model's configuration by restart(): when ecomserve last restarted its instances.
 RESTART_PARAMETER = "ecomserve_restarted_ns"
+
+
+def admin_key(work_dir: Path, create: bool = False) -> str:
+    """$ECOMSERVE_ADMIN_KEY, else the key `ecomserve serve` keeps in <work_dir>/admin.key (made once, 0600)."""
+    if os.environ.get(ADMIN_KEY_ENV):
+        return os.environ[ADMIN_KEY_ENV]
+    path = work_dir / ADMIN_KEY_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    if not create:
+        raise ServerError(f"no admin key: set {ADMIN_KEY_ENV} or run this where `ecomserve serve` wrote {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(24)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(key + "\n")
+    return key
 
 
 @dataclass

@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ecomserve.fusion import encoder_scores, fuse_scores, split_embeddings, vote
+from ecomserve.fusion import query_scores, vote
 from ecomserve.serving_models.base import (
     UpstreamError,
     bytes_array,
@@ -51,9 +51,7 @@ class _HeadModel:
         check_count(self.list_input, len(items), self.limits[self.list_limit], self.list_limit)
         items = decode_texts(self.list_input, items, max_bytes)
         fused = await self._embed(single + items)
-        per_encoder = split_embeddings(fused, self.slices)
-        scores = encoder_scores([p[:1] for p in per_encoder], [p[1:] for p in per_encoder])
-        fused_scores = fuse_scores(scores, self.slices, self.fusion["mode"], self.fusion["rrf_k"])
+        scores, fused_scores = query_scores(fused, self.slices, self.fusion["mode"], self.fusion["rrf_k"])
         return pb_utils.InferenceResponse(output_tensors=self.outputs(items, scores, fused_scores))
 
     async def _embed(self, texts: list[str]) -> np.ndarray:

@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from cachetools import TTLCache
 
 from ecomserve.errors import InvalidInput
-from ecomserve.fusion import encoder_scores, fuse_embeddings, fuse_scores, split_embeddings
+from ecomserve.fusion import fuse_embeddings, query_scores
 from ecomserve.index.backends import open_index
 from ecomserve.index.catalog import read_manifest, read_titles
 from ecomserve.index.ops import backend_spec
@@ -123,13 +123,7 @@ class TritonPythonModel:
             return [item for item, _ in hits[:top_k]], [score for _, score in hits[:top_k]]
         # The rank fusion of every encoder over the retrieved titles, embedded by the index's release.
         fused = np.concatenate([vector[None, :], await self._embed([self.titles[item] for item, _ in hits])])
-        per_encoder = split_embeddings(fused, self.slices)
-        scores = fuse_scores(
-            encoder_scores([p[:1] for p in per_encoder], [p[1:] for p in per_encoder]),
-            self.slices,
-            self.fusion["mode"],
-            self.fusion["rrf_k"],
-        )
+        _, scores = query_scores(fused, self.slices, self.fusion["mode"], self.fusion["rrf_k"])
         order = np.argsort(-scores, kind="stable")[:top_k]
         return [hits[i][0] for i in order], [float(scores[i]) for i in order]
 
@@ -138,38 +132,29 @@ class TritonPythonModel:
         return np.concatenate(await asyncio.gather(*(self._embed_chunk(chunk) for chunk in chunks)))
 
     async def _embed_chunk(self, texts: list[str]) -> np.ndarray:
-        release = self.manifest.release
         text = pb_utils.Tensor("TEXT", bytes_array(texts).reshape(-1, 1))
         if self.layout == "fused":
-            (response,) = await self._call([(EMBEDDER, [text], ["EMBEDDING"])], release)
-            return pb_utils.get_output_tensor_by_name(response, "EMBEDDING").as_numpy()
+            return await self._call(EMBEDDER, [text], "EMBEDDING")
         vectors = []
         for encoder in self.slices:
-            (tokens,) = await self._call(
-                [(f"{encoder.name}_tokenizer", [text], ["INPUT_IDS", "ATTENTION_MASK"])], release
-            )
-            ids, mask = (
-                pb_utils.get_output_tensor_by_name(tokens, n).as_numpy() for n in ("INPUT_IDS", "ATTENTION_MASK")
-            )
-            inputs = [pb_utils.Tensor(ENCODER_INPUTS[0], ids), pb_utils.Tensor(ENCODER_INPUTS[1], mask)]
-            (embedded,) = await self._call([(f"{encoder.name}_encoder", inputs, [ENCODER_OUTPUT])], release)
-            vectors.append(pb_utils.get_output_tensor_by_name(embedded, ENCODER_OUTPUT).as_numpy())
+            tokens = await self._call(f"{encoder.name}_tokenizer", [text], "INPUT_IDS", "ATTENTION_MASK")
+            inputs = [pb_utils.Tensor(name, array) for name, array in zip(ENCODER_INPUTS, tokens)]
+            vectors.append(await self._call(f"{encoder.name}_encoder", inputs, ENCODER_OUTPUT))
         return vectors[0] if len(vectors) == 1 else fuse_embeddings(vectors, self.slices)
 
-    async def _call(self, calls: list[tuple[str, list, list[str]]], release: int) -> list:
-        requests = [
-            pb_utils.InferenceRequest(
-                model_name=name, model_version=release, inputs=inputs, requested_output_names=outs
-            )
-            for name, inputs, outs in calls
-        ]
-        responses = await asyncio.gather(*(r.async_exec() for r in requests))
-        for (name, _, _), response in zip(calls, responses):
-            if response.has_error():
-                if _NOT_LOADED.search(response.error().message()):
-                    raise Unavailable(
-                        f"the catalog index was embedded by release {release}, which is not loaded ('{name}'); "
-                        "rebuild it for the live release: `ecomserve index build CATALOG`"
-                    )
-                raise UpstreamError(response.error())
-        return responses
+    async def _call(self, model: str, inputs: list, *outputs: str):
+        """One BLS call to `model` at the index's release: its output array, or a tuple of them."""
+        release = self.manifest.release
+        request = pb_utils.InferenceRequest(
+            model_name=model, model_version=release, inputs=inputs, requested_output_names=list(outputs)
+        )
+        response = await request.async_exec()
+        if response.has_error():
+            if _NOT_LOADED.search(response.error().message()):
+                raise Unavailable(
+                    f"the catalog index was embedded by release {release}, which is not loaded ('{model}'); "
+                    "rebuild it for the live release: `ecomserve index build CATALOG`"
+                )
+            raise UpstreamError(response.error())
+        arrays = tuple(pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs)
+        return arrays[0] if len(arrays) == 1 else arrays

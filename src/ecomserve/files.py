@@ -1,0 +1,14 @@
+"""Files that other processes read while they change (Triton reading a config, the `search` model reading an
+index manifest): written beside the target and renamed over it, so a reader sees the old or the new file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(text, encoding="utf-8")
+    os.replace(staged, path)
