@@ -13,11 +13,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import make_tiny_bert, spec_from
+from support import make_tiny_bert, spec_from, wait_for
 
 from ecomserve.errors import RepositoryError, ServerError
 from ecomserve.server.environment import locate_triton
-from ecomserve.server.process import Ports, ServerOptions, TritonServer, free_port
+from ecomserve.server.process import Ports, ServerOptions, TritonServer, embedded_command, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ def test_serve_prints_endpoints_recovers_a_dead_stub_and_stops_cleanly(tiny_repo
         assert f"http://127.0.0.1:{ports.http}" in output and f"127.0.0.1:{ports.grpc}" in output
         assert len(_query_embed(ports)) == 2
 
-        (triton,) = psutil.Process(process.pid).children()
+        (triton,) = [c for c in psutil.Process(process.pid).children() if c.name() == "tritonserver"]
         (stub,) = [c for c in triton.children() if "/embedder/" in " ".join(c.cmdline())]
         stub.kill()
         assert "model 'embedder' restarted" in _read_until(process, "restarted")
@@ -184,18 +184,23 @@ def test_cli_errors_are_one_line_and_exit_1(default_server, tmp_path):
     assert spec.returncode == 1 and "spec not found" in spec.stderr
 
 
-def test_supervise_runs_tritonserver_restarts_dead_stubs_and_passes_sigterm(tiny_repository, tmp_path):
-    """The Kubernetes entrypoint: `python -m ecomserve.server.supervise -- tritonserver …` with the key in env."""
+def test_supervise_runs_tritonserver_behind_the_front_restarts_dead_stubs_and_passes_sigterm(tiny_repository, tmp_path):
+    """The Kubernetes entrypoint: `python -m ecomserve.server.supervise … -- tritonserver …`, key in env."""
     ports = free_ports()
-    options = ServerOptions(repository=tiny_repository, ports=ports, work_dir=tmp_path, admin_key="supervise-key")
+    options = ServerOptions(repository=tiny_repository, ports=ports, work_dir=tmp_path)
     install = locate_triton(tmp_path)
-    command = [sys.executable, "-m", "ecomserve.server.supervise", "--", *TritonServer(options).command(install)]
+    command = [
+        *[sys.executable, "-m", "ecomserve.server.supervise", f"--repository={tiny_repository}", "--host=127.0.0.1"],
+        *[f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}"],
+        *[f"--work-dir={tmp_path}", "--", *embedded_command(options, install)],
+    ]
     env = {**install.environment(), "ECOMSERVE_ADMIN_KEY": "supervise-key"}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        _read_until(process, "Started HTTPService")
-        assert len(_query_embed(ports)) == 2
-        (stub,) = [c for c in psutil.Process(process.pid).children()[0].children() if "/embedder/" in c.cmdline()[1]]
+        assert wait_for(lambda: _answers(ports), timeout_s=120), "the supervised server never answered"
+        (triton,) = [c for c in psutil.Process(process.pid).children() if c.name() == "tritonserver"]
+        assert "supervise-key" not in " ".join(triton.cmdline())
+        (stub,) = [c for c in triton.children() if "/embedder/" in c.cmdline()[1]]
         stub.kill()
         assert "model 'embedder' restarted" in _read_until(process, "restarted")
         assert len(_query_embed(ports)) == 2
@@ -207,21 +212,28 @@ def test_supervise_runs_tritonserver_restarts_dead_stubs_and_passes_sigterm(tiny
     assert all(_can_bind(port) for port in ports.named().values())
 
 
+def _answers(ports: Ports) -> bool:
+    try:
+        return len(_query_embed(ports)) == 2
+    except Exception:
+        return False
+
+
 @pytest.mark.parametrize(
-    ("command", "key", "problem"),
+    ("command", "problem"),
     [
-        ([], "k", "usage"),
-        (["tritonserver", "--model-repository=/m"], "k", "--model-control-mode=explicit"),
-        (["tritonserver", "--model-control-mode", "poll"], "k", "--model-control-mode=explicit"),
-        (["tritonserver", "--model-control-mode=explicit"], "", "ECOMSERVE_ADMIN_KEY"),
+        ([], "usage"),
+        (["tritonserver", "--model-repository=/m"], "--model-control-mode=explicit"),
+        (["tritonserver", "--model-control-mode", "poll"], "--model-control-mode=explicit"),
+        (["tritonserver", "--model-control-mode=explicit", "--http-restricted-api=x:k=v"], "set by the supervisor"),
+        (["tritonserver", "--model-control-mode=explicit", "--grpc-port", "1"], "set by the supervisor"),
     ],
 )
-def test_supervise_refuses_a_command_it_cannot_watch(command, key, problem):
+def test_supervise_refuses_a_command_it_cannot_run_safely(command, problem):
     result = subprocess.run(
-        [sys.executable, "-m", "ecomserve.server.supervise", "--", *command],
+        [sys.executable, "-m", "ecomserve.server.supervise", "--repository=/m", "--", *command],
         capture_output=True,
         text=True,
-        env={**os.environ, "ECOMSERVE_ADMIN_KEY": key},
         timeout=60,
     )
     assert result.returncode == 2 and problem in result.stderr

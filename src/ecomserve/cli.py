@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from ecomserve.errors import EcomserveError, ServerError
+from ecomserve.index.catalog import WRITER_WAIT_S
 from ecomserve.spec import PipelineSpec, load_spec
 
 DEFAULT_SPEC = Path("export/default.yaml")
@@ -92,7 +93,8 @@ def serve(
 ) -> None:
     """Start tritonserver on the repository (building it first if missing) and block until stopped."""
     from ecomserve.repository.builder import built_target, is_built
-    from ecomserve.server.control import ADMIN_KEY_ENV, ADMIN_KEY_FILE, admin_key
+    from ecomserve.front.policy import ADMIN_KEY_ENV
+    from ecomserve.server.control import ADMIN_KEY_FILE, admin_key
     from ecomserve.server.process import WORK_DIR, Ports, ServerOptions, TritonServer
 
     if rebuild or not is_built(repository):
@@ -119,18 +121,18 @@ def serve(
     except KeyboardInterrupt:
         server.stop()
         raise typer.Exit(130) from None
-    # Forward Ctrl-C / SIGTERM to Triton, which finishes in-flight requests before it exits.
+    # Ctrl-C / SIGTERM: the front and Triton finish in-flight requests before they exit.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.request_stop())
     console.print(
         f"[green]ready[/]  HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
-        f"models: embed, rank, classify · log: {server.log_path} · Ctrl-C to stop\n"
+        f"models: embed, rank, classify · logs: {server.log_path}, {server.front_log_path} · Ctrl-C to stop\n"
         f"model control (ecomserve publish / rollback) takes the key in {WORK_DIR / ADMIN_KEY_FILE} "
         f"or ${ADMIN_KEY_ENV}"
     )
     code = server.wait()
     if not server.stop_requested:
-        raise ServerError(f"tritonserver exited unexpectedly (code {code}).\n{server.log_excerpt()}")
+        raise ServerError(f"{server.failure} (tritonserver's last code {code}).\n{server.log_excerpt()}")
     console.print("tritonserver stopped")
 
 
@@ -191,6 +193,9 @@ def models(url: ControlUrlOption = "127.0.0.1:8000", key: AdminKeyOption = None)
 
 
 CatalogArgument = Annotated[Path, typer.Argument(help="JSONL or CSV with `id` and `title` per item")]
+WaitOption = Annotated[
+    float, typer.Option("--wait", min=0, help="seconds to wait for another index writer (a build) to finish")
+]
 
 
 def _index_target(spec: PipelineSpec, repository: Path) -> Path:
@@ -200,23 +205,26 @@ def _index_target(spec: PipelineSpec, repository: Path) -> Path:
     return index_dir(spec, repository.resolve().parent)
 
 
-def _write_index(operation, catalog: Path, spec_path: Path, repository: Path):
+def _write_index(operation, catalog: Path, spec_path: Path, repository: Path, wait: float):
     """Run a catalog operation (build, upsert) with the spec and the index folder it names."""
     from ecomserve.index.catalog import read_catalog
 
     spec = load_spec(spec_path)
     target = _index_target(spec, repository)
-    return operation(spec, repository, list(read_catalog(catalog)), target, console), target
+    return operation(spec, repository, list(read_catalog(catalog)), target, console, wait_s=wait), target
 
 
 @index_app.command("build")
 def index_build(
-    catalog: CatalogArgument, spec: SpecOption = DEFAULT_SPEC, repository: RepositoryOption = DEFAULT_REPOSITORY
+    catalog: CatalogArgument,
+    spec: SpecOption = DEFAULT_SPEC,
+    repository: RepositoryOption = DEFAULT_REPOSITORY,
+    wait: WaitOption = WRITER_WAIT_S,
 ) -> None:
-    """Embed every catalog item with the live release and swap the new index in (resumable)."""
+    """Embed every catalog item with the live release and commit the new index (resumable)."""
     from ecomserve.index.ops import build_index
 
-    manifest, target = _write_index(build_index, catalog, spec, repository)
+    manifest, target = _write_index(build_index, catalog, spec, repository, wait)
     console.print(
         f"[green]index version {manifest.version}[/]: {manifest.items} items, release {manifest.release}, {target}"
     )
@@ -224,12 +232,15 @@ def index_build(
 
 @index_app.command("upsert")
 def index_upsert(
-    catalog: CatalogArgument, spec: SpecOption = DEFAULT_SPEC, repository: RepositoryOption = DEFAULT_REPOSITORY
+    catalog: CatalogArgument,
+    spec: SpecOption = DEFAULT_SPEC,
+    repository: RepositoryOption = DEFAULT_REPOSITORY,
+    wait: WaitOption = WRITER_WAIT_S,
 ) -> None:
     """Add or replace items; `search` sees them at its next request."""
     from ecomserve.index.ops import upsert_items
 
-    manifest, _ = _write_index(upsert_items, catalog, spec, repository)
+    manifest, _ = _write_index(upsert_items, catalog, spec, repository, wait)
     console.print(f"[green]index version {manifest.version}[/]: {manifest.items} items")
 
 
@@ -238,12 +249,13 @@ def index_delete(
     ids: Annotated[list[str], typer.Argument(help="item ids to remove")],
     spec: SpecOption = DEFAULT_SPEC,
     repository: RepositoryOption = DEFAULT_REPOSITORY,
+    wait: WaitOption = WRITER_WAIT_S,
 ) -> None:
     """Remove items by id; `search` stops returning them at its next request."""
     from ecomserve.index.ops import delete_items
 
     loaded = load_spec(spec)
-    manifest, removed = delete_items(loaded, ids, _index_target(loaded, repository))
+    manifest, removed = delete_items(loaded, ids, _index_target(loaded, repository), wait_s=wait)
     console.print(f"[green]index version {manifest.version}[/]: removed {removed}, {manifest.items} items")
 
 

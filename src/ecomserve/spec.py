@@ -96,6 +96,20 @@ class QueueSpec(_Strict):
     timeout_us: int = Field(2_000_000, ge=0, description="a request waiting longer is refused; 0 means never")
 
 
+class FrontSpec(_Strict):
+    """The front process that owns the public HTTP and gRPC ports and passes checked requests to Triton."""
+
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=4096, description="larger requests get 413 (HTTP) / RESOURCE_EXHAUSTED before being read"
+    )
+    max_texts_in_flight: int = Field(
+        512, ge=1, description="texts (BYTES elements) admitted across all models; more is refused with 503 at once"
+    )
+    max_connections: int = Field(1024, ge=8, description="open client connections per protocol; more are closed")
+    idle_timeout_s: float = Field(10.0, gt=0, description="a connection that sends nothing for this long is closed")
+    request_timeout_s: float = Field(60.0, gt=0, description="longest a request may take, body upload included")
+
+
 class GpuSpec(_Strict):
     """The GPU targets: encoder instances per GPU and the shapes TensorRT builds and tunes for."""
 
@@ -131,6 +145,7 @@ class ServingSpec(_Strict):
     gpu: GpuSpec = Field(default_factory=GpuSpec)
     dynamic_batching: DynamicBatchingSpec = Field(default_factory=DynamicBatchingSpec)
     queue: QueueSpec = Field(default_factory=QueueSpec)
+    front: FrontSpec = Field(default_factory=FrontSpec)
     instances: int = Field(1, ge=1, le=64, description="encoder model instances")
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per encoder instance")
     response_cache: bool = True
@@ -171,11 +186,39 @@ class FaissSpec(_Strict):
 
 
 class MilvusSpec(_Strict):
-    """Milvus for catalogs beyond one machine; a local file path runs Milvus Lite in-process."""
+    """Milvus for catalogs beyond one machine; a local file path runs Milvus Lite in-process.
+
+    The spec names where the token is, never the token: `ecomserve build` writes the spec into the search
+    model's config, which Triton serves to anyone at /v2/models/search/config."""
 
     uri: str = Field("milvus_catalog.db", description="http://host:19530, or a .db file for Milvus Lite")
     collection: str = Field("ecomserve_catalog", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
-    token: str | None = Field(None, description="user:password or API key for a Milvus server")
+    token_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding user:password or an API key for a Milvus server "
+        "(set for `ecomserve index` and in tritonserver's environment)",
+    )
+    token_file: str | None = Field(
+        None, description="file holding the token instead (e.g. a mounted Secret); relative: beside the index folder"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_token(cls, raw: object) -> object:
+        if isinstance(raw, dict) and "token" in raw:
+            raise ValueError(
+                "a literal token would be readable in the search model's config (/v2/models/search/config): "
+                "put it in an environment variable and name it in token_env (e.g. MILVUS_TOKEN), or in a file "
+                "named by token_file (e.g. /run/secrets/milvus-token)"
+            )
+        return raw
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> MilvusSpec:
+        if self.token_env and self.token_file:
+            raise ValueError("set token_env or token_file, not both")
+        return self
 
 
 class RerankSpec(_Strict):

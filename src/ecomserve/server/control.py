@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecomserve.errors import ServerError
-from ecomserve.server.process import ADMIN_HEADER
+from ecomserve.front.policy import ADMIN_HEADER, ADMIN_KEY_ENV
 
 READY_TIMEOUT_S = 300.0
-# Where ecomserve's tools and the Kubernetes pods read the admin key from.
-ADMIN_KEY_ENV = "ECOMSERVE_ADMIN_KEY"
 ADMIN_KEY_FILE = "admin.key"
 # Set in a model's configuration by restart(): when ecomserve last restarted its instances.
 RESTART_PARAMETER = "ecomserve_restarted_ns"

@@ -76,9 +76,14 @@ class DeadStubs:
                 for model in set(models.values()):
                     dead[model].add(pid)
         self._models, self._zombies = models, zombies
-        self._recovered &= zombies
+        # Until Triton reaps it, a recovered stub (dead, or an old instance ended after a restart) stays known.
+        self._recovered &= zombies | models.keys()
         self._unknown &= zombies
         return dict(dead)
+
+    def living(self, model: str) -> set[int]:
+        """The stubs of `model` alive at the last poll."""
+        return {pid for pid, name in self._models.items() if name == model and pid not in self._zombies}
 
     def recovered(self, pids: set[int]) -> None:
         """The model of these stubs was reloaded: their zombies wait only for Triton to unload the old instances."""
@@ -90,10 +95,18 @@ class StubWatchdog(threading.Thread):
     (explicit mode and the admin key). Restarts run in threads of their own, so the polls that note new
     stubs go on while a model loads; a failed restart is retried after `retry_s`."""
 
-    def __init__(self, server_pid: int, url: str, admin_key: str, interval_s: float = 0.5, retry_s: float = 5.0):
+    def __init__(
+        self,
+        server_pid: int,
+        url: str,
+        admin_key: str,
+        interval_s: float = 0.5,
+        retry_s: float = 5.0,
+        sibling_grace_s: float = 10.0,
+    ):
         super().__init__(name="ecomserve-stub-watchdog", daemon=True)
         self.url, self.admin_key = url, admin_key
-        self.interval_s, self.retry_s = interval_s, retry_s
+        self.interval_s, self.retry_s, self.sibling_grace_s = interval_s, retry_s, sibling_grace_s
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._restarting: set[str] = set()
@@ -122,6 +135,8 @@ class StubWatchdog(threading.Thread):
 
         log.warning("python stub of model '%s' died (pid %s); restarting the model", model, ", ".join(map(str, pids)))
         started = time.monotonic()
+        with self._lock:
+            siblings = self._stubs.living(model)
         # tritonclient's HTTP client is gevent-based: one per thread.
         control = ModelControl(self.url, self.admin_key)
         try:
@@ -136,9 +151,23 @@ class StubWatchdog(threading.Thread):
             control.close()
         log.warning("model '%s' restarted in %.1f s; it answers again", model, time.monotonic() - started)
         with self._lock:
-            self._stubs.recovered(pids)
+            self._stubs.recovered(pids | siblings)
             self._retry_at.pop(model, None)
             self._restarting.discard(model)
+        if not self._stopping.wait(self.sibling_grace_s):
+            self._end_siblings(model, siblings)
+
+    def _end_siblings(self, model: str, siblings: set[int]) -> None:
+        """The old instances' surviving stubs: Triton unloads them after a restart, but an instance whose
+        sibling died can stay behind (a live ~175 MB stub per restart was seen); end what is left."""
+        for pid in siblings:
+            try:
+                stub = psutil.Process(pid)
+                if stub.status() != psutil.STATUS_ZOMBIE and stub_model(stub.cmdline()) == model:
+                    stub.kill()
+                    log.warning("old stub %d of model '%s' outlived the restart; ended it", pid, model)
+            except psutil.NoSuchProcess:
+                continue
 
     def request_stop(self) -> None:
         """Stop polling; returns at once (safe inside a signal handler)."""

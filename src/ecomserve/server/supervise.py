@@ -1,24 +1,30 @@
-"""Run a tritonserver command under ecomserve's stub watchdog: the Triton container's entrypoint in
-Kubernetes, where `ecomserve serve` does not run.
+"""Run a given tritonserver command the way `ecomserve serve` runs the embedded one: behind the front,
+on private unix sockets, with restarts. The Triton container's entrypoint in Kubernetes:
 
-    python3 -m ecomserve.server.supervise -- /opt/tritonserver/bin/tritonserver --model-repository=… …
+    python3 -m ecomserve.server.supervise --repository /models --host 0.0.0.0 -- \\
+        /opt/tritonserver/bin/tritonserver --model-repository=/models --model-control-mode=explicit …
 
-SIGTERM and SIGINT go to tritonserver, which drains in-flight requests; the exit code is tritonserver's.
-The watchdog restarts models through model control, so the command must run Triton with
---model-control-mode=explicit and the model-repository API keyed to $ECOMSERVE_ADMIN_KEY."""
+The command must not set HTTP or gRPC addresses (the supervisor puts Triton on unix sockets and the
+front on --http-port/--grpc-port) nor restricted-API keys (the front checks the admin key, read from
+$ECOMSERVE_ADMIN_KEY). SIGTERM and SIGINT drain in-flight requests; the exit code is tritonserver's."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
-import subprocess
 import sys
+from pathlib import Path
 
-from ecomserve.server.control import ADMIN_KEY_ENV
-from ecomserve.server.stub_watchdog import StubWatchdog
+from ecomserve.errors import EcomserveError
+from ecomserve.front.policy import ADMIN_KEY_ENV
+from ecomserve.server.process import Ports, ServerOptions, TritonServer
 
-USAGE = "usage: python3 -m ecomserve.server.supervise -- TRITONSERVER [ARGS...]"
+USAGE = "usage: python3 -m ecomserve.server.supervise --repository DIR [options] -- TRITONSERVER [ARGS...]"
+# Set by the supervisor; a command that sets them would expose Triton or put a key on its command line.
+_OWNED_FLAGS = ("--http-address", "--http-port", "--grpc-address", "--grpc-port", "--http-restricted-api",
+                "--grpc-restricted-protocol", "--allow-sagemaker", "--allow-vertex-ai")  # fmt: skip
 
 
 def flag_value(command: list[str], name: str, default: str) -> str:
@@ -31,8 +37,8 @@ def flag_value(command: list[str], name: str, default: str) -> str:
     return default
 
 
-def check_command(command: list[str], admin_key: str | None) -> str | None:
-    """Why the watchdog could not restart models under this command, or None."""
+def check_command(command: list[str]) -> str | None:
+    """Why the supervisor could not run this command safely, or None."""
     if not command:
         return USAGE
     if flag_value(command, "model-control-mode", "none") != "explicit":
@@ -40,33 +46,54 @@ def check_command(command: list[str], admin_key: str | None) -> str | None:
             "the stub watchdog restarts models through model control: run tritonserver in explicit mode "
             "(--model-control-mode=explicit)"
         )
-    if not admin_key:
-        return f"the stub watchdog needs the model-control key: set {ADMIN_KEY_ENV} (the key in --http-restricted-api)"
+    owned = [arg.split("=", 1)[0] for arg in command if arg.split("=", 1)[0] in _OWNED_FLAGS]
+    if owned:
+        return f"{owned[0]} is set by the supervisor (Triton listens on private sockets behind the front): remove it"
     return None
 
 
-def supervise(command: list[str], admin_key: str) -> int:
-    server = subprocess.Popen(command)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda received, _frame: server.send_signal(received))
-    port = flag_value(command, "http-port", "8000")
-    watchdog = StubWatchdog(server.pid, f"127.0.0.1:{port}", admin_key)
-    watchdog.start()
-    code = server.wait()
-    watchdog.stop()
-    # A signal's death reads as 128 + signal, as a shell reports it.
-    return code if code >= 0 else 128 - code
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(prog="python3 -m ecomserve.server.supervise", usage=USAGE)
+    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002, help="the port the command's metrics use")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ecomserve"))
+    return parser.parse_args(argv[:split]), argv[split + 1 :]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = argv[1:] if argv[:1] == ["--"] else argv
+    args, command = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="ecomserve supervise: %(message)s")
-    problem = check_command(command, os.environ.get(ADMIN_KEY_ENV))
+    problem = check_command(command)
     if problem:
         print(f"ecomserve supervise: {problem}", file=sys.stderr)
         return 2
-    return supervise(command, os.environ[ADMIN_KEY_ENV])
+    server = TritonServer(
+        ServerOptions(
+            repository=args.repository,
+            host=args.host,
+            ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
+            work_dir=args.work_dir,
+            admin_key=os.environ.get(ADMIN_KEY_ENV) or None,
+            triton_command=command,
+        )
+    )
+    try:
+        server.start()
+    except EcomserveError as exc:
+        print(f"ecomserve supervise: {exc}", file=sys.stderr)
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.request_stop())
+    code = server.wait()
+    if not server.stop_requested:
+        print(f"ecomserve supervise: {server.failure}", file=sys.stderr)
+        return 1
+    # A signal's death reads as 128 + signal, as a shell reports it.
+    return 0 if code is None else code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+import sys
+
+from ecomserve.front.service import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""The front's gRPC side: Triton's GRPCInferenceService passed through as raw messages.
+
+Each call is classified by method (policy.py); inference requests are parsed from protobuf for the
+same element checks and admission as HTTP, then the original bytes go to Triton's private socket
+with the caller's metadata and deadline. Triton's status codes come back unchanged."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import service_pb2
+
+from ecomserve.front.admission import Admission
+from ecomserve.front.kserve import (
+    MAX_INPUTS,
+    BadRequest,
+    CheckedRequest,
+    check_element_count,
+    check_header,
+    check_parameters,
+    check_raw,
+)
+from ecomserve.front.policy import ADMIN_HEADER, Access, closed_message, grpc_access, key_matches
+
+# tritonclient sends restricted-protocol headers with Triton's prefix; ecomserve's client sends the plain name.
+_ADMIN_METADATA = (ADMIN_HEADER, f"triton-grpc-protocol-{ADMIN_HEADER}")
+_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def _parameter_values(parameters) -> dict:
+    return {key: parameter.WhichOneof("parameter_choice") for key, parameter in parameters.items()}
+
+
+def check_grpc_infer(raw: bytes) -> tuple[str, CheckedRequest]:
+    """The model a ModelInfer request names and its checked tensors."""
+    try:
+        request = service_pb2.ModelInferRequest.FromString(raw)
+    except DecodeError as exc:
+        raise BadRequest(f"malformed ModelInferRequest: {exc}") from None
+    check_parameters("request", _parameter_values(request.parameters))
+    if not 1 <= len(request.inputs) <= MAX_INPUTS:
+        raise BadRequest(f"'inputs' must hold 1 to {MAX_INPUTS} tensors")
+    for output in request.outputs:
+        check_parameters(output.name, _parameter_values(output.parameters))
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(request.inputs):
+        raise BadRequest(f"{len(raw_contents)} raw_input_contents for {len(request.inputs)} inputs")
+    tensors = []
+    for index, item in enumerate(request.inputs):
+        tensor = check_header(item.name, item.datatype, list(item.shape))
+        check_parameters(tensor.name, _parameter_values(item.parameters))
+        if raw_contents:
+            check_raw(tensor, raw_contents[index])
+        else:
+            contents = item.contents
+            count = sum(len(getattr(contents, field.name)) for field in contents.DESCRIPTOR.fields)
+            check_element_count(tensor, count)
+        tensors.append(tensor)
+    return request.model_name, CheckedRequest(tuple(tensors))
+
+
+class GrpcProxy(grpc.GenericRpcHandler):
+    def __init__(self, upstream: grpc.aio.Channel, admission: Admission, admin_key: str | None, timeout_s: float):
+        self._upstream = upstream
+        self._timeout_s = timeout_s
+        self._admission = admission
+        self._admin_key = admin_key
+
+    def service(self, details: grpc.HandlerCallDetails):
+        access = grpc_access(details.method)
+        if access is Access.UNKNOWN:
+            return None  # gRPC answers UNIMPLEMENTED
+        forward = self._upstream.unary_unary(details.method)
+
+        async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return await self._call(access, details.method, forward, request, context)
+
+        if access is Access.CLOSED and details.method.endswith("StreamInfer"):
+            return grpc.stream_stream_rpc_method_handler(self._refuse_stream)
+        return grpc.unary_unary_rpc_method_handler(call)
+
+    async def _refuse_stream(self, requests, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, closed_message("ModelStreamInfer"))
+        yield b""  # an async generator, as stream handlers must be
+
+    async def _call(self, access: Access, method: str, forward, request: bytes, context) -> bytes:
+        metadata = tuple(context.invocation_metadata() or ())
+        if access is Access.CLOSED:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, closed_message(method.rsplit("/", 1)[-1]))
+        if access is Access.ADMIN:
+            given = next((value for key, value in metadata if key in _ADMIN_METADATA), None)
+            if not key_matches(given, self._admin_key):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"{method} needs the admin key in the {ADMIN_HEADER} metadata"
+                )
+        forwarded = tuple((key, value) for key, value in metadata if key not in _ADMIN_METADATA)
+        try:
+            if access is Access.INFER:
+                model, checked = check_grpc_infer(request)
+                with self._admission.admit(model, checked.cost):
+                    return await self._forward(forward, request, forwarded, context)
+            return await self._forward(forward, request, forwarded, context)
+        except BadRequest as refused:
+            code = _STATUS.get(refused.status, grpc.StatusCode.UNAVAILABLE)
+            await context.abort(code, str(refused))
+
+    async def _forward(self, forward, request: bytes, metadata, context) -> bytes:
+        try:
+            remaining = context.time_remaining()
+            timeout = self._timeout_s if remaining is None else min(remaining, self._timeout_s)
+            return await forward(request, metadata=metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            details = exc.details() or ""
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+                details = "tritonserver is not reachable (starting or restarting); retry shortly"
+            await context.abort(exc.code(), details)

@@ -1,0 +1,151 @@
+"""The front process: public HTTP (uvicorn) and gRPC (grpc.aio) in one event loop, both passing
+checked requests to Triton's private unix sockets.
+
+    python -m ecomserve.front --repository model_repository --sockets DIR [--host H] [--http-port P] [--grpc-port P]
+
+`ecomserve serve` starts it beside tritonserver; in Kubernetes it is the pod's front container. Its
+limits come from the repository's spec (`serving.front`). The admin key is read from
+$ECOMSERVE_ADMIN_KEY or --admin-key-file, never from the command line, and removed from the
+environment once read."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import uvicorn
+
+from ecomserve.front.admission import Admission
+from ecomserve.front.connections import bounded_protocol
+from ecomserve.front.grpc_proxy import GrpcProxy
+from ecomserve.front.http_app import HttpFront, build_app
+from ecomserve.front.policy import ADMIN_KEY_ENV
+from ecomserve.front.upstream import TritonSockets
+from ecomserve.spec import FrontSpec
+
+log = logging.getLogger("ecomserve.front")
+
+
+class RepeatFilter(logging.Filter):
+    """At most `burst` records with the same message template per `window_s`; the rest are counted and
+    reported once the window ends, so a fault that repeats (EMFILE on accept) cannot flood the log."""
+
+    def __init__(self, burst: int = 5, window_s: float = 10.0):
+        super().__init__()
+        self.burst, self.window_s = burst, window_s
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now, key = time.monotonic(), str(record.msg)
+        started, count = self._seen.get(key, (now, 0))
+        if now - started > self.window_s:
+            if count > self.burst:
+                record.msg = f"{record.msg} (and {count - self.burst} more like it in {self.window_s:.0f} s)"
+            started, count = now, 0
+        self._seen[key] = (started, count + 1)
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        return count < self.burst
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft file-descriptor limit to the hard one: connections are capped below it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def front_spec(repository: Path) -> FrontSpec:
+    from ecomserve.repository.builder import built_spec, is_built
+
+    return built_spec(repository).serving.front if is_built(repository) else FrontSpec()
+
+
+def grpc_options(limits: FrontSpec) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", limits.max_body_bytes),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_concurrent_streams", 128),
+        ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(limits.idle_timeout_s * 1000)),
+        ("grpc.max_metadata_size", 16 * 1024),
+    ]
+
+
+async def serve(args: argparse.Namespace, limits: FrontSpec, admin_key: str | None) -> None:
+    sockets = TritonSockets(args.sockets)
+    admission = Admission(limits.max_texts_in_flight)
+    upstream = grpc.aio.insecure_channel(
+        sockets.grpc_target,
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", -1),
+            # Triton restarts behind the same socket: reconnect within a second, not gRPC's default minutes.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ],
+    )
+    grpc_server = grpc.aio.server(
+        handlers=[GrpcProxy(upstream, admission, admin_key, limits.request_timeout_s)], options=grpc_options(limits)
+    )
+    grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}")
+    http_front = HttpFront(
+        str(sockets.http_path), admission, admin_key, limits.max_body_bytes, limits.request_timeout_s
+    )
+    config = uvicorn.Config(
+        build_app(http_front),
+        host=args.host,
+        port=args.http_port,
+        http=bounded_protocol(limits.max_connections, limits.idle_timeout_s),
+        timeout_keep_alive=int(limits.idle_timeout_s),
+        backlog=2048,
+        access_log=False,
+        log_level="warning",
+        server_header=False,
+    )
+    await grpc_server.start()
+    try:
+        await uvicorn.Server(config).serve()  # returns after SIGTERM / SIGINT, once open requests finish
+    finally:
+        await grpc_server.stop(grace=5)
+        await upstream.close()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ecomserve.front", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repository", type=Path, required=True, help="the model repository (limits from its spec)")
+    parser.add_argument("--sockets", type=Path, required=True, help="folder of Triton's unix sockets")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--admin-key-file", type=Path, help=f"file holding the admin key (else ${ADMIN_KEY_ENV})")
+    return parser.parse_args(argv)
+
+
+def read_admin_key(key_file: Path | None) -> str | None:
+    key = os.environ.pop(ADMIN_KEY_ENV, None)
+    if key_file is not None:
+        key = key_file.read_text().strip()
+    return key or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    handler = logging.StreamHandler()
+    handler.addFilter(RepeatFilter())
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s front %(levelname)s %(message)s", handlers=[handler])
+    raise_fd_limit()
+    admin_key = read_admin_key(args.admin_key_file)
+    if admin_key is None:
+        log.warning("no admin key: the model-repository API is closed to every client")
+    asyncio.run(serve(args, front_spec(args.repository), admin_key))
+    return 0
