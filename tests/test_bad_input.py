@@ -37,6 +37,8 @@ CASES = {
     "whitespace text": ("embed", [text(b"ok", b" \t\n ")], "", INVALID, ["TEXT[1]", "whitespace"]),
     "invalid utf-8": ("embed", [text(b"caf\xe9")], "", INVALID, ["TEXT[0]", "UTF-8"]),
     "text over limit": ("embed", [text(b"x" * (MAX_TEXT_BYTES + 1))], "", INVALID, ["TEXT[0]", "2049 bytes", "2048"]),
+    "invisible text": ("embed", [text(b"ok", "\x00\u200b\ufeff\u2060".encode())], "", INVALID, ["TEXT[1]", "empty"]),
+    "only NUL": ("embed", [text(b"\x00\x00")], "", INVALID, ["TEXT[0]", "empty"]),
     "empty query": ("rank", rank_inputs([b""], [b"red shoes"]), "", INVALID, ["QUERY[0]", "empty"]),
     "empty candidate": ("rank", rank_inputs([b"shoes"], [b"red shoes", b""]), "", INVALID, ["CANDIDATES[1]", "empty"]),
     "invalid utf-8 candidate": (

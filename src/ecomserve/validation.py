@@ -4,6 +4,7 @@ Each raises InvalidInput with a message naming the tensor and the limit."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 
 from ecomserve.errors import InvalidInput
@@ -23,10 +24,16 @@ def decode_texts(tensor: str, values: Iterable[object], max_text_bytes: int) -> 
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidInput(f"{tensor}[{index}]: not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
-        if not text.strip():
+        if not _has_visible_character(text):
             raise InvalidInput(f"{tensor}[{index}]: text is empty or whitespace only")
         texts.append(text)
     return texts
+
+
+def _has_visible_character(text: str) -> bool:
+    """False for text made only of whitespace, control (NUL …) and format characters (zero-width space and
+    joiners, BOM): a tokenizer turns all of them into nothing, and the encoder would embed an empty text."""
+    return any(not (char.isspace() or unicodedata.category(char)[0] in "CZ") for char in text)
 
 
 def check_count(tensor: str, count: int, limit: int, limit_name: str) -> None:
