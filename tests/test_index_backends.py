@@ -164,6 +164,17 @@ def test_faiss_save_and_reopen_gives_identical_results(spec, data, tmp_path):
     assert ids[0] in reopened.ids()  # the second save is the one loaded
 
 
+def test_faiss_saves_and_reopens_an_empty_index(data, tmp_path):
+    ids, vectors, queries = data
+    index = FaissIndex(DIM, HNSW)
+    index.upsert(ids[:3], vectors[:3])
+    index.delete(ids[:3])
+    index.save(tmp_path)  # compacted to no rows: a catalog whose items were all deleted
+    reopened = FaissIndex.open(tmp_path, DIM, HNSW)
+    assert len(reopened) == 0 and reopened.search(queries[:1], K) == [[]]
+    assert np.load(next(tmp_path.glob("faiss-*/vectors.npy"))).shape == (0, DIM)
+
+
 def test_faiss_reopen_rebuilds_when_the_spec_moves(data, tmp_path):
     ids, vectors, queries = data
     exact = FaissIndex(DIM, FaissSpec())

@@ -4,10 +4,10 @@ Two backends share the `VectorIndex` interface:
 
 - `FaissIndex`: in-process. Exact (`IndexFlatIP`) below `faiss.exact_below` items, HNSW at or above it.
   Saved into the index folder as versioned sub-folders behind an atomically replaced pointer file.
-- `MilvusIndex`: a Milvus server (`http://host:19530` + token) or Milvus Lite. A `.db` path runs Milvus
-  Lite inside the calling process and only that process can open it; for several processes (the
-  `search` model and an `ecomserve index upsert`) run one Milvus Lite server on a loopback port with
-  `start_milvus_lite` or `python -m ecomserve.index.backends milvus-lite catalog.db`, and point
+- `MilvusIndex`: a Milvus server (`http://host:19530` + a token read from the environment or a file) or Milvus
+  Lite. A `.db` path runs Milvus Lite inside the calling process and only that process can open it; for several
+  processes (the `search` model and an `ecomserve index upsert`) run one Milvus Lite server on a loopback port
+  with `start_milvus_lite` or `python -m ecomserve.index.backends milvus-lite catalog.db`, and point
   `search.milvus.uri` at the `http://127.0.0.1:PORT` it prints.
 """
 
@@ -75,13 +75,14 @@ class VectorIndex(Protocol):
         ...
 
 
-def open_index(spec: SearchSpec, directory: Path, dim: int) -> VectorIndex:
+def open_index(spec: SearchSpec, directory: Path, dim: int, relative_to: Path | None = None) -> VectorIndex:
     """The index of `spec.backend`. faiss: loaded from `directory` if saved there, else empty (save() writes
-    it there). milvus: connected, the collection created if missing; a relative `.db` uri is taken from
-    the index folder's parent, so the CLI and the search model find the same file from any working dir."""
+    it there). milvus: connected, the collection created if missing; a relative `.db` uri or token file is
+    taken from `relative_to` (default: the parent of `directory`), so the CLI and the search model find the
+    same file from any working dir."""
     if spec.backend == "faiss":
         return FaissIndex.open(directory, dim, spec.faiss)
-    return MilvusIndex(spec.milvus, dim, relative_to=Path(directory).parent)
+    return MilvusIndex(spec.milvus, dim, relative_to=relative_to or Path(directory).parent)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,8 +332,8 @@ class FaissIndex:
             # No writer can run, so reading the index here is safe alongside concurrent searches.
             staging.mkdir()
             try:
-                faiss.write_index(self._index, str(staging / "index.faiss"))
-                np.save(staging / "vectors.npy", self._all_vectors())
+                _write_faiss(self._index, staging / "index.faiss")
+                _write_npy(self._all_vectors(), staging / "vectors.npy")
                 (staging / "ids.json").write_text(json.dumps(self._row_ids, ensure_ascii=False))
                 meta = {"format": FORMAT_VERSION, "dim": self.dim, "kind": _kind(self._index), "live": len(self)}
                 (staging / "meta.json").write_text(json.dumps(meta) + "\n")
@@ -423,6 +424,23 @@ def _hnsw_m(index: faiss.Index) -> int | None:
     return faiss.downcast_index(index).hnsw.nb_neighbors(1)
 
 
+# faiss's own file writer and numpy's tofile report a failed write (a full disk) without its errno; written
+# through Python files, it arrives as an OSError with the errno, which callers turn into what to do.
+
+
+def _write_faiss(index: faiss.Index, path: Path) -> None:
+    with path.open("wb") as handle:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+
+
+def _write_npy(array: np.ndarray, path: Path) -> None:
+    """np.save's format (np.load reads it)."""
+    array = np.ascontiguousarray(array)
+    with path.open("wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(array))
+        handle.write(memoryview(array.reshape(-1)).cast("B"))  # flat: a view of no rows cannot be cast
+
+
 def _fsync(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -463,7 +481,7 @@ class MilvusIndex:
         self.uri = _resolve_uri(spec.uri, relative_to)
         self.collection = spec.collection
         self.consistency = consistency
-        self._client = _milvus_client(self.uri, spec.token or "", timeout_s)
+        self._client = _milvus_client(self.uri, milvus_token(spec, relative_to), timeout_s)
         self._ensure_collection()
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
@@ -576,6 +594,34 @@ class MilvusIndex:
             ) from exc
 
 
+def milvus_token(spec: MilvusSpec, relative_to: Path | None = None) -> str:
+    """The token, read now from where the spec points (`token_env` or `token_file`; "" for neither): the spec
+    only names the place, because it is written into the search model's config, which Triton serves to anyone.
+    Read again at every connection, so a rotated Kubernetes Secret file takes effect at the next reload."""
+    if spec.token_env:
+        token = os.environ.get(spec.token_env, "")
+        if not token:
+            raise VectorIndexError(
+                f"search.milvus.token_env: {spec.token_env} is not set in this process's environment: set it to "
+                "the Milvus token (for the server, in tritonserver's environment, e.g. from a Kubernetes Secret)"
+            )
+        return token
+    if spec.token_file:
+        path = Path(spec.token_file).expanduser()
+        path = path if path.is_absolute() or relative_to is None else relative_to / path
+        try:
+            token = path.read_text(encoding="utf-8").strip()  # Secret files often end in a newline
+        except OSError as exc:
+            raise VectorIndexError(
+                f"search.milvus.token_file {path}: cannot read it ({exc.strerror}): mount or create it, readable "
+                "by this process"
+            ) from None
+        if not token:
+            raise VectorIndexError(f"search.milvus.token_file {path} is empty: write the Milvus token into it")
+        return token
+    return ""
+
+
 def _check_milvus_ids(ids: list[str]) -> None:
     bad = [item for item in ids if MILVUS_BAD_ID.search(item)]
     if bad:
@@ -638,7 +684,7 @@ def _connect(uri: str, token: str, timeout_s: float) -> Any:
                 "http://127.0.0.1:PORT it prints"
             ) from None
         raise VectorIndexError(
-            f"Milvus at {uri} is unreachable ({exc.message}): start it, or fix search.milvus.uri / token"
+            f"Milvus at {uri} is unreachable ({exc.message}): start it, or fix search.milvus.uri / the token"
         ) from None
 
 

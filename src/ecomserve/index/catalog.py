@@ -1,7 +1,10 @@
 """The catalog side of an index: reading catalog files, item titles, and the manifest that versions
 an index folder.
 
-The manifest (`index.json`) says which release of the encoders embedded the vectors and counts every
+An index folder holds the manifest (`index.json`) and version folders; each version folder is complete
+and never changed once written (titles and, for faiss, the vectors). The manifest names the live one,
+so replacing it is the single commit point of every write: a reader that loads what it names sees one
+version, never a mix. It also says which release of the encoders embedded the vectors and counts every
 change: the `search` model re-reads the index when `version` moves, answers only with queries embedded
 by the same `release`, and keys its result cache by both."""
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +22,7 @@ from ecomserve.files import write_text_atomically
 
 MANIFEST = "index.json"
 TITLES = "titles.json"
+WRITER_WAIT_S = 30.0  # how long an index writer waits for another one (a build) to finish
 
 
 class CatalogError(EcomserveError):
@@ -37,6 +42,11 @@ class Manifest:
     dim: int
     version: int  # +1 on every build, upsert or delete
     items: int
+    data: str  # the version folder inside the index folder
+
+
+def version_dir(index_dir: Path, manifest: Manifest) -> Path:
+    return index_dir / manifest.data
 
 
 def read_catalog(path: Path) -> Iterator[CatalogItem]:
@@ -73,17 +83,33 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 def read_manifest(index_dir: Path) -> Manifest | None:
     path = index_dir / MANIFEST
-    return Manifest(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+    if not path.is_file():
+        return None
+    fields = json.loads(path.read_text(encoding="utf-8"))
+    if "data" not in fields:
+        raise CatalogError(
+            f"{path} names no version folder (written by an earlier ecomserve): rebuild the index with "
+            "`ecomserve index build CATALOG`"
+        )
+    return Manifest(**fields)
 
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:
     write_text_atomically(index_dir / MANIFEST, json.dumps(asdict(manifest), indent=2) + "\n")
 
 
-def read_titles(index_dir: Path) -> dict[str, str]:
-    path = index_dir / TITLES
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def read_titles(index_dir: Path, manifest: Manifest | None = None) -> dict[str, str]:
+    """The titles of the version `manifest` names (default: the live one); none before the first build."""
+    manifest = manifest or read_manifest(index_dir)
+    if manifest is None:
+        return {}
+    return json.loads((version_dir(index_dir, manifest) / TITLES).read_text(encoding="utf-8"))
 
 
-def write_titles(index_dir: Path, titles: dict[str, str]) -> None:
-    write_text_atomically(index_dir / TITLES, json.dumps(titles, ensure_ascii=False))
+def write_titles(folder: Path, titles: dict[str, str]) -> None:
+    """Into a version folder being staged: nothing reads it before the manifest names it, and by then it is
+    on disk (synced), so a power cut cannot leave the manifest naming an empty file."""
+    with (folder / TITLES).open("w", encoding="utf-8") as handle:
+        handle.write(json.dumps(titles, ensure_ascii=False))
+        handle.flush()
+        os.fsync(handle.fileno())

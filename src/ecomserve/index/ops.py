@@ -1,41 +1,61 @@
 """`ecomserve index build|upsert|delete`: embed catalog items with the live release and keep the index
 and its manifest in step.
 
-A build writes beside the live index (`<index>.building`) and swaps it in whole, so `search` never sees
-half an index; an interrupted build resumes from what it already embedded. Upserts and deletes change
-the live index in place and bump the manifest version, which `search` watches. One writer at a time
-(a lock file refuses a second)."""
+Every write stages a complete new version folder inside the index folder, then replaces the manifest to
+name it (`catalog.py`): that replacement is the one commit point, so a reader sees the old version or the
+new one, and a writer killed at any moment leaves the old one live (the next writer removes what it left).
+A build also checkpoints into `<index>.building`, laid out the same way, and an interrupted build resumes
+from there. Writers exclude each other with an flock on `<index>.lock`: the kernel drops it when its holder
+dies, so it never goes stale; a writer that finds it held waits `wait_s`, then gives up naming the holder.
+
+Milvus keeps the vectors in its own server, outside the version folder: they change as a write goes
+(`search` shows only ids the committed titles have, so a new item appears only with the new version, but a
+changed or deleted one changes early), and a killed write leaves the vectors it sent."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import re
+import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ecomserve.index.backends import open_index
+from ecomserve.index.backends import VectorIndex, open_index
 from ecomserve.index.catalog import (
+    WRITER_WAIT_S,
     CatalogError,
     CatalogItem,
     Manifest,
     read_manifest,
     read_titles,
+    version_dir,
     write_manifest,
     write_titles,
 )
-from ecomserve.repository.builder import swap_in
 from ecomserve.repository.inprocess import release_embedder
 from ecomserve.repository.releases import live_release
 from ecomserve.spec import PipelineSpec, SearchSpec
 
 EMBED_BATCH = 256
 CHECKPOINT_BATCHES = 20  # an interrupted build loses at most this many batches
-LOCK = "index.lock"
+LOCK_POLL_S = 0.2
+LOAD_ATTEMPTS = 5
+# Version folders (`v<version>-<random>`), staged (`.<name>.staging`) or on their way out (`.<name>.old`).
+VERSION_FOLDER = re.compile(r"\.?v\d+-[0-9a-f]{8}(\.staging|\.old)?")
+# A full disk, a quota, or a file-size limit (RLIMIT_FSIZE).
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def index_dir(spec: PipelineSpec, project_dir: Path) -> Path:
@@ -49,64 +69,119 @@ def backend_spec(search: SearchSpec, release: int) -> SearchSpec:
     return search.model_copy(update={"milvus": milvus})
 
 
+def load_index(search: SearchSpec, target: Path) -> tuple[Manifest, VectorIndex, dict[str, str]] | None:
+    """The live version of `target`, everything from the one folder its manifest names (None before the first
+    build). Writers keep the version before theirs, so only two commits during one load remove the folder
+    being read; then the load starts again from the newer manifest."""
+    for _attempt in range(LOAD_ATTEMPTS):
+        manifest = read_manifest(target)
+        if manifest is None:
+            return None
+        folder = version_dir(target, manifest)
+        try:
+            loaded = manifest, _open(search, target, manifest), read_titles(target, manifest)
+        except Exception:  # noqa: BLE001 - whatever a half-removed folder raises (faiss, json, a missing file)
+            if folder.is_dir():
+                raise
+            continue
+        if folder.is_dir():  # writers rename a version before removing it: still here means read whole
+            return loaded
+    raise CatalogError(f"{target} changed {LOAD_ATTEMPTS} times while it was being read: is a writer looping?")
+
+
 def build_index(
-    spec: PipelineSpec, repository: Path, items: list[CatalogItem], target: Path, console: Console
+    spec: PipelineSpec,
+    repository: Path,
+    items: list[CatalogItem],
+    target: Path,
+    console: Console,
+    wait_s: float = WRITER_WAIT_S,
 ) -> Manifest:
-    """Embed every item with the live release and swap the new index in for `target`."""
-    search, release = _search(spec), live_release(repository)
-    embed = release_embedder(repository, release, spec)
-    staging = target.with_name(target.name + ".building")
-    resumed = read_manifest(staging)
-    if resumed is not None and (resumed.release != release or resumed.backend != search.backend):
-        shutil.rmtree(staging)  # left by a build for another release or backend: nothing to resume
-        resumed = None
-    dim = int(embed(["dimension probe"]).shape[1])
-    if resumed is None:
-        staging.mkdir(parents=True, exist_ok=True)
-        write_manifest(staging, Manifest(search.backend, release, dim, version=0, items=0))
-    with _writer(staging):
-        index = open_index(backend_spec(search, release), staging, dim)
-        titles = read_titles(staging)
+    """Embed every item with the live release and commit the result as the next version of `target`."""
+    search = _search(spec)
+    with _writer(target, "build", wait_s):
+        release = live_release(repository)
+        embed = release_embedder(repository, release, spec)
+        dim = int(embed(["dimension probe"]).shape[1])
+        staging = target.with_name(target.name + ".building")
+        resumed = _resumable(staging, search.backend, release, dim)
+        if resumed is None:
+            index, titles = open_index(backend_spec(search, release), staging, dim, relative_to=target.parent), {}
+        else:
+            index, titles = _open(search, staging, resumed), read_titles(staging, resumed)
         todo = [item for item in _unique(items) if titles.get(item.id) != item.title]
         if resumed is not None:
             console.print(f"resuming {staging}: {len(titles)} items already embedded, {len(todo)} to go")
-        _embed_into(index, titles, todo, embed, staging, console)
-        stale = set(titles) - {item.id for item in items}
+        base = Manifest(search.backend, release, dim, version=0, items=0, data="")  # _commit fills in the rest
+        _embed_into(index, titles, todo, embed, console, checkpoint=lambda: _commit(staging, index, titles, base, 0))
+        # From the index, not the titles: a Milvus collection may hold items of an earlier build of this release.
+        stale = set(index.ids()) - {item.id for item in items}
         if stale:
             index.delete(sorted(stale))
             titles = {k: v for k, v in titles.items() if k not in stale}
-        _save(index, titles, staging)
         previous = read_manifest(target)
-        manifest = Manifest(search.backend, release, dim, (previous.version if previous else 0) + 1, len(index))
-        write_manifest(staging, manifest)
-    swap_in(staging, target)
+        manifest = _commit(target, index, titles, base, (previous.version if previous else 0) + 1)
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
 def upsert_items(
-    spec: PipelineSpec, repository: Path, items: list[CatalogItem], target: Path, console: Console
+    spec: PipelineSpec,
+    repository: Path,
+    items: list[CatalogItem],
+    target: Path,
+    console: Console,
+    wait_s: float = WRITER_WAIT_S,
 ) -> Manifest:
-    manifest = _live_manifest(target)
-    embed = release_embedder(repository, manifest.release, spec)
-    with _writer(target):
-        index = open_index(backend_spec(_search(spec), manifest.release), target, manifest.dim)
-        titles = read_titles(target)
-        _embed_into(index, titles, list(_unique(items)), embed, target, console)
-        return _commit(index, titles, target, manifest)
+    """Add or replace items, embedded by the index's own release."""
+    search = _search(spec)
+    with _writer(target, "upsert", wait_s):
+        live = _live_manifest(target)
+        embed = release_embedder(repository, live.release, spec)
+        index, titles = _open(search, target, live), read_titles(target, live)
+        _embed_into(index, titles, list(_unique(items)), embed, console)
+        return _commit(target, index, titles, live, live.version + 1)
 
 
-def delete_items(spec: PipelineSpec, ids: list[str], target: Path) -> tuple[Manifest, int]:
-    manifest = _live_manifest(target)
-    with _writer(target):
-        index = open_index(backend_spec(_search(spec), manifest.release), target, manifest.dim)
+def delete_items(
+    spec: PipelineSpec, ids: list[str], target: Path, wait_s: float = WRITER_WAIT_S
+) -> tuple[Manifest, int]:
+    search = _search(spec)
+    with _writer(target, "delete", wait_s):
+        live = _live_manifest(target)
+        index = _open(search, target, live)
         removed = index.delete(ids)
         gone = set(ids)
-        titles = {k: v for k, v in read_titles(target).items() if k not in gone}
-        return _commit(index, titles, target, manifest), removed
+        titles = {k: v for k, v in read_titles(target, live).items() if k not in gone}
+        return _commit(target, index, titles, live, live.version + 1), removed
+
+
+def _open(search: SearchSpec, folder: Path, manifest: Manifest) -> VectorIndex:
+    """The index of the version `manifest` names in `folder`; a relative Milvus Lite file or token file is
+    taken beside the index folder, wherever the version lies."""
+    spec = backend_spec(search, manifest.release)
+    return open_index(spec, version_dir(folder, manifest), manifest.dim, relative_to=folder.parent)
+
+
+def _resumable(staging: Path, backend: str, release: int, dim: int) -> Manifest | None:
+    """The last checkpoint of an interrupted build of this release and backend; anything else there is removed."""
+    try:
+        resumed = read_manifest(staging)
+    except CatalogError:  # left by an earlier ecomserve: nothing to resume
+        resumed = None
+    if resumed is not None and (resumed.backend, resumed.release, resumed.dim) == (backend, release, dim):
+        return resumed
+    shutil.rmtree(staging, ignore_errors=True)
+    return None
 
 
 def _embed_into(
-    index, titles: dict[str, str], items: list[CatalogItem], embed: Callable, folder: Path, console
+    index: VectorIndex,
+    titles: dict[str, str],
+    items: list[CatalogItem],
+    embed: Callable,
+    console: Console,
+    checkpoint: Callable[[], object] | None = None,
 ) -> None:
     columns = (TextColumn("embed items"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -115,23 +190,54 @@ def _embed_into(
             batch = items[start : start + EMBED_BATCH]
             index.upsert([item.id for item in batch], np.asarray(embed([item.title for item in batch]), np.float32))
             titles.update((item.id, item.title) for item in batch)
-            if number % CHECKPOINT_BATCHES == 0:
-                _save(index, titles, folder)
+            if checkpoint is not None and number % CHECKPOINT_BATCHES == 0:
+                checkpoint()
             progress.advance(task, len(batch))
 
 
-def _commit(index, titles: dict[str, str], target: Path, manifest: Manifest) -> Manifest:
-    _save(index, titles, target)
-    updated = Manifest(manifest.backend, manifest.release, manifest.dim, manifest.version + 1, len(index))
-    write_manifest(target, updated)  # last: `search` reloads when it sees the new version
-    return updated
+def _commit(folder: Path, index: VectorIndex, titles: dict[str, str], like: Manifest, version: int) -> Manifest:
+    """Write `index` and `titles` as a complete new version folder, then replace the manifest to name it. On
+    a write error (a full disk) nothing is committed and the staged files are removed."""
+    previous = read_manifest(folder)
+    name = f"v{version}-{secrets.token_hex(4)}"
+    staging = folder / f".{name}.staging"
+    manifest = replace(like, version=version, items=len(index), data=name)
+    try:
+        staging.mkdir(parents=True)
+        index.save(staging)
+        write_titles(staging, titles)
+        staging.rename(folder / name)
+        write_manifest(folder, manifest)  # the commit point
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(folder / name, ignore_errors=True)
+        raise _write_failed(staging, exc) from None
+    _remove_versions(folder, keep={name, previous.data if previous else name})
+    return manifest
 
 
-def _save(index, titles: dict[str, str], folder: Path) -> None:
-    # Vectors before titles: `search` returns only ids that have a title, so a crash between the two
-    # writes leaves a new item unseen until the next write, never a deleted one shown.
-    index.save(folder)
-    write_titles(folder, titles)
+def _write_failed(staging: Path, exc: OSError) -> CatalogError:
+    reason = exc.strerror or str(exc)
+    if exc.errno in NO_ROOM:
+        return CatalogError(
+            f"no room to write {staging} ({reason}): free disk space (or raise the quota or file-size limit) and "
+            "run the command again; the index in use is unchanged"
+        )
+    return CatalogError(
+        f"could not write {staging} ({reason}): fix that and run the command again; the index in use is unchanged"
+    )
+
+
+def _remove_versions(folder: Path, keep: set[str]) -> None:
+    """Remove version folders but `keep` (the new and the previous one, which readers may still be loading),
+    and what killed writers left. Each is renamed first, so a reader that still finds the folder it loaded
+    under its name knows nothing was removed while it read."""
+    for path in folder.iterdir():
+        if path.name in keep or not VERSION_FOLDER.fullmatch(path.name):
+            continue
+        with suppress(OSError):  # what cannot be removed now, the next writer removes
+            doomed = path if path.name.startswith(".") else path.rename(folder / f".{path.name}.old")
+            shutil.rmtree(doomed)
 
 
 def _live_manifest(target: Path) -> Manifest:
@@ -153,14 +259,47 @@ def _unique(items: list[CatalogItem]) -> Iterator[CatalogItem]:
 
 
 @contextmanager
-def _writer(folder: Path):
-    lock = folder / LOCK
+def _writer(target: Path, operation: str, wait_s: float) -> Iterator[None]:
+    """Hold the writers' lock of `target` (waiting up to `wait_s`); the lock file names its holder."""
+    path = target.with_name(target.name + ".lock")
     try:
-        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise CatalogError(f"{lock} exists: another index writer is running (remove it if none is)") from None
-    os.close(descriptor)
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.open("a+", encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(
+            f"cannot open the writers' lock {path} ({exc.strerror}): make {path.parent} writable"
+        ) from None
+    with lock:  # closing the file releases the lock
+        _acquire(lock, target, wait_s)
+        with suppress(OSError):  # only a courtesy to waiting writers; a full disk is reported by the write itself
+            lock.truncate(0)
+            lock.write(f"`ecomserve index {operation}` (pid {os.getpid()}, since {datetime.now():%H:%M:%S})")
+            lock.flush()
+        try:
+            yield
+        finally:
+            with suppress(OSError):
+                lock.truncate(0)
+
+
+def _acquire(lock: IO[str], target: Path, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(LOCK_POLL_S)
+        except OSError as exc:
+            raise CatalogError(
+                f"cannot lock {lock.name} ({exc.strerror}): keep the index on a file system with locks "
+                "(on NFS: v4, or v3 with lockd)"
+            ) from None
+    lock.seek(0)
+    holder = lock.read().strip() or "another writer"
+    raise CatalogError(
+        f"{target} is being written by {holder}; waited {wait_s:g} s: run this again when it has finished "
+        "(or wait longer with --wait SECONDS)"
+    )

@@ -272,7 +272,8 @@ class TritonServer:
 
     def start(self, timeout_s: float = 300) -> None:
         options = self.options
-        if not options.repository.is_dir():
+        # A given command may name a remote repository (s3://, gs://); the embedded server needs a folder.
+        if options.triton_command is None and not options.repository.is_dir():
             raise RepositoryError(f"model repository {options.repository} not found: run `ecomserve build` first")
         for name, port in options.ports.named().items():
             if not port_is_free(options.host, port):

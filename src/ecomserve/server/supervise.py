@@ -21,7 +21,7 @@ from ecomserve.errors import EcomserveError
 from ecomserve.front.policy import ADMIN_KEY_ENV
 from ecomserve.server.process import Ports, ServerOptions, TritonServer
 
-USAGE = "usage: python3 -m ecomserve.server.supervise --repository DIR [options] -- TRITONSERVER [ARGS...]"
+USAGE = "usage: python3 -m ecomserve.server.supervise [--repository DIR] [options] -- TRITONSERVER [ARGS...]"
 # Set by the supervisor; a command that sets them would expose Triton or put a key on its command line.
 _OWNED_FLAGS = ("--http-address", "--http-port", "--grpc-address", "--grpc-port", "--http-restricted-api",
                 "--grpc-restricted-protocol", "--allow-sagemaker", "--allow-vertex-ai")  # fmt: skip
@@ -37,14 +37,14 @@ def flag_value(command: list[str], name: str, default: str) -> str:
     return default
 
 
-def check_command(command: list[str]) -> str | None:
+def check_command(command: list[str], stub_watchdog: bool = True) -> str | None:
     """Why the supervisor could not run this command safely, or None."""
     if not command:
         return USAGE
-    if flag_value(command, "model-control-mode", "none") != "explicit":
+    if stub_watchdog and flag_value(command, "model-control-mode", "none") != "explicit":
         return (
             "the stub watchdog restarts models through model control: run tritonserver in explicit mode "
-            "(--model-control-mode=explicit)"
+            "(--model-control-mode=explicit), or pass --no-stub-watchdog"
         )
     owned = [arg.split("=", 1)[0] for arg in command if arg.split("=", 1)[0] in _OWNED_FLAGS]
     if owned:
@@ -55,19 +55,27 @@ def check_command(command: list[str]) -> str | None:
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(prog="python3 -m ecomserve.server.supervise", usage=USAGE)
-    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument(
+        "--repository", type=Path, default=Path("/models"), help="the repository folder; the front reads its limits"
+    )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002, help="the port the command's metrics use")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ecomserve"))
+    parser.add_argument(
+        "--no-stub-watchdog",
+        dest="stub_watchdog",
+        action="store_false",
+        help="do not restart models whose stub died (then model control need not be explicit)",
+    )
     return parser.parse_args(argv[:split]), argv[split + 1 :]
 
 
 def main(argv: list[str] | None = None) -> int:
     args, command = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="ecomserve supervise: %(message)s")
-    problem = check_command(command)
+    problem = check_command(command, args.stub_watchdog)
     if problem:
         print(f"ecomserve supervise: {problem}", file=sys.stderr)
         return 2
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
             work_dir=args.work_dir,
             admin_key=os.environ.get(ADMIN_KEY_ENV) or None,
+            recover_stubs=args.stub_watchdog,
             triton_command=command,
         )
     )

@@ -5,8 +5,9 @@ manifest says which): the query goes through BLS to that release's own model ver
 `embed`, which serves whatever release is live. If that release is no longer loaded the request is
 refused with what to do, so vectors of two releases are never compared.
 
-The index is re-read when its manifest version moves (upserts, deletes, rebuilds), and the result
-cache is keyed by index version and release, so a change is visible at the next request."""
+The index is re-read when its manifest moves (upserts, deletes, rebuilds), all of it from the version
+folder the manifest names, so every instance answers from one whole version; the result cache is keyed
+by index version and release, so a change is visible at the next request."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from cachetools import TTLCache
 
 from ecomserve.errors import InvalidInput
 from ecomserve.fusion import fuse_embeddings, query_scores
-from ecomserve.index.backends import open_index
-from ecomserve.index.catalog import read_manifest, read_titles
-from ecomserve.index.ops import backend_spec
+from ecomserve.index.backends import milvus_token
+from ecomserve.index.catalog import read_manifest
+from ecomserve.index.ops import load_index
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT
 from ecomserve.serving_models.base import (
     Unavailable,
@@ -52,6 +53,8 @@ class TritonPythonModel:
         self.search = SearchSpec.model_validate(parameter(config, "search"))
         folder = Path(self.search.index_dir)
         self.index_dir = folder if folder.is_absolute() else Path(args["model_repository"]).parents[1] / folder
+        if self.search.backend == "milvus":
+            milvus_token(self.search.milvus, self.index_dir.parent)  # a missing token fails the load, not a request
         self.slices = encoder_slices(config)
         self.fusion = parameter(config, "fusion")
         self.layout = parameter(config, "layout")
@@ -106,13 +109,13 @@ class TritonPythonModel:
             return
         self.checked_at = now
         manifest = read_manifest(self.index_dir)
-        if manifest is None or manifest.version == 0:
+        if manifest is not None and manifest == self.manifest:
+            return
+        loaded = load_index(self.search, self.index_dir)
+        if loaded is None:
             raise Unavailable(f"no catalog index at {self.index_dir}: run `ecomserve index build CATALOG`")
-        if manifest != self.manifest:
-            self.index = open_index(backend_spec(self.search, manifest.release), self.index_dir, manifest.dim)
-            self.titles = read_titles(self.index_dir)
-            self.manifest = manifest
-            self.cache.clear()
+        self.manifest, self.index, self.titles = loaded
+        self.cache.clear()
 
     async def _search(self, query: str, top_k: int) -> tuple[list[str], list[float]]:
         rerank = self.search.rerank
