@@ -262,6 +262,7 @@ def index_delete(
 class WorkloadName(StrEnum):
     serving = "serving"
     search = "search"
+    front = "front"
 
 
 @app.command()
@@ -275,7 +276,11 @@ def bench(
     variant: Annotated[list[str] | None, typer.Option(help="compression variants to build and measure")] = None,
     tune: Annotated[bool, typer.Option(help="also compare layouts, instances × threads, batching delay")] = True,
     workload: Annotated[
-        WorkloadName, typer.Option(help="serving: the encoders and server; search: the catalog index backends")
+        WorkloadName,
+        typer.Option(
+            help="serving: the encoders and server; search: the catalog index backends; "
+            "front: the front process against straight-to-Triton calls"
+        ),
     ] = WorkloadName.serving,
     scales: Annotated[
         list[int] | None, typer.Option(help="search: catalog sizes, repeat for each (default 10000, 100000)")
@@ -283,6 +288,12 @@ def bench(
 ) -> None:
     """PyTorch, the in-process runtime, every compression variant and the served pipeline, in one run
     (--workload search: faiss exact / HNSW and Milvus Lite on synthetic catalogs)."""
+    if workload == WorkloadName.front:
+        from ecomserve.bench.front import bench_front, front_markdown
+
+        found = bench_front(load_spec(spec), spec.parent, out, duration, console)
+        console.print(front_markdown(found), highlight=False, soft_wrap=True)
+        return
     if workload == WorkloadName.search:
         from ecomserve.bench.search import MAX_SCALE, bench_search, search_markdown
 
@@ -381,5 +392,6 @@ def main() -> None:
     try:
         app()
     except EcomserveError as exc:
-        console.print("[red]error:[/]", escape(str(exc)), highlight=False)
+        # soft_wrap: an error stays one line whatever the terminal width (scripts read it).
+        console.print("[red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -115,7 +115,7 @@ def _tuned_spec(spec: PipelineSpec, setting: dict) -> PipelineSpec:
     return spec.model_copy(update={"serving": serving})
 
 
-def _start(repository: Path, work_dir: Path):
+def start_bench_server(repository: Path, work_dir: Path):
     from ecomserve.server.process import Ports, ServerOptions, TritonServer, free_port
 
     server = TritonServer(
@@ -133,7 +133,7 @@ def tune(options: BenchOptions, work, console, progress) -> list[dict]:
         progress.update(task, description=f"tuning {setting}")
         repository = options.work_dir / "tuning"
         build_repository(_tuned_spec(options.spec, setting), repository, options.spec_dir, console)
-        server = _start(repository, options.work_dir)
+        server = start_bench_server(repository, options.work_dir)
         try:
             (query,) = [m for m in _served(server, "grpc", 16, work, options.duration_s) if m.workload == "query embed"]
         finally:
@@ -208,7 +208,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
 
         points = [(p, c) for p in options.protocols for c in options.concurrency]
         task = progress.add_task("served", total=len(points))
-        server = _start(served_dir, options.work_dir)
+        server = start_bench_server(served_dir, options.work_dir)
         try:
             for protocol, concurrency in points:
                 progress.update(task, description=f"served {protocol} c={concurrency}")

@@ -147,5 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     admin_key = read_admin_key(args.admin_key_file)
     if admin_key is None:
         log.warning("no admin key: the model-repository API is closed to every client")
-    asyncio.run(serve(args, front_spec(args.repository), admin_key))
+    import uvloop
+
+    uvloop.run(serve(args, front_spec(args.repository), admin_key))
     return 0

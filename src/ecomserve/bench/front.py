@@ -1,0 +1,180 @@
+"""`ecomserve bench --workload front`: what the front process costs.
+
+One query per request, at 1 and 16 clients, on texts never sent before (and the response cache off),
+through the front (the public ports) and straight to Triton's private unix sockets, in one run of
+one server. HTTP uses one plain keep-alive client for both routes (TCP to the front, the unix socket
+to Triton); gRPC uses tritonclient for both. The direct route exists only for this measurement:
+clients cannot reach it."""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from ecomserve.bench.load import Measurement, measure
+from ecomserve.bench.report import plt, write_csv
+from ecomserve.paths import corpus_texts
+from ecomserve.repository.builder import build_repository
+from ecomserve.spec import PipelineSpec
+
+CONCURRENCY = (1, 16)
+ROUTES = ("front", "direct")
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path):
+        super().__init__("triton")
+        self._path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self._path)
+
+
+def cpu_description() -> str:
+    """The processor and the vector extensions that decide INT8 speed, as lscpu reports them."""
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    wanted = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
+    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, {' '.join(wanted)}"
+
+
+def _body(text: str) -> bytes:
+    return json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": [text]}]}).encode()
+
+
+def _http_call(connect):
+    connection = connect()
+
+    def call(text: str) -> None:
+        connection.request("POST", "/v2/models/embed/infer", _body(text), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        payload = response.read()
+        if response.status != 200:
+            raise RuntimeError(payload[:200])
+
+    return call
+
+
+def _grpc_call(url: str):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+
+    def call(text: str) -> None:
+        tensor = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+        client.infer("embed", [tensor])
+
+    return call
+
+
+def _route_call(server, protocol: str, route: str):
+    host, port = server.http_url.split(":")
+    if protocol == "http":
+        if route == "front":
+            return _http_call(lambda: http.client.HTTPConnection(host, int(port), timeout=60))
+        return _http_call(lambda: _UnixHTTPConnection(server.sockets.http_path))
+    return _grpc_call(server.grpc_url if route == "front" else server.sockets.grpc_target)
+
+
+def run_front_bench(server, queries: list[str], duration_s: float) -> list[Measurement]:
+    fresh = itertools.count()
+    measurements = []
+    for protocol in ("http", "grpc"):
+        for concurrency in CONCURRENCY:
+            for route in ROUTES:
+
+                def make_call(_worker: int, route=route, protocol=protocol):
+                    call = _route_call(server, protocol, route)
+                    # A number no request carried before: nothing can be answered from a cache.
+                    return lambda i: call(f"{queries[i % len(queries)]} {next(fresh)}")
+
+                measurements.append(measure(route, "query embed", protocol, concurrency, make_call, 1, duration_s))
+    return measurements
+
+
+def front_cost(rows: list[dict]) -> list[dict]:
+    """Per protocol and concurrency: throughput ratio (front / direct) and the p50 the front adds."""
+    by_key = {(r["protocol"], r["concurrency"], r["contender"]): r for r in rows}
+    costs = []
+    for protocol, concurrency in itertools.product(("http", "grpc"), CONCURRENCY):
+        front, direct = by_key[(protocol, concurrency, "front")], by_key[(protocol, concurrency, "direct")]
+        costs.append(
+            {
+                "protocol": protocol,
+                "concurrency": concurrency,
+                "front_texts_per_s": front["throughput_items"],
+                "direct_texts_per_s": direct["throughput_items"],
+                "throughput_ratio": front["throughput_items"] / direct["throughput_items"],
+                "added_p50_ms": front["p50_ms"] - direct["p50_ms"],
+                "added_p99_ms": front["p99_ms"] - direct["p99_ms"],
+            }
+        )
+    return costs
+
+
+def plot_front(costs: list[dict], path: Path) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [f"{c['protocol']} c={c['concurrency']}" for c in costs]
+    x = np.arange(len(costs))
+    axes[0].bar(x - 0.2, [c["direct_texts_per_s"] for c in costs], 0.4, label="straight to Triton")
+    axes[0].bar(x + 0.2, [c["front_texts_per_s"] for c in costs], 0.4, label="through the front")
+    axes[0].set(title="one query per request", ylabel="texts / s", xticks=x, xticklabels=labels)
+    axes[0].legend(fontsize=8)
+    axes[1].bar(x, [c["added_p50_ms"] for c in costs])
+    axes[1].set(title="p50 latency the front adds", ylabel="ms", xticks=x, xticklabels=labels)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def front_markdown(results: dict) -> str:
+    lines = [
+        f"Front cost ({results['cpu']}; {results['duration_s']:.0f} s per point, one query per request)",
+        "",
+        "| protocol | clients | straight to Triton (texts/s) | through the front | ratio | p50 added (ms) | p99 added (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in results["cost"]:
+        lines.append(
+            f"| {c['protocol']} | {c['concurrency']} | {c['direct_texts_per_s']:.0f} | {c['front_texts_per_s']:.0f} | "
+            f"{c['throughput_ratio']:.2f} | {c['added_p50_ms']:+.2f} | {c['added_p99_ms']:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def bench_front(spec: PipelineSpec, spec_dir: Path, out_dir: Path, duration_s: float, console: Console) -> dict:
+    from ecomserve.bench.run import start_bench_server
+
+    repository = Path(".ecomserve/bench/front-repository")
+    # The cache would answer without computing; the fresh suffix makes sure, this makes it cheap.
+    bench_spec = spec.model_copy(update={"serving": spec.serving.model_copy(update={"response_cache": False})})
+    build_repository(bench_spec, repository, spec_dir, console)
+    queries = corpus_texts()[:400]
+    server = start_bench_server(repository, Path(".ecomserve/bench"))
+    try:
+        with console.status("measuring the front against straight-to-Triton calls …"):
+            measurements = run_front_bench(server, queries, duration_s)
+    finally:
+        server.stop()
+    rows = [m.row() for m in measurements]
+    results = {"cpu": cpu_description(), "duration_s": duration_s, "measurements": rows, "cost": front_cost(rows)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "front.json").write_text(json.dumps(results, indent=2))
+    write_csv(out_dir / "front.csv", rows)
+    plot_front(results["cost"], out_dir / "front.png")
+    (out_dir / "front.md").write_text(front_markdown(results) + "\n")
+    return results

@@ -1,0 +1,54 @@
+"""The front's request policy and its benchmark, on a real server: which APIs a path reaches, and
+`ecomserve bench --workload front` measuring both routes in one run."""
+
+from __future__ import annotations
+
+import pytest
+
+from ecomserve.bench.front import CONCURRENCY, front_cost, front_markdown, plot_front, run_front_bench
+from ecomserve.front.policy import Access, grpc_access, http_access
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "access", "model"),
+    [
+        ("GET", "/v2/health/ready", Access.OPEN, None),
+        ("HEAD", "/v2", Access.OPEN, None),
+        ("GET", "/v2/models/embed/versions/2/config", Access.OPEN, "embed"),
+        ("POST", "/v2/models/rank/infer", Access.INFER, "rank"),
+        ("POST", "/v2/models/embed/versions/3/infer", Access.INFER, "embed"),
+        ("GET", "/v2/models/embed/infer", Access.UNKNOWN, None),
+        ("POST", "/v2/repository/models/embed/load", Access.ADMIN, None),
+        ("POST", "/v2/systemsharedmemory/region/x/register", Access.CLOSED, None),
+        ("GET", "/v2/logging", Access.CLOSED, None),
+        ("POST", "/v2/models/embed/trace/setting", Access.CLOSED, None),
+        ("POST", "/v2/models/../../etc/passwd/infer", Access.UNKNOWN, None),
+    ],
+)
+def test_http_paths_map_to_their_access(method, path, access, model):
+    assert http_access(method, path) == (access, model)
+
+
+def test_every_grpc_method_is_classified():
+    from tritonclient.grpc import service_pb2
+
+    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    methods = {f"/inference.GRPCInferenceService/{m.name}": grpc_access(f"/inference.GRPCInferenceService/{m.name}")
+               for m in service.methods}  # fmt: skip
+    assert Access.UNKNOWN not in methods.values(), "a new Triton method must be classified on purpose"
+    assert methods["/inference.GRPCInferenceService/ModelInfer"] is Access.INFER
+    assert grpc_access("/inference.GRPCInferenceService/NewMethod") is Access.UNKNOWN
+
+
+@pytest.mark.integration
+def test_front_bench_measures_both_routes_in_one_run(default_server, tmp_path):
+    rows = [m.row() for m in run_front_bench(default_server, ["wireless earbuds", "trail shoes"], duration_s=0.5)]
+    assert {(r["protocol"], r["contender"], r["concurrency"]) for r in rows} == {
+        (protocol, route, clients) for protocol in ("http", "grpc") for route in ("front", "direct") for clients in CONCURRENCY
+    }
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows), rows
+    cost = front_cost(rows)
+    assert len(cost) == 4 and all(c["throughput_ratio"] > 0 for c in cost)
+    plot_front(cost, tmp_path / "front.png")
+    assert (tmp_path / "front.png").stat().st_size > 1000
+    assert "| grpc | 16 |" in front_markdown({"cpu": "test", "duration_s": 0.5, "cost": cost})
