@@ -131,6 +131,15 @@ def test_malformed_binary_tensors_get_400(default_server, known_embedding, blob,
     assert_still_serving(default_server, known_embedding)
 
 
+def test_the_metrics_port_serves_triton_and_front_metrics_and_nothing_else(default_server):
+    text = requests.get(default_server.metrics_url, timeout=30).text
+    assert "nv_inference_request_success" in text and "ecomserve_front_admitted_total" in text
+    base = default_server.metrics_url.removesuffix("/metrics")
+    assert requests.get(base + "/v2/health/ready", timeout=30).status_code == 404
+    assert requests.post(base + "/v2/models/embed/infer", data=b"{}", timeout=30).status_code == 404
+    assert requests.get(f"http://{default_server.http_url}/metrics", timeout=30).status_code == 404
+
+
 def test_body_over_the_limit_is_413_before_it_is_read(default_server, known_embedding):
     limit = 8 * 1024 * 1024  # serving.front.max_body_bytes default
     response = post(default_server, "/v2/models/embed/infer", b" " * (limit + 1))
@@ -256,7 +265,10 @@ def test_no_command_line_holds_the_admin_key_and_triton_listens_only_privately(d
         assert key not in " ".join(process.info["cmdline"] or ()), process
     triton = psutil.Process(default_server.pid)
     listening = {c.laddr.port for c in triton.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-    assert listening == {default_server.options.ports.metrics}, "Triton must serve HTTP and gRPC only on its sockets"
+    assert listening == set(), "Triton must listen only on its private sockets"
+    front = psutil.Process(default_server.front_pid)
+    ports = {c.laddr.port for c in front.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert ports == set(default_server.options.ports.named().values())
     folder = default_server.sockets.folder
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert folder.stat().st_uid == os.getuid()
@@ -266,7 +278,8 @@ def test_no_command_line_holds_the_admin_key_and_triton_listens_only_privately(d
 def test_another_local_user_cannot_reach_triton_directly(default_server):
     """What a second user on the host (uid 65534) gets when it goes around the front: a forked child drops
     to that user and tries Triton's sockets; its exit code has one bit per socket it could connect to."""
-    paths = [str(default_server.sockets.http_path), str(default_server.sockets.grpc_path)]
+    sockets = default_server.sockets
+    paths = [str(sockets.http_path), str(sockets.grpc_path), str(sockets.metrics_path)]
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 100

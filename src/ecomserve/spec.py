@@ -105,7 +105,7 @@ class FrontSpec(_Strict):
     max_texts_in_flight: int = Field(
         512, ge=1, description="texts (BYTES elements) admitted across all models; more is refused with 503 at once"
     )
-    max_connections: int = Field(1024, ge=8, description="open client connections per protocol; more are closed")
+    max_connections: int = Field(1024, ge=8, description="open client connections per port; more are closed")
     idle_timeout_s: float = Field(10.0, gt=0, description="a connection that sends nothing for this long is closed")
     request_timeout_s: float = Field(60.0, gt=0, description="longest a request may take, body upload included")
 

@@ -3,7 +3,8 @@
 uvicorn closes idle keep-alive connections only after a first response, caps concurrency only once
 a request's headers arrive, and sets no deadline on headers. 20,100 connections that never sent a
 byte exhausted Triton's file descriptors; here a connection past `max_connections` is closed at
-once, and one that sends no complete request head within the idle timeout is closed too."""
+once (counted per listening port), and one that sends no complete request head within the idle
+timeout is closed too."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         global _closed_over_limit
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
+        # Counted per port: a flood on the metrics port must not lock clients out of the HTTP port.
+        if sum(1 for other in self.connections if other.server == self.server) > self.max_connections:
             _closed_over_limit += 1
             transport.abort()
             return

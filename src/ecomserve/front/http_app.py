@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ecomserve.front.admission import RETRY_AFTER_S, Admission
-from ecomserve.front.connections import closed_over_limit
+from ecomserve.front.metrics_app import MetricsFront
 from ecomserve.front.kserve import BadRequest, check_http_infer, check_json_document
 from ecomserve.front.policy import ADMIN_HEADER, Access, closed_message, http_access, key_matches
 
@@ -119,39 +119,30 @@ class HttpFront:
             answer["retry-after"] = str(RETRY_AFTER_S)
         return Response(content, status, headers=answer)
 
-    def metrics(self) -> str:
-        admission = self.admission
-        return (
-            "# TYPE ecomserve_front_admitted_total counter\n"
-            f"ecomserve_front_admitted_total {admission.admitted}\n"
-            "# TYPE ecomserve_front_refused_total counter\n"
-            f"ecomserve_front_refused_total {admission.refused}\n"
-            "# TYPE ecomserve_front_texts_in_flight gauge\n"
-            f"ecomserve_front_texts_in_flight {admission.in_flight}\n"
-            "# TYPE ecomserve_front_connections_closed_over_limit_total counter\n"
-            f"ecomserve_front_connections_closed_over_limit_total {closed_over_limit()}\n"
-        )
-
 
 def error_response(message: str, status: int) -> Response:
     headers = {"retry-after": str(RETRY_AFTER_S)} if status in (429, 503) else None
     return Response(orjson.dumps({"error": message}), status, headers=headers, media_type="application/json")
 
 
-def build_app(front: HttpFront) -> Starlette:
-    async def metrics(_: Request) -> Response:
-        return Response(front.metrics(), media_type="text/plain; version=0.0.4")
+def build_app(front: HttpFront, metrics: MetricsFront, metrics_port: int) -> Starlette:
+    """One app for the HTTP and the metrics port (one uvicorn server, one signal handler); a request is
+    routed by the port it came in on."""
+
+    async def dispatch(request: Request) -> Response:
+        if request.scope["server"][1] != metrics_port:
+            return await front.handle(request)
+        if request.url.path == "/metrics" and request.method in ("GET", "HEAD"):
+            return await metrics.handle(request)
+        return error_response("the metrics port serves GET /metrics only", 404)
 
     @asynccontextmanager
     async def lifespan(_: Starlette):
         await front.open()
+        await metrics.open()
         yield
+        await metrics.close()
         await front.close()
 
-    return Starlette(
-        routes=[
-            Route("/front/metrics", metrics, methods=["GET"]),
-            Route("/{path:path}", front.handle, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]),
-        ],
-        lifespan=lifespan,
-    )
+    methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
+    return Starlette(routes=[Route("/{path:path}", dispatch, methods=methods)], lifespan=lifespan)

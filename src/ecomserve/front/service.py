@@ -1,7 +1,8 @@
-"""The front process: public HTTP (uvicorn) and gRPC (grpc.aio) in one event loop, both passing
+"""The front process: public HTTP (uvicorn), gRPC (grpc.aio) and metrics in one event loop, passing
 checked requests to Triton's private unix sockets.
 
     python -m ecomserve.front --repository model_repository --sockets DIR [--host H] [--http-port P] [--grpc-port P]
+                              [--metrics-port P]
 
 `ecomserve serve` starts it beside tritonserver; in Kubernetes it is the pod's front container. Its
 limits come from the repository's spec (`serving.front`). The admin key is read from
@@ -15,6 +16,7 @@ import asyncio
 import logging
 import os
 import resource
+import socket
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from ecomserve.front.admission import Admission
 from ecomserve.front.connections import bounded_protocol
 from ecomserve.front.grpc_proxy import GrpcProxy
 from ecomserve.front.http_app import HttpFront, build_app
+from ecomserve.front.metrics_app import MetricsFront
 from ecomserve.front.policy import ADMIN_KEY_ENV
 from ecomserve.front.upstream import TritonSockets
 from ecomserve.spec import FrontSpec
@@ -101,10 +104,20 @@ async def serve(args: argparse.Namespace, limits: FrontSpec, admin_key: str | No
     http_front = HttpFront(
         str(sockets.http_path), admission, admin_key, limits.max_body_bytes, limits.request_timeout_s
     )
-    config = uvicorn.Config(
-        build_app(http_front),
-        host=args.host,
-        port=args.http_port,
+    metrics_front = MetricsFront(str(sockets.metrics_path), admission)
+    http_server = uvicorn.Server(_uvicorn_config(build_app(http_front, metrics_front, args.metrics_port), limits))
+    await grpc_server.start()
+    try:
+        # Returns after SIGTERM / SIGINT, once open requests finish.
+        await http_server.serve(sockets=[_listen(args.host, port) for port in (args.http_port, args.metrics_port)])
+    finally:
+        await grpc_server.stop(grace=5)
+        await upstream.close()
+
+
+def _uvicorn_config(app, limits: FrontSpec) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
         http=bounded_protocol(limits.max_connections, limits.idle_timeout_s),
         timeout_keep_alive=int(limits.idle_timeout_s),
         backlog=2048,
@@ -112,12 +125,13 @@ async def serve(args: argparse.Namespace, limits: FrontSpec, admin_key: str | No
         log_level="warning",
         server_header=False,
     )
-    await grpc_server.start()
-    try:
-        await uvicorn.Server(config).serve()  # returns after SIGTERM / SIGINT, once open requests finish
-    finally:
-        await grpc_server.stop(grace=5)
-        await upstream.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    return listener
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -127,6 +141,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--admin-key-file", type=Path, help=f"file holding the admin key (else ${ADMIN_KEY_ENV})")
     return parser.parse_args(argv)
 

@@ -177,8 +177,6 @@ def embedded_command(options: ServerOptions, install: TritonInstall) -> list[str
         f"--backend-directory={install.backend_dir.resolve()}",
         f"--cache-directory={install.cache_dir}",
         f"--cache-config=local,size={options.cache_bytes}",
-        f"--metrics-address={options.host}",
-        f"--metrics-port={options.ports.metrics}",
         f"--exit-timeout-secs={options.exit_timeout_s}",
         # Explicit control: everything loads at start, and `ecomserve publish` loads new releases.
         "--model-control-mode=explicit",
@@ -268,6 +266,7 @@ class TritonServer:
             f"--host={options.host}",
             f"--http-port={options.ports.http}",
             f"--grpc-port={options.ports.grpc}",
+            f"--metrics-port={options.ports.metrics}",
         ]
 
     def start(self, timeout_s: float = 300) -> None:
@@ -399,7 +398,7 @@ class TritonServer:
             kill_group(self._triton)
         release_shared_memory(self.shm_prefix)
         # A killed tritonserver leaves its socket files, and a new one could not bind them.
-        for path in (self._sockets.http_path, self._sockets.grpc_path):
+        for path in (self._sockets.http_path, self._sockets.grpc_path, self._sockets.metrics_path):
             path.unlink(missing_ok=True)
 
     def _terminate_all(self) -> None:

@@ -4,8 +4,8 @@ on private unix sockets, with restarts. The Triton container's entrypoint in Kub
     python3 -m ecomserve.server.supervise --repository /models --host 0.0.0.0 -- \\
         /opt/tritonserver/bin/tritonserver --model-repository=/models --model-control-mode=explicit …
 
-The command must not set HTTP or gRPC addresses (the supervisor puts Triton on unix sockets and the
-front on --http-port/--grpc-port) nor restricted-API keys (the front checks the admin key, read from
+The command must not set HTTP, gRPC or metrics addresses (the supervisor puts Triton on unix sockets
+and the front on --http-port/--grpc-port/--metrics-port) nor restricted-API keys (the front checks the admin key, read from
 $ECOMSERVE_ADMIN_KEY). SIGTERM and SIGINT drain in-flight requests; the exit code is tritonserver's."""
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from ecomserve.server.process import Ports, ServerOptions, TritonServer
 
 USAGE = "usage: python3 -m ecomserve.server.supervise [--repository DIR] [options] -- TRITONSERVER [ARGS...]"
 # Set by the supervisor; a command that sets them would expose Triton or put a key on its command line.
-_OWNED_FLAGS = ("--http-address", "--http-port", "--grpc-address", "--grpc-port", "--http-restricted-api",
-                "--grpc-restricted-protocol", "--allow-sagemaker", "--allow-vertex-ai")  # fmt: skip
+_OWNED_FLAGS = ("--http-address", "--http-port", "--grpc-address", "--grpc-port", "--metrics-address",
+                "--metrics-port", "--http-restricted-api", "--grpc-restricted-protocol", "--allow-sagemaker",
+                "--allow-vertex-ai")  # fmt: skip
 
 
 def flag_value(command: list[str], name: str, default: str) -> str:
@@ -61,7 +62,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002, help="the port the command's metrics use")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="the front's metrics port")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ecomserve"))
     parser.add_argument(
         "--no-stub-watchdog",
