@@ -4,8 +4,10 @@ Every chart render (the defaults and each ci/*-values.yaml) and both overlays ar
 the real API schemas of several Kubernetes releases (kubernetes-validate, strict: unknown fields
 fail), then checked for what serving needs: probes on the served port, /dev/shm, selectors that
 match the pods, the HPA's metrics served by the adapter rules, pinned images, resources, no secret
-values, non-root pods, graceful shutdown. The scripts the chart ships (TensorRT engine build, model
-reload) run here against stand-ins for trtexec, nvidia-smi and Triton's HTTP API.
+values, non-root pods, graceful shutdown, Triton behind ecomserve's front process (a command the
+supervisor accepts, no key or public Triton port on tritonserver's command line). The scripts the
+chart ships (TensorRT engine build, model reload) run here against stand-ins for trtexec, nvidia-smi and
+Triton's HTTP API.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import numpy as np
 import pytest
 import yaml
 from k8s_tools import REPO_ROOT, ToolMissing, hadolint, k8s_binaries
+
+from ecomserve.front import policy as front_policy
+from ecomserve.server import supervise
 
 K8S = REPO_ROOT / "k8s"
 CHART = K8S / "chart" / "ecomserve"
@@ -116,7 +121,7 @@ def render(source: str) -> list[dict]:
 
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
-SUPERVISED = ["/opt/ecomserve/venv/bin/python3", "-m", "ecomserve.server.supervise", "--", TRITONSERVER]
+SUPERVISOR = ["/opt/ecomserve/venv/bin/python3", "-m", "ecomserve.server.supervise"]
 ALL_RENDERS = [f"chart:{name}" for name in CHART_RENDERS] + [f"kustomize:{name}" for name in OVERLAYS]
 
 
@@ -152,8 +157,28 @@ def triton(rendered: list[dict]) -> dict:
 
 
 def flag(container: dict, name: str) -> str | None:
+    """The value of tritonserver's --name=value (its args), the last one when repeated."""
     values = [arg.split("=", 1)[1] for arg in container["args"] if arg.startswith(f"--{name}=")]
     return values[-1] if values else None
+
+
+def supervisor_options(container: dict) -> list[str]:
+    """The supervisor's own options: the command between `-m ecomserve.server.supervise` and `--`."""
+    command = container["command"]
+    assert command[: len(SUPERVISOR)] == SUPERVISOR, f"the supervisor must be PID 1, not {command}"
+    assert "--" in command, "`--` must separate the supervisor's options from tritonserver's command"
+    return command[len(SUPERVISOR) : command.index("--")]
+
+
+def supervisor_flag(container: dict, name: str) -> str | None:
+    values = [arg.split("=", 1)[1] for arg in supervisor_options(container) if arg.startswith(f"--{name}=")]
+    return values[-1] if values else None
+
+
+def tritonserver_command(container: dict) -> list[str]:
+    """What the supervisor runs: the command after `--`, then the container's args."""
+    command = container["command"]
+    return command[command.index("--") + 1 :] + container.get("args", [])
 
 
 def adapter_rules(rendered: list[dict]) -> list[dict]:
@@ -213,9 +238,10 @@ def test_probes_and_services_use_the_container_ports(source):
     container = triton(rendered)
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert set(ports) == {"http", "grpc", "metrics"}
-    assert ports["http"] == int(flag(container, "http-port"))
-    assert ports["grpc"] == int(flag(container, "grpc-port"))
-    assert ports["metrics"] == int(flag(container, "metrics-port"))
+    # The front listens on every port, on every address of the pod; Triton only on unix sockets.
+    for name in ("http", "grpc", "metrics"):
+        assert ports[name] == int(supervisor_flag(container, f"{name}-port")), name
+    assert supervisor_flag(container, "host") == "0.0.0.0"
     ready, live = "/v2/health/ready", "/v2/health/live"
     for probe, path in {"startupProbe": ready, "readinessProbe": ready, "livenessProbe": live}.items():
         http_get = container[probe]["httpGet"]
@@ -338,12 +364,66 @@ def test_rollouts_and_shutdown_keep_capacity(source):
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     exit_timeout = int(flag(container, "exit-timeout-secs"))
     assert sleep > 0 and spec["terminationGracePeriodSeconds"] > sleep + exit_timeout
-    assert container["command"] == SUPERVISED, "the supervisor passes SIGTERM on and restarts dead stubs"
+    assert container["command"][: len(SUPERVISOR)] == SUPERVISOR, "the supervisor passes SIGTERM on"
     assert {c["topologyKey"] for c in spec["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
     pdb = one(rendered, "PodDisruptionBudget")["spec"]
     hpa = objects(rendered, "HorizontalPodAutoscaler")
     smallest = hpa[0]["spec"]["minReplicas"] if hpa else deployment["spec"]["replicas"]
     assert pdb.get("minAvailable", 0) < smallest, "a PDB at the replica count blocks every drain"
+
+
+# --- Triton behind ecomserve's front process --------------------------------------------------------------
+
+# tritonserver flags that would give Triton a public listener (the front owns the pod's ports).
+PUBLIC_TRITON_FLAG = re.compile(r"--(?:(?:http|grpc|metrics)-(?:port|address)|allow-(?:sagemaker|vertex-ai))(?:=|$)")
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_triton_runs_behind_the_front(source):
+    rendered = render(source)
+    container = triton(rendered)
+    options = supervisor_options(container)
+    command = container["command"]
+    assert command[command.index("--") + 1 :] == [TRITONSERVER], "the supervisor runs the NGC tritonserver"
+    # The front reads its limits from the repository Triton serves; logs and sockets go to the /tmp emptyDir.
+    assert supervisor_flag(container, "repository") == flag(container, "model-repository")
+    assert PurePosixPath(supervisor_flag(container, "work-dir")).is_relative_to("/tmp")
+    # No key and no public Triton listener on any command line of the Triton pods (/proc shows them to
+    # every local user); the key reaches the front through the environment, from a Secret.
+    for owner, _, spec in pod_templates(rendered):
+        if owner.startswith("Deployment/"):
+            for each in containers(spec):
+                for arg in each.get("command", []) + each.get("args", []):
+                    assert "restricted" not in arg and "ECOMSERVE_ADMIN_KEY" not in arg, f"{owner}: {arg}"
+    triton_command = tritonserver_command(container)
+    assert not [arg for arg in triton_command if PUBLIC_TRITON_FLAG.match(arg)], triton_command
+    assert admin_key_ref(container) is not None, "the front checks the admin key from ECOMSERVE_ADMIN_KEY"
+    # The supervisor accepts the command as rendered (it exits 2 otherwise) ...
+    stub_watchdog = "--no-stub-watchdog" not in options
+    assert stub_watchdog, "explicit model control: the stub watchdog runs"
+    assert supervise.check_command(triton_command, stub_watchdog) is None
+    # ... and would refuse the restricted-API flags this chart used to give Triton.
+    old_flag = "--http-restricted-api=model-repository:ecomserve-admin-key=$(ECOMSERVE_ADMIN_KEY)"
+    assert supervise.check_command([*triton_command, old_flag], stub_watchdog) is not None
+
+
+def test_supervisor_flags_are_refused_in_extra_args():
+    for name in supervise._OWNED_FLAGS:
+        result = run(helm_template_command(sets=(f"triton.extraArgs={{{name}=key-9f1c}}",)))
+        assert result.returncode != 0, f"{name} in triton.extraArgs rendered"
+        assert f"triton.extraArgs: remove {name}:" in result.stderr, result.stderr
+        assert "key-9f1c" not in result.stderr, "the refusal must not print the value (it may be a key)"
+    allowed = triton(chart("default", sets=("triton.extraArgs={--model-load-thread-count=4}",)))
+    assert allowed["args"][-1] == "--model-load-thread-count=4"
+
+
+def test_metrics_port_serves_triton_and_the_front():
+    rendered = chart("default")
+    endpoints = one(rendered, "ServiceMonitor")["spec"]["endpoints"]
+    assert [(endpoint["port"], endpoint["path"]) for endpoint in endpoints] == [("metrics", "/metrics")]
+    test_script = one(rendered, "Pod")["spec"]["containers"][0]["command"][-1]
+    for family in ("nv_inference_request_success", "ecomserve_front_admitted_total"):
+        assert f'echo "$metrics" | grep -q {family}' in test_script, f"helm test must find {family}"
 
 
 # --- autoscaling ----------------------------------------------------------------------------------------
@@ -453,12 +533,6 @@ def test_new_revision_rolls_pods_or_reloads_models():
     assert not objects(chart("default"), "Job")
 
 
-ADMIN_ARGS = [
-    "--http-restricted-api=model-repository:ecomserve-admin-key=$(ECOMSERVE_ADMIN_KEY)",
-    "--grpc-restricted-protocol=model-repository:ecomserve-admin-key=$(ECOMSERVE_ADMIN_KEY)",
-]
-
-
 def admin_key_ref(container: dict) -> dict | None:
     """The Secret key ECOMSERVE_ADMIN_KEY comes from, or None without that variable."""
     env = {item["name"]: item for item in container.get("env", [])}
@@ -479,9 +553,7 @@ def test_model_control_needs_the_admin_key(source):
     rendered = render(source)
     container = triton(rendered)
     assert flag(container, "model-control-mode") == "explicit" and "--load-model=*" in container["args"]
-    for arg in ADMIN_ARGS:
-        assert container["args"].count(arg) == 1, f"{source}: missing {arg}"
-    # Kubernetes expands $(ECOMSERVE_ADMIN_KEY) only for a variable the container defines.
+    # The front checks the key, read from the environment: never on a command line (test_triton_runs_behind_the_front).
     reference = {"name": f"{RELEASE}-admin-key", "key": "admin-key"}
     assert admin_key_ref(container) == reference
     for owner, _, spec in pod_templates(rendered):
@@ -499,10 +571,13 @@ def test_model_control_needs_the_admin_key(source):
 
 
 def test_stub_watchdog_needs_explicit_model_control():
-    assert triton(chart("default", sets=("triton.stubWatchdog.enabled=false",)))["command"] == [TRITONSERVER]
-    for mode in ("none", "poll"):
-        plain = chart("default", sets=(f"triton.modelControl.mode={mode}",))
-        assert triton(plain)["command"] == [TRITONSERVER], "without model control tritonserver is PID 1"
+    assert "--no-stub-watchdog" not in supervisor_options(triton(chart("default")))
+    unwatched = ["triton.stubWatchdog.enabled=false", "triton.modelControl.mode=none", "triton.modelControl.mode=poll"]
+    for assignment in unwatched:
+        assignments = (assignment,)
+        container = triton(chart("default", sets=assignments))
+        assert "--no-stub-watchdog" in supervisor_options(container), f"{assignments}: the supervisor hosts the front"
+        assert supervise.check_command(tritonserver_command(container), stub_watchdog=False) is None, assignments
 
 
 def test_admin_key_from_an_existing_secret_and_none_without_explicit_control():
@@ -512,11 +587,9 @@ def test_admin_key_from_an_existing_secret_and_none_without_explicit_control():
     reference = {"name": "shop-triton-admin", "key": "token"}
     assert admin_key_ref(triton(rendered)) == reference
     assert admin_key_ref(one(rendered, "Job")["spec"]["template"]["spec"]["containers"][0]) == reference
-    assert all(arg in triton(rendered)["args"] for arg in ADMIN_ARGS)
     for mode in ("none", "poll"):
         plain = chart("default", sets=(f"triton.modelControl.mode={mode}",))
         assert not objects(plain, "Secret") and admin_key_ref(triton(plain)) is None
-        assert not set(ADMIN_ARGS) & set(triton(plain)["args"])
 
 
 def test_notes_name_the_admin_key_secret_but_never_print_it():
@@ -739,9 +812,17 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_dockerfile_builds_on_ngc_triton_and_runs_as_non_root():
-    lines = [line.strip() for line in (K8S / "Dockerfile").read_text().splitlines()]
+    text = (K8S / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.replace("\\\n", " ").splitlines()]
     bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
-    assert bases[0] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    # The base is a build argument (an operator may pick another NGC release); its default is pinned.
+    build_args = dict(line.split()[1].split("=", 1) for line in lines if line.startswith("ARG ") and "=" in line)
+    assert bases[0] == "${TRITON_IMAGE}" and build_args["TRITON_IMAGE"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    # `docker run` serves through the front too: the supervisor, then tritonserver after `--`.
+    entrypoint = json.loads(next(line for line in lines if line.startswith("ENTRYPOINT "))[len("ENTRYPOINT ") :])
+    cmd = json.loads(next(line for line in lines if line.startswith("CMD "))[len("CMD ") :])
+    assert entrypoint[: len(SUPERVISOR)] == SUPERVISOR and cmd[:2] == ["--", TRITONSERVER]
+    assert supervise.check_command(cmd[1:]) is None
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and re.fullmatch(r"[1-9]\d*:\d+", users[-1]), "the last USER must be a numeric non-root uid"
     assert any(line.startswith("HEALTHCHECK ") and "/v2/health/ready" in " ".join(lines) for line in lines)
@@ -960,8 +1041,8 @@ RELEASE_INDEX = [
 
 
 class FakeTriton(BaseHTTPRequestHandler):
-    """Triton's HTTP API as the reload Job sees it: the repository API refuses requests without the
-    admin key (403, Triton's message); loading `broken` fails; `embed` answers not ready
+    """Triton's HTTP API as the reload Job sees it, through the front: the repository API refuses requests
+    without the admin key (403, the front's message); loading `broken` fails; `embed` answers not ready
     `not_ready_polls` times, then ready. Records (method, path, admin header) of every call."""
 
     calls: list[tuple[str, str, str | None]] = []
@@ -971,7 +1052,7 @@ class FakeTriton(BaseHTTPRequestHandler):
         self._record()
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.headers.get("ecomserve-admin-key") != ADMIN_KEY:
-            self._answer({"error": "This API is restricted, expecting header 'ecomserve-admin-key'"}, 403)
+            self._answer({"error": f"{self.path} needs the admin key in the ecomserve-admin-key header"}, 403)
         elif self.path == "/v2/repository/index":
             self._answer(RELEASE_INDEX, 200)
         elif self.path.endswith("/broken/load"):
@@ -1040,14 +1121,19 @@ def test_reload_job_loads_the_release_on_every_pod_embed_last(fake_triton):
     assert FakeTriton.calls.index(others[0]) > FakeTriton.calls.index(repository_calls[-1]), "ready after the loads"
     assert "embed ready, serving release 2" in result.stdout
     assert ADMIN_KEY not in result.stdout + result.stderr
+    # The pods' front passes each of these calls on: the repository API with the key, the rest to anyone.
+    script = (CHART / "files" / "reload_models.py").read_text()
+    assert f'ADMIN_HEADER = "{front_policy.ADMIN_HEADER}"' in script
+    for method, path, key in FakeTriton.calls:
+        expected = front_policy.Access.ADMIN if key else front_policy.Access.OPEN
+        assert front_policy.http_access(method, path)[0] is expected, (method, path)
 
 
 def test_reload_job_fails_on_a_refused_or_failed_load_or_embed_not_ready(fake_triton):
     wrong_key = fake_triton(key="not-the-key")
     assert wrong_key.returncode == 1
-    assert "repository index: HTTP 403: This API is restricted, expecting header 'ecomserve-admin-key'" in (
-        wrong_key.stderr
-    )
+    refused = "repository index: HTTP 403: /v2/repository/index needs the admin key in the ecomserve-admin-key header"
+    assert refused in wrong_key.stderr
     assert "not-the-key" not in wrong_key.stdout + wrong_key.stderr
     failed = fake_triton("rank,broken")
     assert failed.returncode == 1

@@ -351,10 +351,22 @@ class TritonServer:
 
     def _supervise(self) -> None:
         while not self._stopping.wait(0.5):
+            self._reap_adopted()
             if self._front.poll() is not None and not self._restart("the front", self._front):
                 return
             if self._triton.poll() is not None and not self._restart("tritonserver", self._triton):
                 return
+
+    def _reap_adopted(self) -> None:
+        """As PID 1 of a container (supervise), stubs orphaned by a dead tritonserver become our children:
+        reap their zombies, leaving our own children to subprocess."""
+        own = {self.front_pid, self.pid}
+        for child in psutil.Process().children():
+            try:
+                if child.pid not in own and child.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(child.pid, os.WNOHANG)
+            except (psutil.NoSuchProcess, ChildProcessError):
+                continue
 
     def _restart(self, name: str, process: subprocess.Popen) -> bool:
         """Restart a dead child within the budget; False when the budget is spent (the server stops)."""

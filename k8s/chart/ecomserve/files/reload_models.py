@@ -10,8 +10,8 @@ every step, so traffic moves in one step), then it waits until `embed` is ready 
 `classify` call `embed` and follow it; they are not reloaded. Pods are done one after another, so at
 most one pod at a time loads a release. Any failure makes the Job (and `helm upgrade`) fail.
 
-Every model-repository call carries the header ecomserve-admin-key (Triton refuses them without it);
-the key is never printed.
+Every model-repository call carries the header ecomserve-admin-key (the pod's front process refuses
+them without it); the key is never printed.
 
 Environment: TRITON_SERVICE (headless Service DNS name), TRITON_HTTP_PORT, RELOAD_MODELS (comma
 separated, in order; empty: every model in the repository index but rank and classify, embed last),

@@ -121,6 +121,32 @@ subPath beside the repository folder), otherwise absolute. */}}
 {{- if and .Values.triton.stubWatchdog.enabled (include "ecomserve.adminKeyEnabled" .) }}true{{ end }}
 {{- end }}
 
+{{/* tritonserver flags that ecomserve's supervisor sets itself and refuses in the command it is given
+(ecomserve.server.supervise): Triton's HTTP, gRPC and metrics listen on private unix sockets behind the
+front, and the front, not Triton, checks the admin key (a key on a command line is readable through /proc). */}}
+{{- define "ecomserve.supervisorOwnedFlags" -}}
+--http-address --http-port --grpc-address --grpc-port --metrics-address --metrics-port --http-restricted-api --grpc-restricted-protocol --allow-sagemaker --allow-vertex-ai
+{{- end }}
+
+{{/* The Triton container's command, as a YAML list: ecomserve's supervisor, which starts the front
+process on the public HTTP, gRPC and metrics ports, runs tritonserver (then ecomserve.tritonArgs) on
+private unix sockets, restarts either if it dies and, with the stub watchdog, a python model whose stub
+died. */}}
+{{- define "ecomserve.supervisorCommand" -}}
+{{- $ports := .Values.triton.ports }}
+{{- $command := list "/opt/ecomserve/venv/bin/python3" "-m" "ecomserve.server.supervise"
+  (printf "--repository=%s" (include "ecomserve.repositoryURI" .))
+  "--host=0.0.0.0"
+  (printf "--http-port=%d" (int $ports.http))
+  (printf "--grpc-port=%d" (int $ports.grpc))
+  (printf "--metrics-port=%d" (int $ports.metrics))
+  "--work-dir=/tmp/ecomserve" }}
+{{- if not (include "ecomserve.stubWatchdog" .) }}
+{{- $command = append $command "--no-stub-watchdog" }}
+{{- end }}
+{{- toYaml (concat $command (list "--" "/opt/tritonserver/bin/tritonserver")) }}
+{{- end }}
+
 {{/* Secret holding the admin key: triton.adminKey.existingSecret, or the one the chart creates. */}}
 {{- define "ecomserve.adminKeySecret" -}}
 {{- default (include "ecomserve.suffixedName" (dict "root" . "suffix" "admin-key")) .Values.triton.adminKey.existingSecret }}
@@ -207,6 +233,13 @@ the init container (links into /models-source and the engine cache). */}}
 {{- if and .Values.networkPolicy.enabled .Values.search.milvus.enabled (ne $repo.source "pvc") (not .Values.networkPolicy.extraEgress) }}
 {{- fail (printf "search.milvus.enabled limits the pods' egress to DNS and Milvus: with modelRepository.source=%s list the object store in networkPolicy.extraEgress (e.g. [{ports: [{port: 443, protocol: TCP}]}])" $repo.source) }}
 {{- end }}
+{{- $owned := splitList " " (include "ecomserve.supervisorOwnedFlags" .) }}
+{{- range .Values.triton.extraArgs }}
+{{- $name := first (splitList "=" .) }}
+{{- if has $name $owned }}
+{{- fail (printf "triton.extraArgs: remove %s: ecomserve's supervisor owns Triton's HTTP, gRPC and metrics endpoints (private unix sockets behind the front, which checks the admin key)" $name) }}
+{{- end }}
+{{- end }}
 {{- $pdb := .Values.podDisruptionBudget }}
 {{- if and $pdb.enabled (not $pdb.maxUnavailable) (not (kindIs "string" $pdb.minAvailable)) }}
 {{- if ge (int $pdb.minAvailable) (int (include "ecomserve.minReplicas" .)) }}
@@ -215,7 +248,7 @@ the init container (links into /models-source and the engine cache). */}}
 {{- end }}
 {{- end }}
 
-{{/* tritonserver's command line, as a YAML list. */}}
+{{/* tritonserver's arguments, as a YAML list (after ecomserve.supervisorCommand). */}}
 {{- define "ecomserve.tritonArgs" -}}
 {{- $t := .Values.triton }}
 {{- $args := list (printf "--model-repository=%s" (include "ecomserve.repositoryURI" .)) (printf "--model-control-mode=%s" $t.modelControl.mode) }}
@@ -224,10 +257,9 @@ the init container (links into /models-source and the engine cache). */}}
 {{- else if eq $t.modelControl.mode "poll" }}
 {{- $args = append $args (printf "--repository-poll-secs=%d" (int $t.modelControl.pollSeconds)) }}
 {{- end }}
+{{- /* No HTTP, gRPC or metrics address or port, no restricted-API flag: the supervisor puts Triton on
+private unix sockets, and the front serves the public ports. */}}
 {{- $args = concat $args (list
-  (printf "--http-port=%d" (int $t.ports.http))
-  (printf "--grpc-port=%d" (int $t.ports.grpc))
-  (printf "--metrics-port=%d" (int $t.ports.metrics))
   "--allow-metrics=true"
   (printf "--allow-gpu-metrics=%t" .Values.gpu.enabled)
   "--allow-cpu-metrics=true"
@@ -240,13 +272,6 @@ the init container (links into /models-source and the engine cache). */}}
   "--strict-readiness=true"
   (printf "--exit-timeout-secs=%d" (int .Values.shutdown.exitTimeoutSeconds))
   (printf "--log-verbose=%d" (int $t.logVerbose))) }}
-{{- if include "ecomserve.adminKeyEnabled" . }}
-{{- /* Load, unload and the index need the header ecomserve-admin-key; Kubernetes puts the key from the
-container's env into $(ECOMSERVE_ADMIN_KEY), so the pod spec holds only the reference. */}}
-{{- $args = concat $args (list
-  "--http-restricted-api=model-repository:ecomserve-admin-key=$(ECOMSERVE_ADMIN_KEY)"
-  "--grpc-restricted-protocol=model-repository:ecomserve-admin-key=$(ECOMSERVE_ADMIN_KEY)") }}
-{{- end }}
 {{- $args = concat $args $t.extraArgs }}
 {{- toYaml $args }}
 {{- end }}
