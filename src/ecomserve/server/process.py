@@ -350,8 +350,11 @@ class TritonServer:
     # Supervision -------------------------------------------------------------------------------------
 
     def _supervise(self) -> None:
+        # Only PID 1 adopts orphans; elsewhere other children of this process belong to their own Popen.
+        adopts_orphans = os.getpid() == 1
         while not self._stopping.wait(0.5):
-            self._reap_adopted()
+            if adopts_orphans:
+                self._reap_adopted()
             if self._front.poll() is not None and not self._restart("the front", self._front):
                 return
             if self._triton.poll() is not None and not self._restart("tritonserver", self._triton):
