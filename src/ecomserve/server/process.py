@@ -237,7 +237,7 @@ class TritonServer:
 
     @property
     def shm_prefix(self) -> str:
-        # The owner's pid first: release_stale_shared_memory() finds regions whose owner is gone.
+        # The owner's pid first: release_stale_leftovers() finds regions whose owner is gone.
         return f"ecomserve_{os.getpid()}_{id(self) % 100000}_{self._generation}_"
 
     @property
@@ -286,6 +286,9 @@ class TritonServer:
         # Short (socket paths hold 107 bytes) and private to this user (mkdtemp makes it 0700).
         self._sockets = TritonSockets(Path(tempfile.mkdtemp(prefix=f"ecomserve-{os.getpid()}-")))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Each start begins fresh logs; restarts append, so a crash's last lines stay beside the restart.
+        for log_path in (self.log_path, self.front_log_path):
+            log_path.write_bytes(b"")
         self._start_front()
         try:
             self._start_triton(timeout_s)
