@@ -108,8 +108,12 @@ def serve(
             "with --target cpu (torch encoders run on CUDA there with serving.device: cuda)"
         )
     # The stub watchdog's restarts show on the console, beside Triton's own log file.
+    # force: a build just before (logging.warning in the quantizer) may have configured the root logger.
     logging.basicConfig(
-        level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
     )
     key = admin_key(WORK_DIR, create=True)
     server = TritonServer(
