@@ -44,7 +44,10 @@ def test_every_grpc_method_is_classified():
 def test_front_bench_measures_both_routes_in_one_run(default_server, tmp_path):
     rows = [m.row() for m in run_front_bench(default_server, ["wireless earbuds", "trail shoes"], duration_s=0.5)]
     assert {(r["protocol"], r["contender"], r["concurrency"]) for r in rows} == {
-        (protocol, route, clients) for protocol in ("http", "grpc") for route in ("front", "direct") for clients in CONCURRENCY
+        (protocol, route, clients)
+        for protocol in ("http", "grpc")
+        for route in ("front", "direct")
+        for clients in CONCURRENCY
     }
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows), rows
     cost = front_cost(rows)

@@ -192,7 +192,7 @@ def test_held_idle_connections_are_capped_and_closed(guarded_server):
         # Once the idle ones time out, clients are served again.
         request = [Tensor("TEXT", "BYTES", [1, 1], [f"fresh {uuid.uuid4().hex}".encode()])]
         for protocol in ("http", "grpc"):
-            assert wait_for(lambda: _served(protocol, guarded_server, request), timeout_s=15), (
+            assert wait_for(lambda p=protocol: _served(p, guarded_server, request), timeout_s=15), (
                 f"{protocol} never served while connections were held"
             )
         assert all(_closed_by_server(connection) for connection in held)

@@ -31,7 +31,9 @@ def crashable(tmp_path_factory):
     """A tiny pipeline with two encoder instances, so a dead stub has a living sibling."""
     root = tmp_path_factory.mktemp("faults")
     source = make_tiny_bert(root / "tiny", seed=11)
-    spec = spec_from({"encoders": [{"name": "tiny", "source": str(source), "max_seq_len": 32}], "serving": {"instances": 2}})
+    spec = spec_from(
+        {"encoders": [{"name": "tiny", "source": str(source), "max_seq_len": 32}], "serving": {"instances": 2}}
+    )
     server = start_server(spec, root)
     server.known = infer("grpc", server, "embed", KNOWN).outputs["EMBEDDING"]
     yield server
@@ -119,7 +121,7 @@ def test_killing_ecomserve_serve_takes_every_child_along(crashable, tmp_path):
             assert regions(prefix)
             serve.kill()
             serve.wait()
-            assert wait_for(lambda: not [c for c in children if alive(c.pid)], timeout_s=60), (
+            assert wait_for(lambda started=children: not [c for c in started if alive(c.pid)], timeout_s=60), (
                 f"children outlived `ecomserve serve`: {[c for c in children if alive(c.pid)]}"
             )
             assert not regions(prefix)

@@ -25,6 +25,7 @@ from support import TorchReference, client_for, make_tiny_bert, spec_from, wait_
 from tritonclient.utils import InferenceServerException
 
 from ecomserve.errors import EcomserveError, RepositoryError
+from ecomserve.front.policy import ADMIN_HEADER
 from ecomserve.index.catalog import CatalogItem
 from ecomserve.index.ops import build_index, index_dir
 from ecomserve.paths import corpus_lines
@@ -33,7 +34,6 @@ from ecomserve.repository.builder import build_repository
 from ecomserve.repository.inprocess import release_embedder
 from ecomserve.repository.releases import live_release, releases
 from ecomserve.server.control import ModelControl
-from ecomserve.front.policy import ADMIN_HEADER
 from ecomserve.server.process import Ports, ServerOptions, TritonServer, free_port
 
 ADMIN_KEY = "test-admin-key"

@@ -92,8 +92,8 @@ def serve(
     rebuild: Annotated[bool, typer.Option(help="rebuild the repository even if it exists")] = False,
 ) -> None:
     """Start tritonserver on the repository (building it first if missing) and block until stopped."""
-    from ecomserve.repository.builder import built_target, is_built
     from ecomserve.front.policy import ADMIN_KEY_ENV
+    from ecomserve.repository.builder import built_target, is_built
     from ecomserve.server.control import ADMIN_KEY_FILE, admin_key
     from ecomserve.server.process import WORK_DIR, Ports, ServerOptions, TritonServer
 

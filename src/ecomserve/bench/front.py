@@ -145,7 +145,8 @@ def front_markdown(results: dict) -> str:
     lines = [
         f"Front cost ({results['cpu']}; {results['duration_s']:.0f} s per point, one query per request)",
         "",
-        "| protocol | clients | straight to Triton (texts/s) | through the front | ratio | p50 added (ms) | p99 added (ms) |",
+        "| protocol | clients | straight to Triton (texts/s) | through the front | ratio "
+        "| p50 added (ms) | p99 added (ms) |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in results["cost"]:

@@ -10,7 +10,7 @@ request larger than the budget is still served when nothing else is in flight.""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ecomserve.front.kserve import BadRequest
 
@@ -30,10 +30,9 @@ class Admission:
     in_flight: int = 0
     refused: int = 0
     admitted: int = 0
-    _per_model: dict[str, int] = field(default_factory=dict)
 
     @contextmanager
-    def admit(self, model: str, cost: int):
+    def admit(self, cost: int):
         if self.in_flight and self.in_flight + cost > self.max_texts_in_flight:
             self.refused += 1
             raise Overloaded(
@@ -42,7 +41,6 @@ class Admission:
             )
         self.in_flight += cost
         self.admitted += 1
-        self._per_model[model] = self._per_model.get(model, 0) + 1
         try:
             yield
         finally:

@@ -62,5 +62,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
 def bounded_protocol(max_connections: int, header_timeout_s: float) -> type[BoundedHttpProtocol]:
     return type(
-        "BoundedHttp", (BoundedHttpProtocol,), {"max_connections": max_connections, "header_timeout_s": header_timeout_s}
+        "BoundedHttp",
+        (BoundedHttpProtocol,),
+        {"max_connections": max_connections, "header_timeout_s": header_timeout_s},
     )

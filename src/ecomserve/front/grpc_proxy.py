@@ -31,8 +31,8 @@ def _parameter_values(parameters) -> dict:
     return {key: parameter.WhichOneof("parameter_choice") for key, parameter in parameters.items()}
 
 
-def check_grpc_infer(raw: bytes) -> tuple[str, CheckedRequest]:
-    """The model a ModelInfer request names and its checked tensors."""
+def check_grpc_infer(raw: bytes) -> CheckedRequest:
+    """A ModelInfer request's checked tensors."""
     try:
         request = service_pb2.ModelInferRequest.FromString(raw)
     except DecodeError as exc:
@@ -56,7 +56,7 @@ def check_grpc_infer(raw: bytes) -> tuple[str, CheckedRequest]:
             count = sum(len(getattr(contents, field.name)) for field in contents.DESCRIPTOR.fields)
             check_element_count(tensor, count)
         tensors.append(tensor)
-    return request.model_name, CheckedRequest(tuple(tensors))
+    return CheckedRequest(tuple(tensors))
 
 
 class GrpcProxy(grpc.GenericRpcHandler):
@@ -96,8 +96,7 @@ class GrpcProxy(grpc.GenericRpcHandler):
         forwarded = tuple((key, value) for key, value in metadata if key not in _ADMIN_METADATA)
         try:
             if access is Access.INFER:
-                model, checked = check_grpc_infer(request)
-                with self._admission.admit(model, checked.cost):
+                with self._admission.admit(check_grpc_infer(request).cost):
                     return await self._forward(forward, request, forwarded, context)
             return await self._forward(forward, request, forwarded, context)
         except BadRequest as refused:

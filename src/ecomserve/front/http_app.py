@@ -20,8 +20,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ecomserve.front.admission import RETRY_AFTER_S, Admission
-from ecomserve.front.metrics_app import MetricsFront
 from ecomserve.front.kserve import BadRequest, check_http_infer, check_json_document
+from ecomserve.front.metrics_app import MetricsFront
 from ecomserve.front.policy import ADMIN_HEADER, Access, closed_message, http_access, key_matches
 
 _FORWARDED_REQUEST_HEADERS = ("content-type", "inference-header-content-length", "accept-encoding")
@@ -51,7 +51,7 @@ class HttpFront:
 
     async def handle(self, request: Request) -> Response:
         path = request.url.path
-        access, model = http_access(request.method, path)
+        access, _ = http_access(request.method, path)
         try:
             if access is Access.UNKNOWN:
                 raise BadRequest(f"no such endpoint: {request.method} {path}", status=404)
@@ -62,7 +62,7 @@ class HttpFront:
             body = await asyncio.wait_for(self._read_body(request), self.request_timeout_s)
             if access is Access.INFER:
                 checked = check_http_infer(body, request.headers.get("inference-header-content-length"))
-                with self.admission.admit(model, checked.cost):
+                with self.admission.admit(checked.cost):
                     return await self._forward(request, body)
             if access is Access.ADMIN:
                 check_json_document(body)

@@ -178,7 +178,8 @@ def header_length(value: str | None, body_length: int) -> int | None:
         return None
     if not value.isdigit() or int(value) > body_length:
         raise BadRequest(
-            f"Inference-Header-Content-Length {value[:32]!r} must be an integer from 0 to the body's {body_length} bytes"
+            f"Inference-Header-Content-Length {value[:32]!r} must be an integer "
+            f"from 0 to the body's {body_length} bytes"
         )
     return int(value)
 

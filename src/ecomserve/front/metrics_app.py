@@ -24,7 +24,9 @@ def front_metrics(admission: Admission) -> str:
         ("ecomserve_front_connections_closed_over_limit_total", "counter",
          "HTTP connections closed at once because max_connections were open", closed_over_limit()),
     ]  # fmt: skip
-    return "".join(f"# HELP {name} {text}\n# TYPE {name} {kind}\n{name} {value}\n" for name, kind, text, value in counters)
+    return "".join(
+        f"# HELP {name} {text}\n# TYPE {name} {kind}\n{name} {value}\n" for name, kind, text, value in counters
+    )
 
 
 @dataclass

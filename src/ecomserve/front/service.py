@@ -12,7 +12,6 @@ environment once read."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import resource

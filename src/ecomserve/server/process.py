@@ -384,8 +384,7 @@ class TritonServer:
             self._restart_times.popleft()
         if len(self._restart_times) >= budget.restarts:
             self.failure = (
-                f"{name} exited (code {code}) after {budget.restarts} restarts in {budget.window_s:.0f} s; "
-                "giving up"
+                f"{name} exited (code {code}) after {budget.restarts} restarts in {budget.window_s:.0f} s; giving up"
             )
             log.error(self.failure)
             self._terminate_all()

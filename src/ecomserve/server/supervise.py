@@ -5,8 +5,9 @@ on private unix sockets, with restarts. The Triton container's entrypoint in Kub
         /opt/tritonserver/bin/tritonserver --model-repository=/models --model-control-mode=explicit …
 
 The command must not set HTTP, gRPC or metrics addresses (the supervisor puts Triton on unix sockets
-and the front on --http-port/--grpc-port/--metrics-port) nor restricted-API keys (the front checks the admin key, read from
-$ECOMSERVE_ADMIN_KEY). SIGTERM and SIGINT drain in-flight requests; the exit code is tritonserver's."""
+and the front on --http-port/--grpc-port/--metrics-port) nor restricted-API keys (the front checks
+the admin key, read from $ECOMSERVE_ADMIN_KEY). SIGTERM and SIGINT drain in-flight requests; the
+exit code is tritonserver's."""
 
 from __future__ import annotations
 
