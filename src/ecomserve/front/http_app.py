@@ -8,16 +8,14 @@ Triton gave it (503s gain `Retry-After`). Errors the front gives itself are KSer
 from __future__ import annotations
 
 import asyncio
+import logging
 import zlib
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from ecomserve.front.admission import RETRY_AFTER_S, Admission
 from ecomserve.front.kserve import BadRequest, check_http_infer, check_json_document
@@ -27,6 +25,7 @@ from ecomserve.front.policy import ADMIN_HEADER, Access, closed_message, http_ac
 _FORWARDED_REQUEST_HEADERS = ("content-type", "inference-header-content-length", "accept-encoding")
 _FORWARDED_RESPONSE_HEADERS = ("content-type", "inference-header-content-length", "content-encoding")
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+log = logging.getLogger("ecomserve.front")
 
 
 @dataclass
@@ -125,24 +124,42 @@ def error_response(message: str, status: int) -> Response:
     return Response(orjson.dumps({"error": message}), status, headers=headers, media_type="application/json")
 
 
-def build_app(front: HttpFront, metrics: MetricsFront, metrics_port: int) -> Starlette:
-    """One app for the HTTP and the metrics port (one uvicorn server, one signal handler); a request is
-    routed by the port it came in on."""
+class FrontApp:
+    """The ASGI app of the HTTP and the metrics port (one uvicorn server, one signal handler): a request
+    is routed by the port it came in on. KServe passthrough is the hot path, so it runs as a plain ASGI
+    handler with Starlette's Request and Response but without its router and middleware stack."""
 
-    async def dispatch(request: Request) -> Response:
-        if request.scope["server"][1] != metrics_port:
-            return await front.handle(request)
+    def __init__(self, front: HttpFront, metrics: MetricsFront, metrics_port: int):
+        self.front, self.metrics, self.metrics_port = front, metrics, metrics_port
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self._dispatch(request)
+        except Exception:  # a bug must cost one request a 500, never the connection or the process
+            log.exception("request %s %s failed in the front", request.method, request.url.path)
+            response = error_response("internal error in the front; see its log", 500)
+        await response(scope, receive, send)
+
+    async def _dispatch(self, request: Request) -> Response:
+        if request.scope["server"][1] != self.metrics_port:
+            return await self.front.handle(request)
         if request.url.path == "/metrics" and request.method in ("GET", "HEAD"):
-            return await metrics.handle(request)
+            return await self.metrics.handle(request)
         return error_response("the metrics port serves GET /metrics only", 404)
 
-    @asynccontextmanager
-    async def lifespan(_: Starlette):
-        await front.open()
-        await metrics.open()
-        yield
-        await metrics.close()
-        await front.close()
-
-    methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
-    return Starlette(routes=[Route("/{path:path}", dispatch, methods=methods)], lifespan=lifespan)
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.front.open()
+                await self.metrics.open()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.metrics.close()
+                await self.front.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

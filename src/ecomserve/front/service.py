@@ -26,7 +26,7 @@ import uvicorn
 from ecomserve.front.admission import Admission
 from ecomserve.front.connections import bounded_protocol
 from ecomserve.front.grpc_proxy import GrpcProxy
-from ecomserve.front.http_app import HttpFront, build_app
+from ecomserve.front.http_app import FrontApp, HttpFront
 from ecomserve.front.metrics_app import MetricsFront
 from ecomserve.front.policy import ADMIN_KEY_ENV
 from ecomserve.front.upstream import TritonSockets
@@ -104,7 +104,7 @@ async def serve(args: argparse.Namespace, limits: FrontSpec, admin_key: str | No
         str(sockets.http_path), admission, admin_key, limits.max_body_bytes, limits.request_timeout_s
     )
     metrics_front = MetricsFront(str(sockets.metrics_path), admission)
-    http_server = uvicorn.Server(_uvicorn_config(build_app(http_front, metrics_front, args.metrics_port), limits))
+    http_server = uvicorn.Server(_uvicorn_config(FrontApp(http_front, metrics_front, args.metrics_port), limits))
     await grpc_server.start()
     try:
         # Returns after SIGTERM / SIGINT, once open requests finish.
@@ -123,6 +123,8 @@ def _uvicorn_config(app, limits: FrontSpec) -> uvicorn.Config:
         access_log=False,
         log_level="warning",
         server_header=False,
+        # No X-Forwarded-* rewriting: the front is the edge, and it saves a middleware per request.
+        proxy_headers=False,
     )
 
 
