@@ -8,6 +8,7 @@ dead front, within a restart budget, and restarts python models whose stub died 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -85,6 +86,8 @@ class ServerOptions:
     # A tritonserver command to run instead of the embedded one (the NGC image in Kubernetes); the
     # socket and shared-memory arguments are appended to it.
     triton_command: list[str] | None = None
+    # False: the children write to this process's stdout (Kubernetes collects it) instead of log files.
+    log_to_files: bool = True
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -116,13 +119,14 @@ def _die_with_parent(parent_pid: int):
     return preexec
 
 
-def _spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
-    with log_path.open("ab") as log_file:
-        # A session of its own: the terminal's Ctrl-C reaches us, and we decide how children stop; the
-        # session's process group also holds every stub, so a dead tritonserver's orphans can be found.
+def _spawn(command: list[str], log_path: Path | None, env: dict[str, str]) -> subprocess.Popen:
+    """Start a child in a session of its own: the terminal's Ctrl-C reaches us, and we decide how children
+    stop; the session's process group also holds every stub, so a dead tritonserver's orphans can be
+    found. Output goes to `log_path`, or to our own stdout (a container's log) when it is None."""
+    with log_path.open("ab") if log_path else contextlib.nullcontext() as log_file:
         return subprocess.Popen(
             command,
-            stdout=log_file,
+            stdout=log_file,  # None: inherited
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
@@ -288,7 +292,8 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # Each start begins fresh logs; restarts append, so a crash's last lines stay beside the restart.
         for log_path in (self.log_path, self.front_log_path):
-            log_path.write_bytes(b"")
+            if options.log_to_files:
+                log_path.write_bytes(b"")
         self._start_front()
         try:
             self._start_triton(timeout_s)
@@ -298,17 +303,20 @@ class TritonServer:
         self._supervisor = threading.Thread(target=self._supervise, name="ecomserve-supervisor", daemon=True)
         self._supervisor.start()
 
+    def _log(self, path: Path) -> Path | None:
+        return path if self.options.log_to_files else None
+
     def _environment(self) -> dict[str, str]:
         return self._install.environment() if self._install else dict(os.environ)
 
     def _start_front(self) -> None:
         # The key travels in the environment (readable by this user only), never on a command line.
         env = {**os.environ, ADMIN_KEY_ENV: self.admin_key}
-        self._front = _spawn(self.front_command(self._sockets), self.front_log_path, env)
+        self._front = _spawn(self.front_command(self._sockets), self._log(self.front_log_path), env)
 
     def _start_triton(self, timeout_s: float) -> None:
         self._generation += 1
-        self._triton = _spawn(self.command(self._install, self._sockets), self.log_path, self._environment())
+        self._triton = _spawn(self.command(self._install, self._sockets), self._log(self.log_path), self._environment())
         self._wait_ready(timeout_s)
         if self.options.recover_stubs:
             self._watchdog = StubWatchdog(self._triton.pid, self.http_url, self.admin_key)
@@ -345,7 +353,7 @@ class TritonServer:
         """The lines of a log that explain a failure: errors and warnings first, else the tail."""
         log_path = log_path or self.log_path
         if not log_path.is_file():
-            return "(no log)"
+            return "(no log file: see the output above)" if not self.options.log_to_files else "(no log)"
         text = read_tail(log_path).splitlines()
         problems = [line for line in text if _PROBLEM_LINE.search(line) and not _HARMLESS_LINE.search(line)]
         return "\n".join((problems or text)[-lines:])

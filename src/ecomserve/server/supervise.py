@@ -66,6 +66,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--metrics-port", type=int, default=8002, help="the front's metrics port")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ecomserve"))
     parser.add_argument(
+        "--log-files",
+        action="store_true",
+        help="write tritonserver's and the front's output to files under --work-dir, not to stdout",
+    )
+    parser.add_argument(
         "--no-stub-watchdog",
         dest="stub_watchdog",
         action="store_false",
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             work_dir=args.work_dir,
             admin_key=os.environ.get(ADMIN_KEY_ENV) or None,
             recover_stubs=args.stub_watchdog,
+            log_to_files=args.log_files,
             triton_command=command,
         )
     )
