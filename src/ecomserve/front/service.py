@@ -6,8 +6,7 @@ checked requests to Triton's private unix sockets.
 
 `ecomserve serve` starts it beside tritonserver; in Kubernetes it is the pod's front container. Its
 limits come from the repository's spec (`serving.front`). The admin key is read from
-$ECOMSERVE_ADMIN_KEY or --admin-key-file, never from the command line, and removed from the
-environment once read."""
+$ECOMSERVE_ADMIN_KEY or --admin-key-file, never from the command line."""
 
 from __future__ import annotations
 
