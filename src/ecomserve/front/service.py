@@ -4,7 +4,7 @@ checked requests to Triton's private unix sockets.
     python -m ecomserve.front --repository model_repository --sockets DIR [--host H] [--http-port P] [--grpc-port P]
                               [--metrics-port P]
 
-`ecomserve serve` starts it beside tritonserver; in Kubernetes it is the pod's front container. Its
+`ecomserve serve` starts it beside tritonserver, and so does the Kubernetes entrypoint (supervise.py). Its
 limits come from the repository's spec (`serving.front`). The admin key is read from
 $ECOMSERVE_ADMIN_KEY or --admin-key-file, never from the command line."""
 
