@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +56,8 @@ def catalog(request, tmp_path_factory):
     spec = spec_from(
         {
             "encoders": [{"name": "tiny", "source": str(make_tiny_bert(root / "tiny", seed=21)), "max_seq_len": 32}],
-            "serving": {"instances": 1},
+            # A small admission budget: 200 concurrent searches must meet it (test_search_overload_…).
+            "serving": {"instances": 1, "front": {"max_texts_in_flight": 8}},
             "search": search,
         }
     )
@@ -221,3 +224,30 @@ def test_an_interrupted_build_resumes(tmp_path):
     assert manifest.items == 300 and read_manifest(target) == manifest
     assert set(read_titles(target)) == {item.id for item in items}
     assert not target.with_name(target.name + ".building").exists()
+
+
+def test_200_concurrent_searches_get_fast_refusals_and_exact_answers(catalog, protocol):
+    """`search` has no scheduler queue of its own: the front's admission bounds it like every model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raw_protocol import Tensor, infer
+
+    server, items = catalog["server"], catalog_items()
+    queries = [f"{QUERIES[i % len(QUERIES)]} {uuid.uuid4().hex[:6]}" for i in range(200)]
+
+    def search(query: str):
+        start = time.perf_counter()
+        tensors = [Tensor("QUERY", "BYTES", [1], [query.encode()]), Tensor("TOP_K", "INT32", [1], [5])]
+        return query, infer(protocol, server, "search", tensors), time.perf_counter() - start
+
+    with ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(search, queries))
+    refused = [(answer, seconds) for _, answer, seconds in results if not answer.ok]
+    accepted = [(query, answer) for query, answer, _ in results if answer.ok]
+    assert refused and accepted, f"{len(refused)} refused, {len(accepted)} accepted"
+    for answer, seconds in refused:
+        assert answer.status == ("503" if protocol == "http" else "UNAVAILABLE"), answer.message
+        assert "server busy" in answer.message and seconds < 2.0
+    for query, answer in accepted[:5]:
+        ids = [value.decode() if isinstance(value, bytes) else value for value in answer.outputs["IDS"].ravel()]
+        assert ids == exact_top(catalog, query, 5, items)
