@@ -42,7 +42,8 @@ def test_every_grpc_method_is_classified():
 
 @pytest.mark.integration
 def test_front_bench_measures_both_routes_in_one_run(default_server, tmp_path):
-    rows = [m.row() for m in run_front_bench(default_server, ["wireless earbuds", "trail shoes"], duration_s=0.5)]
+    rows = run_front_bench(default_server, ["wireless earbuds", "trail shoes"], duration_s=0.3, rounds=2)
+    assert len(rows) == 2 * 8
     assert {(r["protocol"], r["contender"], r["concurrency"]) for r in rows} == {
         (protocol, route, clients)
         for protocol in ("http", "grpc")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from ecomserve.bench.load import Measurement, measure
+from ecomserve.bench.load import measure
 from ecomserve.bench.report import plt, write_csv
 from ecomserve.paths import corpus_texts
 from ecomserve.repository.builder import build_repository
@@ -90,37 +90,49 @@ def _route_call(server, protocol: str, route: str):
     return _grpc_call(server.grpc_url if route == "front" else server.sockets.grpc_target)
 
 
-def run_front_bench(server, queries: list[str], duration_s: float) -> list[Measurement]:
+def run_front_bench(server, queries: list[str], duration_s: float, rounds: int = 3) -> list[dict]:
+    """Every point `rounds` times, the two routes back to back each time: on a small shared machine the
+    speed drifts between minutes, and the ratio of neighbours is what the front costs."""
     fresh = itertools.count()
-    measurements = []
-    for protocol in ("http", "grpc"):
-        for concurrency in CONCURRENCY:
-            for route in ROUTES:
+    rows = []
+    for round_ in range(rounds):
+        for protocol, concurrency, route in itertools.product(("http", "grpc"), CONCURRENCY, ROUTES):
 
-                def make_call(_worker: int, route=route, protocol=protocol):
-                    call = _route_call(server, protocol, route)
-                    # A number no request carried before: nothing can be answered from a cache.
-                    return lambda i: call(f"{queries[i % len(queries)]} {next(fresh)}")
+            def make_call(_worker: int, route=route, protocol=protocol):
+                call = _route_call(server, protocol, route)
+                # A number no request carried before: nothing can be answered from a cache.
+                return lambda i: call(f"{queries[i % len(queries)]} {next(fresh)}")
 
-                measurements.append(measure(route, "query embed", protocol, concurrency, make_call, 1, duration_s))
-    return measurements
+            measured = measure(route, "query embed", protocol, concurrency, make_call, 1, duration_s)
+            rows.append(measured.row() | {"round": round_})
+    return rows
+
+
+def _points(rows: list[dict], protocol: str, concurrency: int, route: str) -> list[dict]:
+    chosen = [r for r in rows if (r["protocol"], r["concurrency"], r["contender"]) == (protocol, concurrency, route)]
+    return sorted(chosen, key=lambda r: r["round"])
+
+
+def _median(points: list[dict], field: str) -> float:
+    return float(np.median([point[field] for point in points]))
 
 
 def front_cost(rows: list[dict]) -> list[dict]:
-    """Per protocol and concurrency: throughput ratio (front / direct) and the p50 the front adds."""
-    by_key = {(r["protocol"], r["concurrency"], r["contender"]): r for r in rows}
+    """Per protocol and concurrency, medians over the rounds: throughput through the front and straight to
+    Triton, the ratio of the two (per round, then the median), and the p50 and p99 the front adds."""
     costs = []
     for protocol, concurrency in itertools.product(("http", "grpc"), CONCURRENCY):
-        front, direct = by_key[(protocol, concurrency, "front")], by_key[(protocol, concurrency, "direct")]
+        front, direct = (_points(rows, protocol, concurrency, route) for route in ROUTES)
+        ratios = [f["throughput_items"] / d["throughput_items"] for f, d in zip(front, direct)]
         costs.append(
             {
                 "protocol": protocol,
                 "concurrency": concurrency,
-                "front_texts_per_s": front["throughput_items"],
-                "direct_texts_per_s": direct["throughput_items"],
-                "throughput_ratio": front["throughput_items"] / direct["throughput_items"],
-                "added_p50_ms": front["p50_ms"] - direct["p50_ms"],
-                "added_p99_ms": front["p99_ms"] - direct["p99_ms"],
+                "front_texts_per_s": _median(front, "throughput_items"),
+                "direct_texts_per_s": _median(direct, "throughput_items"),
+                "throughput_ratio": float(np.median(ratios)),
+                "added_p50_ms": _median(front, "p50_ms") - _median(direct, "p50_ms"),
+                "added_p99_ms": _median(front, "p99_ms") - _median(direct, "p99_ms"),
             }
         )
     return costs
@@ -143,7 +155,8 @@ def plot_front(costs: list[dict], path: Path) -> None:
 
 def front_markdown(results: dict) -> str:
     lines = [
-        f"Front cost ({results['cpu']}; {results['duration_s']:.0f} s per point, one query per request)",
+        f"Front cost ({results['cpu']}; one query per request; medians of 3 rounds of "
+        f"{results['duration_s']:.0f} s per point, the two routes back to back)",
         "",
         "| protocol | clients | straight to Triton (texts/s) | through the front | ratio "
         "| p50 added (ms) | p99 added (ms) |",
@@ -168,10 +181,9 @@ def bench_front(spec: PipelineSpec, spec_dir: Path, out_dir: Path, duration_s: f
     server = start_bench_server(repository, Path(".ecomserve/bench"))
     try:
         with console.status("measuring the front against straight-to-Triton calls …"):
-            measurements = run_front_bench(server, queries, duration_s)
+            rows = run_front_bench(server, queries, duration_s)
     finally:
         server.stop()
-    rows = [m.row() for m in measurements]
     results = {"cpu": cpu_description(), "duration_s": duration_s, "measurements": rows, "cost": front_cost(rows)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "front.json").write_text(json.dumps(results, indent=2))
