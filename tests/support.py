@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +70,28 @@ def client_for(server: TritonServer, protocol: str) -> EcomClient:
     return EcomClient(server.http_url if protocol == "http" else server.grpc_url, protocol)
 
 
-def wait_for(condition, timeout_s: float = 5.0) -> bool:
-    """Poll `condition` every 0.1 s until it holds or `timeout_s` passes."""
+def wait_for(condition, timeout_s: float = 5.0, interval_s: float = 0.1) -> bool:
+    """Poll `condition` every `interval_s` until it holds or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
             return True
-        time.sleep(0.1)
+        time.sleep(interval_s)
     return False
+
+
+def metric_total(server: TritonServer, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`, read from the server's Prometheus text.
+    (prometheus_client, whose parser this would use, is not among the test dependencies.)"""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    total = 0.0
+    for sample in re.finditer(r"^(\w+)(?:\{(.*)\})? (\S+)$", text, re.MULTILINE):
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', sample[2] or ""))
+        if sample[1] == name and labels.items() <= found.items():
+            total += float(sample[3])
+    return total
+
+
+def embed_cache_counts(server: TritonServer) -> tuple[float, float]:
+    """(hits, misses) of `embed`'s response cache so far."""
+    return tuple(metric_total(server, f"nv_cache_num_{kind}_per_model", model="embed") for kind in ("hits", "misses"))

@@ -1,15 +1,16 @@
-"""The default pipeline (export/default.yaml: bundled MiniLM) served by a real tritonserver, against
-sentence-transformers. Bars follow the spec's precision: fp32 must reproduce the reference; INT8 must
-stay within its parity bar and within 0.01 NDCG@5 (the strict fp32 checks also run on the fp32
-ensemble pipeline in test_fusion_and_voting.py)."""
+"""The default pipeline (export/default.yaml: bundled MiniLM, static INT8) served by a real tritonserver,
+against sentence-transformers. INT8 does not reproduce the reference exactly, so ranking and
+classification are held to bars measured on it (below); the exact fp32 checks run on the fp32 ensemble
+pipeline in test_fusion_and_voting.py."""
 
 from __future__ import annotations
 
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from support import client_for, cosine_rows
+from support import client_for, cosine_rows, embed_cache_counts, metric_total
 
 from ecomserve.evaluation import load_eval_set, mean_ndcg
 from ecomserve.export.parity import MIN_COSINE
@@ -19,9 +20,17 @@ from ecomserve.spec import load_spec, resolve_source
 pytestmark = pytest.mark.integration
 
 PRECISION = load_spec(EXPORT_DIR / "default.yaml").encoders[0].precision
-EXACT = PRECISION == "fp32"
-NDCG_TOLERANCE = 0.005 if EXACT else 0.01
-SCORE_TOLERANCE = 1e-4 if EXACT else 0.08  # cosine error of INT8 on a single score
+# Bars for the INT8 default (any more exact precision meets them too). Measured against sentence-
+# transformers on the eval set (20 queries x 60 titles; 60 titles x 11 labels): largest score error
+# 0.042; 3.7% of title pairs ranked in the other order, none whose reference scores differ by more
+# than 0.058; mean NDCG@5 0.0018 below the reference; the label picked at most 0.011 below the
+# reference's best label (3 of 60 titles pick another label, none of the first 20). Each bar keeps
+# about twice the measured value as margin.
+SCORE_TOLERANCE = 0.08  # largest error of one served score
+ORDER_GAP = 0.1  # titles whose reference scores differ by more than this are served in the same order
+MAX_INVERTED = 0.08  # at most this share of title pairs (mean over the queries) is served the other way
+NDCG_TOLERANCE = 0.01  # mean NDCG@5, served against the reference
+LABEL_GAP = 0.03  # the label served is at most this far below the reference's best label
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +70,22 @@ def test_embed_matches_sentence_transformers(default_server, protocol, eval_set,
 
 def test_rank_orders_like_the_reference_and_keeps_ndcg(default_server, protocol, eval_set, st_embed):
     titles = eval_set.titles
+    inverted_shares = []
     with client_for(default_server, protocol) as client:
         for query in eval_set.queries:
             result = client.rank(query.text, titles)
             reference = st_embed(titles) @ st_embed([query.text])[0]
             assert result.scores.shape == (len(titles),) and result.encoder_scores.shape == (1, len(titles))
             assert np.abs(result.scores - reference).max() < SCORE_TOLERANCE
-            if EXACT:
-                assert result.order() == list(np.argsort(-reference, kind="stable")), query.text
+            # every pair of titles (i, j): served the other way round where the signs differ
+            served_gap = result.scores[:, None] - result.scores[None, :]
+            reference_gap = reference[:, None] - reference[None, :]
+            inverted = served_gap * reference_gap < 0
+            assert not (inverted & (np.abs(reference_gap) > ORDER_GAP)).any(), query.text
+            inverted_shares.append(inverted.sum() / (len(titles) * (len(titles) - 1)))
         served_ndcg = mean_ndcg(eval_set, lambda q, items: client.rank(q, items).scores)
     reference_ndcg = mean_ndcg(eval_set, lambda q, items: st_embed(items) @ st_embed([q])[0])
+    assert np.mean(inverted_shares) <= MAX_INVERTED
     assert abs(served_ndcg - reference_ndcg) <= NDCG_TOLERANCE
     assert reference_ndcg > 0.6  # the eval set is learnable: a sanity floor, not a target
 
@@ -85,37 +100,38 @@ def test_classify_picks_the_most_similar_label(default_server, protocol, eval_se
             assert result.label == labels[best]
             assert result.votes.tolist() == [int(i == best) for i in range(len(labels))]
             assert np.abs(result.scores - reference).max() < SCORE_TOLERANCE
-            if EXACT or np.sort(reference)[-1] - np.sort(reference)[-2] > 2 * SCORE_TOLERANCE:
-                assert best == int(np.argmax(reference)), title
+            assert reference[best] >= reference.max() - LABEL_GAP, title
 
 
 def test_same_input_same_answer(default_server):
-    """Alone, inside a 32-text request, and under dynamic batching with 16 concurrent clients."""
-    probe = "stainless steel insulated water bottle"
-    others = [f"assorted catalog item number {i} with a longer title than the probe" for i in range(31)]
+    """Alone, inside a 32-text request, and under dynamic batching with 16 concurrent clients. `embed`'s
+    response cache answers a request it has seen before without running the models, so every request
+    after the first carries texts never sent before: each answer below is computed."""
+    run = uuid.uuid4().hex[:8]
+    probe = f"stainless steel insulated water bottle {run}"
+    others = [f"assorted catalog item number {i} {run} with a longer title than the probe" for i in range(31)]
+
+    def neighbour(i: int) -> str:  # unique, and of varied length: the probe is padded differently each time
+        return f"concurrent neighbour {i} {run}" + " with a few more words" * (i % 5)
+
+    hits, misses = embed_cache_counts(default_server)
     with client_for(default_server, "grpc") as client:
         alone = client.embed([probe])[0]
         in_batch = client.embed(others[:16] + [probe] + others[16:])[16]
         with ThreadPoolExecutor(16) as pool:
-            concurrent = list(pool.map(lambda i: client.embed([probe] if i % 2 else [others[i % 31]])[0], range(64)))
+            concurrent = list(
+                pool.map(lambda i: client.embed([probe, neighbour(i)] if i % 2 else [neighbour(i)]), range(64))
+            )
+    assert embed_cache_counts(default_server) == (hits, misses + 2 + 64)  # every request computed
     assert np.abs(in_batch - alone).max() <= 1e-5
-    for i, vector in enumerate(concurrent):
+    for i, vectors in enumerate(concurrent):
         if i % 2:
-            assert np.abs(vector - alone).max() <= 1e-5
-
-
-def _truncations(server) -> float:
-    import re
-    import urllib.request
-
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    values = re.findall(r"^ecomserve_truncated_texts_total\{[^}]*\} (\S+)$", text, re.MULTILINE)
-    return sum(float(v) for v in values)
+            assert np.abs(vectors[0] - alone).max() <= 1e-5, i
 
 
 def test_truncation_is_counted_in_metrics(default_server):
     long_title = " ".join(f"w{i}" for i in range(200))  # far over max_seq_len=128 tokens, under 2048 bytes
-    before = _truncations(default_server)
+    before = metric_total(default_server, "ecomserve_truncated_texts_total")
     with client_for(default_server, "http") as client:
         client.embed([long_title, "short title", long_title + " variant"])
-    assert _truncations(default_server) == before + 2
+    assert metric_total(default_server, "ecomserve_truncated_texts_total") == before + 2

@@ -200,6 +200,7 @@ def test_engine_check_files_hold_pytorch_reference(repositories, tiny, tmp_path)
     assert np.isnan(cosines[0]) and not cosines.min() >= check["min_cosine"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(tensorrt.find_trtexec() is None, reason="TensorRT (trtexec) is not installed: no GPU build here")
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_engines_build_and_match_pytorch(repositories, precision):
@@ -280,6 +281,7 @@ def torch_server(tiny, tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.integration
 def test_torch_encoder_serves_pytorch_answers(torch_server, tiny, protocol):
     texts = parity_texts()[:12]
     with client_for(torch_server, protocol) as client:

@@ -14,15 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecomserve.index.backends import (
-    FaissIndex,
-    MilvusIndex,
-    MilvusLiteServer,
-    VectorIndex,
-    VectorIndexError,
-    open_index,
-    start_milvus_lite,
-)
+from ecomserve.index.faiss_index import FaissIndex
+from ecomserve.index.loading import open_index
+from ecomserve.index.milvus_index import MilvusIndex
+from ecomserve.index.milvus_lite import MilvusLiteServer, start_milvus_lite
+from ecomserve.index.vector_index import VectorIndex, VectorIndexError
 from ecomserve.spec import FaissSpec, MilvusSpec, SearchSpec
 
 DIM, ITEMS, QUERIES, K = 32, 2_000, 50, 10
@@ -186,28 +182,45 @@ def test_faiss_reopen_rebuilds_when_the_spec_moves(data, tmp_path):
 
 
 def test_faiss_concurrent_searches_and_upserts(data):
+    """4 searchers and a writer meet at a barrier before each write, so searches run while items are
+    added and deleted: without the index's lock they would read a half-updated index."""
     ids, vectors, queries = data
     index = FaissIndex(DIM, HNSW)
     index.upsert(ids[:1000], vectors[:1000])
+    writes = range(1000, ITEMS, 100)
+    start = threading.Barrier(5)
+    writing = threading.Event()
     errors: list[BaseException] = []
+    overlapped: list[bool] = []
 
     def searcher() -> None:
         try:
-            for _ in range(30):
-                for row in index.search(queries, K):
-                    assert len(row) == K and len({item for item, _ in row}) == K
+            for _ in writes:
+                start.wait(timeout=60)
+                for _ in range(3):
+                    overlapped.append(writing.is_set())
+                    for row in index.search(queries, K):
+                        assert len(row) == K and len({item for item, _ in row}) == K
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
+            start.abort()
 
     threads = [threading.Thread(target=searcher) for _ in range(4)]
     for thread in threads:
         thread.start()
-    for start in range(1000, ITEMS, 100):
-        index.upsert(ids[start : start + 100], vectors[start : start + 100])
-        index.delete(ids[start - 1000 : start - 950])
+    try:
+        for first in writes:
+            start.wait(timeout=60)
+            writing.set()
+            index.upsert(ids[first : first + 100], vectors[first : first + 100])
+            index.delete(ids[first - 1000 : first - 950])
+            writing.clear()
+    except threading.BrokenBarrierError:
+        pass  # a searcher failed: its error is reported below
     for thread in threads:
-        thread.join()
+        thread.join(timeout=60)
     assert not errors
+    assert any(overlapped), "no search ran while the writer wrote"
     assert len(index) == ITEMS - 500
 
 
@@ -256,7 +269,7 @@ SECOND_PROCESS = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from ecomserve.index.backends import MilvusIndex
+    from ecomserve.index.milvus_index import MilvusIndex
     from ecomserve.spec import MilvusSpec
 
     uri, collection, dim = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -310,7 +323,7 @@ def test_milvus_lite_file_is_refused_while_served_elsewhere(tmp_path):
             [
                 sys.executable,
                 "-c",
-                "import sys; from pathlib import Path; from ecomserve.index.backends import start_milvus_lite;"
+                "import sys; from pathlib import Path; from ecomserve.index.milvus_lite import start_milvus_lite;"
                 "start_milvus_lite(Path(sys.argv[1]))",
                 str(tmp_path / "one.db"),
             ],
@@ -332,7 +345,7 @@ def test_open_index_with_a_lite_file_uses_the_server_this_process_runs(milvus, d
 
 
 def test_relative_lite_file_is_taken_from_the_index_folders_parent(tmp_path: Path):
-    from ecomserve.index.backends import _resolve_uri
+    from ecomserve.index.milvus_index import _resolve_uri
 
     assert _resolve_uri("catalog.db", tmp_path) == str(tmp_path.resolve() / "catalog.db")
     assert _resolve_uri("http://milvus:19530", tmp_path) == "http://milvus:19530"

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,9 +22,10 @@ import yaml
 from rich.console import Console
 from support import make_tiny_bert, spec_from, wait_for
 
-from ecomserve.index.backends import FaissIndex
 from ecomserve.index.catalog import CatalogItem, Manifest, read_manifest, read_titles, write_manifest, write_titles
-from ecomserve.index.ops import build_index, delete_items, load_index, upsert_items
+from ecomserve.index.faiss_index import FaissIndex
+from ecomserve.index.loading import load_index
+from ecomserve.index.ops import build_index, delete_items, upsert_items
 from ecomserve.paths import corpus_lines
 from ecomserve.repository.builder import build_repository
 from ecomserve.repository.inprocess import release_embedder
@@ -90,12 +90,13 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def kill_when(process: subprocess.Popen, condition, timeout_s: float = 120) -> None:
     """SIGKILL `process` as soon as `condition()` holds (polled every 2 ms)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
+
+    def reached() -> bool:
         if process.poll() is not None:
             pytest.fail(f"the writer finished before it could be killed: {process.communicate()[1][-2000:]}")
-        assert time.monotonic() < deadline, "the writer never reached the point to kill it at"
-        time.sleep(0.002)
+        return condition()
+
+    assert wait_for(reached, timeout_s, interval_s=0.002), "the writer never reached the point to kill it at"
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
 
@@ -234,7 +235,8 @@ def test_readers_see_whole_versions_while_writers_commit(index):
 
 
 def test_milvus_writes_go_through_the_same_staging_and_lock(index, tmp_path):
-    from ecomserve.index.backends import MilvusIndex, start_milvus_lite
+    from ecomserve.index.milvus_index import MilvusIndex
+    from ecomserve.index.milvus_lite import start_milvus_lite
 
     with start_milvus_lite(tmp_path / "catalog.db") as milvus:
         search = index.spec.search.model_copy(update={"backend": "milvus", "milvus": MilvusSpec(uri=milvus.uri)})

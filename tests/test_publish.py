@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import signal
 import threading
-import time
-import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from rich.console import Console
-from support import TorchReference, client_for, make_tiny_bert, spec_from, wait_for
+from support import TorchReference, client_for, embed_cache_counts, make_tiny_bert, spec_from, wait_for
 from tritonclient.utils import InferenceServerException
 
 from ecomserve.errors import EcomserveError, RepositoryError
@@ -35,6 +33,8 @@ from ecomserve.repository.inprocess import release_embedder
 from ecomserve.repository.releases import live_release, releases
 from ecomserve.server.control import ModelControl
 from ecomserve.server.process import Ports, ServerOptions, TritonServer, free_port
+
+pytestmark = pytest.mark.integration
 
 ADMIN_KEY = "test-admin-key"
 TEXTS = ["red running shoes", "stainless steel water bottle", "wireless headphones"]
@@ -78,10 +78,22 @@ def live(sources, tmp_path_factory):
 
 
 @pytest.fixture
-def control(live):
+def control(live, sources):
+    """Model control for a test that may publish or roll back. Every test starts with the live release
+    serving the "old" weights, whatever ran before it: a test that leaves the "new" weights live (one
+    that failed half-way) is rolled back to the release that was live before it."""
+    repository = live.options.repository
+    before = live_release(repository)
     control = ModelControl(live.http_url, ADMIN_KEY)
     yield control
-    control.close()
+    try:
+        probe = [f"which release is live {uuid.uuid4().hex}"]  # never sent before: not from the cache
+        with client_for(live, "grpc") as client:
+            served = client.embed(probe)
+        if not np.allclose(served, references_for(sources, "old", probe), atol=1e-4):
+            rollback(repository, control, to=before)
+    finally:
+        control.close()
 
 
 def which_release(vectors: np.ndarray, references: dict[str, np.ndarray]) -> str:
@@ -91,12 +103,17 @@ def which_release(vectors: np.ndarray, references: dict[str, np.ndarray]) -> str
 
 
 class Traffic:
-    """4 threads of embed and rank (both protocols) until stopped; every failure and every answer kept."""
+    """4 threads of embed and rank (both protocols) until stopped; every failure and every answer kept.
+
+    Each embed answer is kept as (phase when sent, phase when received, release that answered), where
+    `phase` is a step the test sets between its actions: which release must answer is a condition on
+    what happened before the request left and after it came back, not on the clock."""
 
     def __init__(self, server, references):
         self.server, self.references = server, references
         self.failures: list[str] = []
-        self.answers: list[tuple[float, str]] = []
+        self.answers: list[tuple[int, int, str]] = []
+        self.phase = 0
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(4)]
 
@@ -105,69 +122,77 @@ class Traffic:
             while not self._stop.is_set():
                 try:
                     if index < 2:
-                        self.answers.append((time.monotonic(), which_release(client.embed(TEXTS), self.references)))
+                        sent = self.phase
+                        vectors = client.embed(TEXTS)
+                        self.answers.append((sent, self.phase, which_release(vectors, self.references)))
                     else:
                         assert len(client.rank(TEXTS[0], CANDIDATES).scores) == len(CANDIDATES)
                 except Exception as exc:  # noqa: BLE001 - every kind of failure counts
                     self.failures.append(repr(exc))
 
+    def answered_within(self, phase: int) -> list[str]:
+        """The releases that answered requests sent and received while the test was in `phase`."""
+        return [name for sent, received, name in self.answers if sent == received == phase]
+
+    def wait_for_answers(self, phase: int, count: int = 10, timeout_s: float = 60) -> None:
+        assert wait_for(lambda: len(self.answered_within(phase)) >= count or self.failures, timeout_s), (
+            f"fewer than {count} answers in phase {phase} within {timeout_s} s: {self.answers[-5:]}"
+        )
+
     def __enter__(self) -> Traffic:
         for thread in self._threads:
             thread.start()
-        time.sleep(1.0)
+        self.wait_for_answers(0)
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in self._threads), "a traffic thread is stuck"
 
 
 def test_publish_and_rollback_under_traffic(live, control, sources, references):
     repository = live.options.repository
+    before, newest = live_release(repository), releases(repository)[-1]
     with client_for(live, "http") as client:
         assert which_release(client.embed(TEXTS), references) == "old"  # now in the response cache too
-    with Traffic(live, references) as traffic:
+    with Traffic(live, references) as traffic:  # phase 0: the old release answers
+        traffic.phase = 1  # publishing: either release may answer
         released = publish(tiny_spec(sources["new"]), None, repository, control, Console(stderr=True))
-        published_at = time.monotonic()
-        time.sleep(1.5)
-        _, back_to = rollback(repository, control)
-        rolled_back_at = time.monotonic()
-        time.sleep(1.5)
+        traffic.phase = 2  # published: what is sent from now on must be answered by the new release
+        traffic.wait_for_answers(2)
+        traffic.phase = 3  # rolling back: either release may answer
+        _, back_to = rollback(repository, control, to=before)
+        traffic.phase = 4  # rolled back: the old release answers again
+        traffic.wait_for_answers(4)
     assert traffic.failures == []
-    assert (released, back_to) == (2, 1) and releases(repository) == [1, 2] and live_release(repository) == 1
-    # answers switch once and never mix: all "new" between publish and rollback, "old" after it
-    between = {name for at, name in traffic.answers if published_at < at < rolled_back_at - 1.0}
-    after = {name for at, name in traffic.answers if at > rolled_back_at + 0.5}
-    assert between == {"new"} and after == {"old"}
-    assert len(traffic.answers) > 20
+    assert (released, back_to) == (newest + 1, before) and releases(repository)[-1] == released
+    assert live_release(repository) == before
+    # answers switch once and never mix: "old" before the publish, "new" after it until the rollback,
+    # "old" after the rollback
+    for phase, release in ((0, "old"), (2, "new"), (4, "old")):
+        assert set(traffic.answered_within(phase)) == {release}, phase
 
 
-def cache_counts(server) -> tuple[float, float]:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-
-    def total(metric: str) -> float:
-        return sum(float(v) for v in re.findall(rf'^{metric}{{model="embed",[^}}]*}} (\S+)$', text, re.MULTILINE))
-
-    return total("nv_cache_num_hits_per_model"), total("nv_cache_num_misses_per_model")
-
-
-def test_response_cache_hits_show_in_metrics_and_never_outlive_a_release(live, control, sources, references):
+def test_response_cache_hits_show_in_metrics_and_never_outlive_a_release(live, control, sources):
     repository = live.options.repository
+    before, newest = live_release(repository), releases(repository)[-1]
+    probe = [f"{TEXTS[0]} {uuid.uuid4().hex[:8]}"]  # never sent before: its first request is a miss
     with client_for(live, "grpc") as client:
-        before = cache_counts(live)
-        first = client.embed(TEXTS[:1])
-        client.embed(TEXTS[:1])
-        hits, misses = cache_counts(live)
-        assert hits >= before[0] + 1 and misses >= before[1] + 1
+        counts = embed_cache_counts(live)
+        first = client.embed(probe)
+        assert embed_cache_counts(live) == (counts[0], counts[1] + 1)
+        assert np.array_equal(client.embed(probe), first)
+        assert embed_cache_counts(live) == (counts[0] + 1, counts[1] + 1)
         released = publish(tiny_spec(sources["new"]), None, repository, control, Console(stderr=True))
-        after_publish = client.embed(TEXTS[:1])
-        rollback(repository, control, to=1)
-        after_rollback = client.embed(TEXTS[:1])
-    assert released == 3
-    np.testing.assert_allclose(first, references["old"][:1], atol=1e-4)
-    np.testing.assert_allclose(after_publish, references["new"][:1], atol=1e-4)  # not the cached old answer
-    np.testing.assert_allclose(after_rollback, references["old"][:1], atol=1e-4)
+        after_publish = client.embed(probe)
+        rollback(repository, control, to=before)
+        after_rollback = client.embed(probe)
+    assert released == newest + 1
+    np.testing.assert_allclose(first, references_for(sources, "old", probe), atol=1e-4)
+    np.testing.assert_allclose(after_publish, references_for(sources, "new", probe), atol=1e-4)  # not the cached one
+    np.testing.assert_allclose(after_rollback, references_for(sources, "old", probe), atol=1e-4)
 
 
 def tree_digest(repository: Path) -> str:
@@ -207,7 +232,7 @@ def test_a_bad_release_is_refused_before_the_live_repository_changes(
         publish(spec, None, repository, control, Console(stderr=True))
     assert traffic.failures == []
     assert tree_digest(repository) == before
-    assert {name for _, name in traffic.answers} == {"old"}
+    assert {name for *_, name in traffic.answers} == {"old"}
 
 
 def test_rollback_needs_an_earlier_release(live, control):
@@ -283,8 +308,8 @@ def test_search_never_mixes_releases(live, control, sources):
         )
 
 
-def references_for(sources, name: str) -> np.ndarray:
-    return TorchReference(str(sources[name]), max_seq_len=32).embed(TEXTS)
+def references_for(sources, name: str, texts: list[str] = TEXTS) -> np.ndarray:
+    return TorchReference(str(sources[name]), max_seq_len=32).embed(texts)
 
 
 def _search_ok(client) -> bool:
@@ -295,7 +320,6 @@ def _search_ok(client) -> bool:
     return True
 
 
-# Last in the module: it kills stubs of the shared server.
 @pytest.mark.parametrize("model", ["embedder", "rank"])
 def test_server_recovers_when_a_python_stub_dies(live, model, caplog):
     """ecomserve's watchdog restarts a model whose stub died (Triton 2.51 does not restart it): requests

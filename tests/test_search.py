@@ -5,10 +5,8 @@ the default MiniLM pipeline, search quality against `rank` over the whole catalo
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from rich.console import Console
-from support import client_for, make_tiny_bert, spec_from, start_server, wait_for
+from support import client_for, make_tiny_bert, metric_total, spec_from, start_server, wait_for
 from tritonclient.utils import InferenceServerException
 
 from ecomserve.errors import RequestFailed
@@ -48,7 +46,7 @@ def catalog(request, tmp_path_factory):
     }
     stop_milvus = None
     if request.param == "milvus":
-        from ecomserve.index.backends import start_milvus_lite
+        from ecomserve.index.milvus_lite import start_milvus_lite
 
         milvus = start_milvus_lite(root / "milvus.db")
         stop_milvus = milvus.stop
@@ -77,6 +75,7 @@ def exact_top(catalog, query: str, k: int, items: list[CatalogItem]) -> list[str
     return [items[i].id for i in np.argsort(-scores, kind="stable")[:k]]
 
 
+@pytest.mark.integration
 def test_search_returns_the_exact_top_k(catalog, protocol):
     items = catalog_items()
     with client_for(catalog["server"], protocol) as client:
@@ -87,6 +86,7 @@ def test_search_returns_the_exact_top_k(catalog, protocol):
         assert len(client.search(QUERIES[0]).ids) == 10  # the spec's default top_k
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("top_k", [0, -3, 21])
 def test_top_k_out_of_bounds_is_refused(catalog, protocol, top_k):
     server = catalog["server"]
@@ -105,6 +105,7 @@ def test_top_k_out_of_bounds_is_refused(catalog, protocol, top_k):
         assert len(ecom.search("red running shoes", top_k=3).ids) == 3
 
 
+@pytest.mark.integration
 def test_query_search_prints_json(catalog):
     import subprocess
     import sys
@@ -120,17 +121,17 @@ def test_query_search_prints_json(catalog):
     assert answer["ids"] == exact_top(catalog, QUERIES[0], 4, catalog_items()) and len(answer["scores"]) == 4
 
 
+@pytest.mark.integration
 def test_empty_query_is_refused(catalog):
     with client_for(catalog["server"], "http") as client, pytest.raises(RequestFailed, match="QUERY.*empty"):
         client.search("   ")
 
 
 def cache_count(server, result: str) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    pattern = rf'^ecomserve_search_cache_total{{[^}}]*result="{result}"[^}}]*}} (\S+)$'
-    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+    return metric_total(server, "ecomserve_search_cache_total", result=result)
 
 
+@pytest.mark.integration
 def test_upserts_and_deletes_show_within_seconds_under_traffic(catalog):
     server, spec, repository, target = catalog["server"], catalog["spec"], catalog["repository"], catalog["index"]
     new_item = CatalogItem("sku-new", "zebra print velvet armchair")
@@ -180,6 +181,7 @@ def test_catalog_files_are_read_as_jsonl_and_csv(tmp_path):
         list(read_catalog(tmp_path / "bad.jsonl"))
 
 
+@pytest.mark.integration
 def test_search_keeps_the_ndcg_of_rank_over_the_whole_catalog(default_server):
     """Retrieve from the index (then rerank) must rank the eval set as well as `rank` over all products."""
     spec = load_spec(ROOT / "export/default.yaml")
@@ -226,6 +228,7 @@ def test_an_interrupted_build_resumes(tmp_path):
     assert not target.with_name(target.name + ".building").exists()
 
 
+@pytest.mark.integration
 def test_200_concurrent_searches_get_fast_refusals_and_exact_answers(catalog, protocol):
     """`search` has no scheduler queue of its own: the front's admission bounds it like every model."""
     from concurrent.futures import ThreadPoolExecutor

@@ -12,18 +12,16 @@ import pytest
 
 from ecomserve import cli
 from ecomserve.bench import search
-from ecomserve.bench.search import (
-    Embedder,
-    SearchBenchOptions,
-    cached_vectors,
+from ecomserve.bench.catalogs import (
     exact_neighbours,
     expand_vectors,
     item_ids,
     recall_at_k,
-    run_search_bench,
     shipped_titles,
     synthetic_titles,
 )
+from ecomserve.bench.search import SearchBenchOptions, run_search_bench
+from ecomserve.bench.vector_cache import Embedder, cached_vectors
 
 DIM = 32
 

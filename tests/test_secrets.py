@@ -13,9 +13,11 @@ from rich.console import Console
 from support import client_for, make_tiny_bert, spec_from, start_server
 
 from ecomserve.errors import SpecError
-from ecomserve.index.backends import VectorIndexError, milvus_token, start_milvus_lite
 from ecomserve.index.catalog import CatalogItem
+from ecomserve.index.milvus_index import milvus_token
+from ecomserve.index.milvus_lite import start_milvus_lite
 from ecomserve.index.ops import build_index, index_dir
+from ecomserve.index.vector_index import VectorIndexError
 from ecomserve.repository.builder import build_repository
 from ecomserve.spec import MilvusSpec
 
@@ -75,6 +77,7 @@ def test_the_repository_holds_only_the_reference(tmp_path, monkeypatch, where):
     assert f'\\"{where}\\": \\"{reference}\\"' in config  # the search parameter is JSON inside the pbtxt
 
 
+@pytest.mark.integration
 def test_the_served_config_shows_no_token_and_search_connects_with_it(tmp_path, monkeypatch):
     # tritonserver inherits this process's environment, and its python stubs inherit tritonserver's.
     monkeypatch.setenv("MILVUS_TOKEN", SECRET)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,20 +90,21 @@ def test_serve_prints_endpoints_recovers_a_dead_stub_and_stops_cleanly(tiny_repo
     process = subprocess.Popen(
         command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PATH": path, "COLUMNS": "200"}
     )
+    stderr = StderrLines(process)
     try:
-        output = _read_until(process, "Ctrl-C")
+        output = stderr.until("Ctrl-C")
         assert f"http://127.0.0.1:{ports.http}" in output and f"127.0.0.1:{ports.grpc}" in output
         assert len(_query_embed(ports)) == 2
 
         (triton,) = [c for c in psutil.Process(process.pid).children() if c.name() == "tritonserver"]
         (stub,) = [c for c in triton.children() if "/embedder/" in " ".join(c.cmdline())]
         stub.kill()
-        assert "model 'embedder' restarted" in _read_until(process, "restarted")
+        assert "model 'embedder' restarted" in stderr.until("restarted")
         assert len(_query_embed(ports)) == 2
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
-        assert "tritonserver stopped" in process.stderr.read()
+        assert "tritonserver stopped" in stderr.until(None, timeout_s=30)
     finally:
         if process.poll() is None:
             process.kill()
@@ -109,13 +112,34 @@ def test_serve_prints_endpoints_recovers_a_dead_stub_and_stops_cleanly(tiny_repo
     assert all(_can_bind(port) for port in ports.named().values())
 
 
-def _read_until(process: subprocess.Popen, marker: str, timeout_s: float = 180) -> str:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not any(marker in line for line in lines):
-        lines.append(process.stderr.readline())
-        assert process.poll() is None, "".join(lines)
-    return "".join(lines)
+class StderrLines:
+    """A child's stderr read by a thread into a queue, so that waiting for a line can time out: a child
+    that goes silent fails the test after `timeout_s` instead of blocking it in readline."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(process.stderr,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line)
+        self.lines.put(None)  # end of file: the child closed stderr or exited
+
+    def until(self, marker: str | None, timeout_s: float = 180) -> str:
+        """The lines up to the first holding `marker` (None: up to the end of the output)."""
+        start, deadline = len(self.seen), time.monotonic() + timeout_s
+        while marker is None or not any(marker in line for line in self.seen[start:]):
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no {marker!r} on stderr within {timeout_s} s:\n{''.join(self.seen[start:])}")
+            if line is None:
+                if marker is None:
+                    break
+                pytest.fail(f"stderr ended before {marker!r}:\n{''.join(self.seen[start:])}")
+            self.seen.append(line)
+        return "".join(self.seen[start:])
 
 
 def _query_embed(ports: Ports) -> list[list[float]]:
@@ -196,16 +220,17 @@ def test_supervise_runs_tritonserver_behind_the_front_restarts_dead_stubs_and_pa
     ]
     env = {**install.environment(), "ECOMSERVE_ADMIN_KEY": "supervise-key"}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    stderr = StderrLines(process)
     try:
         assert wait_for(lambda: _answers(ports), timeout_s=120), "the supervised server never answered"
         (triton,) = [c for c in psutil.Process(process.pid).children() if c.name() == "tritonserver"]
         assert "supervise-key" not in " ".join(triton.cmdline())
         (stub,) = [c for c in triton.children() if "/embedder/" in c.cmdline()[1]]
         stub.kill()
-        assert "model 'embedder' restarted" in _read_until(process, "restarted")
+        assert "model 'embedder' restarted" in stderr.until("restarted")
         assert len(_query_embed(ports)) == 2
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0, process.stderr.read()[-2000:]
+        assert process.wait(timeout=60) == 0, stderr.until(None, timeout_s=30)[-2000:]
     finally:
         if process.poll() is None:
             process.kill()

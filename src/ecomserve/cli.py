@@ -16,11 +16,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from ecomserve.errors import EcomserveError, ServerError
+from ecomserve.errors import EcomserveError, ServerError, export_extra
 from ecomserve.index.catalog import WRITER_WAIT_S
+from ecomserve.paths import DEFAULT_SPEC_NAME, EXPORT_DIR, default_spec
 from ecomserve.spec import PipelineSpec, load_spec
 
-DEFAULT_SPEC = Path("export/default.yaml")
+DEFAULT_SPEC = EXPORT_DIR / DEFAULT_SPEC_NAME
 DEFAULT_REPOSITORY = Path("model_repository")
 
 app = typer.Typer(help="Text encoders served by Triton for e-commerce search.", no_args_is_help=True)
@@ -30,7 +31,24 @@ index_app = typer.Typer(help="The catalog index behind the `search` model.", no_
 app.add_typer(index_app, name="index")
 console = Console(stderr=True)
 
-SpecOption = Annotated[Path, typer.Option("--spec", help="pipeline spec (YAML)")]
+
+def _spec_or_packaged(ctx: typer.Context, param: typer.CallbackParam, value: Path) -> Path:
+    """An omitted --spec is ./export/default.yaml, or the package's copy where the working folder has none."""
+    # By name: typer may carry its own copy of click, with its own ParameterSource enum.
+    if getattr(ctx.get_parameter_source(param.name), "name", None) == "DEFAULT":
+        return default_spec()
+    return value
+
+
+SpecOption = Annotated[
+    Path,
+    typer.Option(
+        "--spec",
+        callback=_spec_or_packaged,
+        help="pipeline spec (YAML); without it ./export/default.yaml, or the packaged copy if there is none",
+        show_default=False,
+    ),
+]
 RepositoryOption = Annotated[Path, typer.Option("--repository", help="model repository folder")]
 UrlOption = Annotated[str | None, typer.Option("--url", help="host:port (default 127.0.0.1:8000 http, :8001 grpc)")]
 
@@ -299,15 +317,17 @@ def bench(
         console.print(front_markdown(found), highlight=False, soft_wrap=True)
         return
     if workload == WorkloadName.search:
-        from ecomserve.bench.search import MAX_SCALE, bench_search, search_markdown
+        from ecomserve.bench.search import MAX_SCALE, bench_search
+        from ecomserve.bench.search_report import search_markdown
 
         if any(not 100 <= scale <= MAX_SCALE for scale in scales or []):
             raise typer.BadParameter(f"each scale must be between 100 and {MAX_SCALE}", param_hint="--scales")
         found = bench_search(load_spec(spec), spec.parent, out, duration, scales, console)
         console.print(search_markdown(found), highlight=False, soft_wrap=True)
         return
-    from ecomserve.bench.run import BenchOptions, run_bench
-    from ecomserve.bench.variants import VARIANTS
+    with export_extra("ecomserve bench (PyTorch is its baseline)", alternative=""):
+        from ecomserve.bench.run import BenchOptions, run_bench
+        from ecomserve.bench.variants import VARIANTS
 
     unknown = sorted(set(variant or []) - set(VARIANTS))
     if unknown:

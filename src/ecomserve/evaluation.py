@@ -1,4 +1,4 @@
-"""Ranking quality on the shipped relevance set (export/eval/relevance.json): NDCG@k."""
+"""Ranking quality on the shipped relevance set (package data: ecomserve/data/eval/relevance.json): NDCG@k."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ecomserve.paths import EVAL_SET
+from ecomserve.paths import eval_set_text
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class EvalSet:
         return np.array([query.relevance.get(pid, 0) for pid in self.product_ids], dtype=np.float64)
 
 
-def load_eval_set(path: Path = EVAL_SET) -> EvalSet:
-    data = json.loads(Path(path).read_text())
+def load_eval_set(path: Path | None = None) -> EvalSet:
+    """The relevance set in `path`, or the one the package ships."""
+    data = json.loads(eval_set_text() if path is None else Path(path).read_text())
     products = data["products"]
     return EvalSet(
         product_ids=[p["id"] for p in products],

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 
 from ecomserve.errors import ExportError
 from ecomserve.export.pooled_encoder import PooledEncoder, reference_embeddings
+from ecomserve.paths import parity_texts
 from ecomserve.runtime import Runner
 from ecomserve.tokenization import TextTokenizer
 
@@ -25,11 +25,6 @@ class ParityReport:
     min_cosine: float
     mean_cosine: float
     max_abs_diff: float
-
-
-def parity_texts() -> list[str]:
-    text = resources.files("ecomserve.export").joinpath("parity_texts.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
 
 
 def check_parity(

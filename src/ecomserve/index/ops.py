@@ -32,7 +32,6 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ecomserve.index.backends import VectorIndex, open_index
 from ecomserve.index.catalog import (
     WRITER_WAIT_S,
     CatalogError,
@@ -40,10 +39,11 @@ from ecomserve.index.catalog import (
     Manifest,
     read_manifest,
     read_titles,
-    version_dir,
     write_manifest,
     write_titles,
 )
+from ecomserve.index.loading import backend_spec, open_index, open_version
+from ecomserve.index.vector_index import VectorIndex
 from ecomserve.repository.inprocess import release_embedder
 from ecomserve.repository.releases import live_release
 from ecomserve.spec import PipelineSpec, SearchSpec
@@ -51,7 +51,6 @@ from ecomserve.spec import PipelineSpec, SearchSpec
 EMBED_BATCH = 256
 CHECKPOINT_BATCHES = 20  # an interrupted build loses at most this many batches
 LOCK_POLL_S = 0.2
-LOAD_ATTEMPTS = 5
 # Version folders (`v<version>-<random>`), staged (`.<name>.staging`) or on their way out (`.<name>.old`).
 VERSION_FOLDER = re.compile(r"\.?v\d+-[0-9a-f]{8}(\.staging|\.old)?")
 # A full disk, a quota, or a file-size limit (RLIMIT_FSIZE).
@@ -61,32 +60,6 @@ NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 def index_dir(spec: PipelineSpec, project_dir: Path) -> Path:
     path = Path(_search(spec).index_dir)
     return path if path.is_absolute() else project_dir / path
-
-
-def backend_spec(search: SearchSpec, release: int) -> SearchSpec:
-    """Each release gets its own Milvus collection, so a rebuild never overwrites the one being searched."""
-    milvus = search.milvus.model_copy(update={"collection": f"{search.milvus.collection}_r{release}"})
-    return search.model_copy(update={"milvus": milvus})
-
-
-def load_index(search: SearchSpec, target: Path) -> tuple[Manifest, VectorIndex, dict[str, str]] | None:
-    """The live version of `target`, everything from the one folder its manifest names (None before the first
-    build). Writers keep the version before theirs, so only two commits during one load remove the folder
-    being read; then the load starts again from the newer manifest."""
-    for _attempt in range(LOAD_ATTEMPTS):
-        manifest = read_manifest(target)
-        if manifest is None:
-            return None
-        folder = version_dir(target, manifest)
-        try:
-            loaded = manifest, _open(search, target, manifest), read_titles(target, manifest)
-        except Exception:  # noqa: BLE001 - whatever a half-removed folder raises (faiss, json, a missing file)
-            if folder.is_dir():
-                raise
-            continue
-        if folder.is_dir():  # writers rename a version before removing it: still here means read whole
-            return loaded
-    raise CatalogError(f"{target} changed {LOAD_ATTEMPTS} times while it was being read: is a writer looping?")
 
 
 def build_index(
@@ -108,7 +81,7 @@ def build_index(
         if resumed is None:
             index, titles = open_index(backend_spec(search, release), staging, dim, relative_to=target.parent), {}
         else:
-            index, titles = _open(search, staging, resumed), read_titles(staging, resumed)
+            index, titles = open_version(search, staging, resumed), read_titles(staging, resumed)
         todo = [item for item in _unique(items) if titles.get(item.id) != item.title]
         if resumed is not None:
             console.print(f"resuming {staging}: {len(titles)} items already embedded, {len(todo)} to go")
@@ -138,7 +111,7 @@ def upsert_items(
     with _writer(target, "upsert", wait_s):
         live = _live_manifest(target)
         embed = release_embedder(repository, live.release, spec)
-        index, titles = _open(search, target, live), read_titles(target, live)
+        index, titles = open_version(search, target, live), read_titles(target, live)
         _embed_into(index, titles, list(_unique(items)), embed, console)
         return _commit(target, index, titles, live, live.version + 1)
 
@@ -149,18 +122,11 @@ def delete_items(
     search = _search(spec)
     with _writer(target, "delete", wait_s):
         live = _live_manifest(target)
-        index = _open(search, target, live)
+        index = open_version(search, target, live)
         removed = index.delete(ids)
         gone = set(ids)
         titles = {k: v for k, v in read_titles(target, live).items() if k not in gone}
         return _commit(target, index, titles, live, live.version + 1), removed
-
-
-def _open(search: SearchSpec, folder: Path, manifest: Manifest) -> VectorIndex:
-    """The index of the version `manifest` names in `folder`; a relative Milvus Lite file or token file is
-    taken beside the index folder, wherever the version lies."""
-    spec = backend_spec(search, manifest.release)
-    return open_index(spec, version_dir(folder, manifest), manifest.dim, relative_to=folder.parent)
 
 
 def _resumable(staging: Path, backend: str, release: int, dim: int) -> Manifest | None:

@@ -14,7 +14,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ecomserve.errors import RepositoryError
+from ecomserve.errors import RepositoryError, export_extra
 from ecomserve.export.tensorrt import ENGINES_FILE
 from ecomserve.repository.configs import (
     CLASSIFY,
@@ -119,13 +119,15 @@ def write_warmup_files(layout: str, built: BuiltEncoder, source: Path, repositor
 
 def build_encoder(spec: PipelineSpec, built: BuiltEncoder, source: Path, repository: Path, progress) -> dict:
     """Tokenizer, warm-up inputs and the verified model files of one encoder; returns the checks."""
-    from ecomserve.export.pipeline import export_encoder
-
     tokenizer_dir, model_dir = encoder_dirs(spec.serving.layout, built.spec, repository)
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source / TOKENIZER_FILE, tokenizer_dir / TOKENIZER_FILE)
     write_warmup_files(spec.serving.layout, built, source, repository)
-    return export_encoder(built.spec, source, model_dir, progress, spec)
+    # torch, transformers, onnx (and openvino, nncf for some specs) are imported here, lazily.
+    with export_extra("building a model repository"):
+        from ecomserve.export.pipeline import export_encoder
+
+        return export_encoder(built.spec, source, model_dir, progress, spec)
 
 
 def build_repository(

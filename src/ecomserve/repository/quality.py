@@ -1,6 +1,6 @@
 """A release's retrieval quality, measured from its files before it may go live.
 
-NDCG@5 on the shipped eval set (export/eval/relevance.json), ranking every product title by the dot
+NDCG@5 on the shipped eval set (ecomserve/data/eval/relevance.json), ranking every product title by the dot
 product of fused embeddings — what `rank` computes with weighted_mean fusion — with the same runners
 and fusion the server uses, in this process."""
 

@@ -22,9 +22,9 @@ from cachetools import TTLCache
 
 from ecomserve.errors import InvalidInput
 from ecomserve.fusion import fuse_embeddings, query_scores
-from ecomserve.index.backends import milvus_token
 from ecomserve.index.catalog import read_manifest
-from ecomserve.index.ops import load_index
+from ecomserve.index.loading import load_index
+from ecomserve.index.milvus_index import milvus_token
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT
 from ecomserve.serving_models.base import (
     Unavailable,

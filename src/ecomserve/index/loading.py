@@ -1,0 +1,60 @@
+"""Opening a catalog index: the backend a spec names (`open_index`), the version a manifest names
+(`open_version`), and the live version whole (`load_index`), as the `search` model reads it.
+
+The search model imports this and not `ops.py`, which embeds (and so pulls in the repository builder, rich and
+tritonclient): keep it that way (tests/test_architecture.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ecomserve.index.catalog import CatalogError, Manifest, read_manifest, read_titles, version_dir
+from ecomserve.index.faiss_index import FaissIndex
+from ecomserve.index.milvus_index import MilvusIndex
+from ecomserve.index.vector_index import VectorIndex
+from ecomserve.spec import SearchSpec
+
+LOAD_ATTEMPTS = 5
+
+
+def open_index(spec: SearchSpec, directory: Path, dim: int, relative_to: Path | None = None) -> VectorIndex:
+    """The index of `spec.backend`. faiss: loaded from `directory` if saved there, else empty (save() writes
+    it there). milvus: connected, the collection created if missing; a relative `.db` uri or token file is
+    taken from `relative_to` (default: the parent of `directory`), so the CLI and the search model find the
+    same file from any working dir."""
+    if spec.backend == "faiss":
+        return FaissIndex.open(directory, dim, spec.faiss)
+    return MilvusIndex(spec.milvus, dim, relative_to=relative_to or Path(directory).parent)
+
+
+def backend_spec(search: SearchSpec, release: int) -> SearchSpec:
+    """Each release gets its own Milvus collection, so a rebuild never overwrites the one being searched."""
+    milvus = search.milvus.model_copy(update={"collection": f"{search.milvus.collection}_r{release}"})
+    return search.model_copy(update={"milvus": milvus})
+
+
+def open_version(search: SearchSpec, folder: Path, manifest: Manifest) -> VectorIndex:
+    """The index of the version `manifest` names in `folder`; a relative Milvus Lite file or token file is
+    taken beside the index folder, wherever the version lies."""
+    spec = backend_spec(search, manifest.release)
+    return open_index(spec, version_dir(folder, manifest), manifest.dim, relative_to=folder.parent)
+
+
+def load_index(search: SearchSpec, target: Path) -> tuple[Manifest, VectorIndex, dict[str, str]] | None:
+    """The live version of `target`, everything from the one folder its manifest names (None before the first
+    build). Writers keep the version before theirs, so only two commits during one load remove the folder
+    being read; then the load starts again from the newer manifest."""
+    for _attempt in range(LOAD_ATTEMPTS):
+        manifest = read_manifest(target)
+        if manifest is None:
+            return None
+        folder = version_dir(target, manifest)
+        try:
+            loaded = manifest, open_version(search, target, manifest), read_titles(target, manifest)
+        except Exception:  # noqa: BLE001 - whatever a half-removed folder raises (faiss, json, a missing file)
+            if folder.is_dir():
+                raise
+            continue
+        if folder.is_dir():  # writers rename a version before removing it: still here means read whole
+            return loaded
+    raise CatalogError(f"{target} changed {LOAD_ATTEMPTS} times while it was being read: is a writer looping?")

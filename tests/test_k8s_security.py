@@ -1,0 +1,209 @@
+"""What keeps the pods closed: non-root without privileges, no secret values rendered, Triton behind
+ecomserve's front process (a command the supervisor accepts, no key or public Triton port on tritonserver's
+command line), model control behind the admin key, and the NetworkPolicy's ingress.
+
+Checked without a cluster, like every tests/test_k8s_*.py (helpers: tests/k8s_tools.py)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from pathlib import PurePosixPath
+
+import pytest
+import yaml
+from k8s_tools import (
+    ALL_RENDERS,
+    CHART,
+    CI_VALUES,
+    NAMESPACE,
+    RELEASE,
+    TRITONSERVER,
+    chart,
+    checked,
+    containers,
+    documents,
+    flag,
+    helm_template_command,
+    objects,
+    one,
+    pod_templates,
+    render,
+    run,
+    selects,
+    supervisor_flag,
+    supervisor_options,
+    tools,
+    triton,
+)
+
+from ecomserve.server import supervise
+
+
+def tritonserver_command(container: dict) -> list[str]:
+    """What the supervisor runs: the command after `--`, then the container's args."""
+    command = container["command"]
+    return command[command.index("--") + 1 :] + container.get("args", [])
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_pods_run_as_non_root_without_privileges(source):
+    for owner, _, spec in pod_templates(render(source)):
+        pod_context = spec["securityContext"]
+        assert pod_context["runAsNonRoot"] is True and pod_context["runAsUser"] > 0, owner
+        assert spec.get("automountServiceAccountToken") is False, f"{owner} needs no API token"
+        for container in containers(spec):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, f"{owner}/{container['name']}"
+            assert context["capabilities"]["drop"] == ["ALL"], f"{owner}/{container['name']}"
+            assert context.get("readOnlyRootFilesystem") is True, f"{owner}/{container['name']}"
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_no_secret_values_are_rendered(source):
+    rendered = render(source)
+    secrets = [secret["metadata"]["name"] for secret in objects(rendered, "Secret")]
+    # Credentials come from existing Secrets, referenced by name; the one exception is the admin key the
+    # chart generates (random, never in values; test_model_control_needs_the_admin_key).
+    assert secrets == ([f"{RELEASE}-admin-key"] if source.startswith("chart:") else []), secrets
+    sensitive = re.compile(r"KEY|SECRET|TOKEN|PASSWORD")
+    for owner, _, spec in pod_templates(rendered):
+        for container in containers(spec):
+            for env in container.get("env", []):
+                if sensitive.search(env["name"]):
+                    assert "value" not in env and "secretKeyRef" in env["valueFrom"], f"{owner}: {env['name']}"
+    text = yaml.safe_dump_all(rendered)
+    assert not re.search(r"AKIA[0-9A-Z]{16}|-----BEGIN|private_key", text)
+
+
+# tritonserver flags that would give Triton a public listener (the front owns the pod's ports).
+PUBLIC_TRITON_FLAG = re.compile(r"--(?:(?:http|grpc|metrics)-(?:port|address)|allow-(?:sagemaker|vertex-ai))(?:=|$)")
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_triton_runs_behind_the_front(source):
+    rendered = render(source)
+    container = triton(rendered)
+    options = supervisor_options(container)
+    command = container["command"]
+    assert command[command.index("--") + 1 :] == [TRITONSERVER], "the supervisor runs the NGC tritonserver"
+    # The front reads its limits from the repository Triton serves; logs and sockets go to the /tmp emptyDir.
+    assert supervisor_flag(container, "repository") == flag(container, "model-repository")
+    assert PurePosixPath(supervisor_flag(container, "work-dir")).is_relative_to("/tmp")
+    # No key and no public Triton listener on any command line of the Triton pods (/proc shows them to
+    # every local user); the key reaches the front through the environment, from a Secret.
+    for owner, _, spec in pod_templates(rendered):
+        if owner.startswith("Deployment/"):
+            for each in containers(spec):
+                for arg in each.get("command", []) + each.get("args", []):
+                    assert "restricted" not in arg and "ECOMSERVE_ADMIN_KEY" not in arg, f"{owner}: {arg}"
+    triton_command = tritonserver_command(container)
+    assert not [arg for arg in triton_command if PUBLIC_TRITON_FLAG.match(arg)], triton_command
+    assert admin_key_ref(container) is not None, "the front checks the admin key from ECOMSERVE_ADMIN_KEY"
+    # The supervisor accepts the command as rendered (it exits 2 otherwise) ...
+    stub_watchdog = "--no-stub-watchdog" not in options
+    assert stub_watchdog, "explicit model control: the stub watchdog runs"
+    assert supervise.check_command(triton_command, stub_watchdog) is None
+    # ... and would refuse the restricted-API flags this chart used to give Triton.
+    old_flag = "--http-restricted-api=model-repository:ecomserve-admin-key=$(ECOMSERVE_ADMIN_KEY)"
+    assert supervise.check_command([*triton_command, old_flag], stub_watchdog) is not None
+
+
+def test_supervisor_flags_are_refused_in_extra_args():
+    for name in supervise._OWNED_FLAGS:
+        result = run(helm_template_command(sets=(f"triton.extraArgs={{{name}=key-9f1c}}",)))
+        assert result.returncode != 0, f"{name} in triton.extraArgs rendered"
+        assert f"triton.extraArgs: remove {name}:" in result.stderr, result.stderr
+        assert "key-9f1c" not in result.stderr, "the refusal must not print the value (it may be a key)"
+    allowed = triton(chart("default", sets=("triton.extraArgs={--model-load-thread-count=4}",)))
+    assert allowed["args"][-1] == "--model-load-thread-count=4"
+
+
+def test_metrics_port_serves_triton_and_the_front():
+    rendered = chart("default")
+    endpoints = one(rendered, "ServiceMonitor")["spec"]["endpoints"]
+    assert [(endpoint["port"], endpoint["path"]) for endpoint in endpoints] == [("metrics", "/metrics")]
+    test_script = one(rendered, "Pod")["spec"]["containers"][0]["command"][-1]
+    for family in ("nv_inference_request_success", "ecomserve_front_admitted_total"):
+        assert f'echo "$metrics" | grep -q {family}' in test_script, f"helm test must find {family}"
+
+
+def admin_key_ref(container: dict) -> dict | None:
+    """The Secret key ECOMSERVE_ADMIN_KEY comes from, or None without that variable."""
+    env = {item["name"]: item for item in container.get("env", [])}
+    if "ECOMSERVE_ADMIN_KEY" not in env:
+        return None
+    assert "value" not in env["ECOMSERVE_ADMIN_KEY"], "the admin key comes from a Secret, never a literal"
+    return env["ECOMSERVE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+
+
+def generated_admin_key(rendered: list[dict]) -> str:
+    secret = one(rendered, "Secret", f"{RELEASE}-admin-key")
+    assert secret["type"] == "Opaque" and set(secret["data"]) == {"admin-key"}
+    return base64.b64decode(secret["data"]["admin-key"]).decode()
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_model_control_needs_the_admin_key(source):
+    rendered = render(source)
+    container = triton(rendered)
+    assert flag(container, "model-control-mode") == "explicit" and "--load-model=*" in container["args"]
+    # The front checks the key, read from the environment: never on a command line (test_triton_runs_behind_the_front).
+    reference = {"name": f"{RELEASE}-admin-key", "key": "admin-key"}
+    assert admin_key_ref(container) == reference
+    for owner, _, spec in pod_templates(rendered):
+        if owner.startswith("Job/"):
+            assert admin_key_ref(spec["containers"][0]) == reference, f"{owner} must send the same key"
+    if source.startswith("kustomize:"):
+        assert not objects(rendered, "Secret"), "the overlays reference a Secret made beforehand (README)"
+        return
+    key = generated_admin_key(rendered)
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", key), "letters and digits: safe inside Triton's key=value flag"
+    assert key not in yaml.safe_dump_all([obj for obj in rendered if obj["kind"] != "Secret"])
+    if source == "chart:default":
+        again = documents(checked(helm_template_command()))
+        assert generated_admin_key(again) != key, "a random key per install (kept on upgrades by lookup)"
+
+
+def test_stub_watchdog_needs_explicit_model_control():
+    assert "--no-stub-watchdog" not in supervisor_options(triton(chart("default")))
+    unwatched = ["triton.stubWatchdog.enabled=false", "triton.modelControl.mode=none", "triton.modelControl.mode=poll"]
+    for assignment in unwatched:
+        assignments = (assignment,)
+        container = triton(chart("default", sets=assignments))
+        assert "--no-stub-watchdog" in supervisor_options(container), f"{assignments}: the supervisor hosts the front"
+        assert supervise.check_command(tritonserver_command(container), stub_watchdog=False) is None, assignments
+
+
+def test_admin_key_from_an_existing_secret_and_none_without_explicit_control():
+    sets = ("triton.adminKey.existingSecret=shop-triton-admin", "triton.adminKey.secretKey=token")
+    rendered = chart("reload", sets=sets)
+    assert not objects(rendered, "Secret"), "an existing Secret is referenced, not rendered"
+    reference = {"name": "shop-triton-admin", "key": "token"}
+    assert admin_key_ref(triton(rendered)) == reference
+    assert admin_key_ref(one(rendered, "Job")["spec"]["template"]["spec"]["containers"][0]) == reference
+    for mode in ("none", "poll"):
+        plain = chart("default", sets=(f"triton.modelControl.mode={mode}",))
+        assert not objects(plain, "Secret") and admin_key_ref(triton(plain)) is None
+
+
+def test_notes_name_the_admin_key_secret_but_never_print_it():
+    command = [tools()["helm"], "install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client"]
+    result = run([*command, "--values", CI_VALUES["reload"]], env={**os.environ, "KUBECONFIG": os.devnull})
+    assert result.returncode == 0, result.stderr
+    manifest, notes = result.stdout.split("\nNOTES:\n")
+    encoded = re.search(r'^  admin-key: "?([A-Za-z0-9+/=]+)"?$', manifest, re.MULTILINE).group(1)
+    assert len(base64.b64decode(encoded)) == 48
+    assert f"Secret {RELEASE}-admin-key, key admin-key" in notes
+    assert encoded not in notes and base64.b64decode(encoded).decode() not in notes
+    assert "ecomserve publish" in notes and "rollout.revision" in notes
+
+
+def test_network_policy_limits_inference_to_the_given_peers():
+    ingress = one(chart("networkpolicy"), "NetworkPolicy")["spec"]["ingress"]
+    inference = next(rule for rule in ingress if {"port": "grpc", "protocol": "TCP"} in rule["ports"])
+    assert inference["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "search-frontend"}}}]
+    helpers = ingress[-1]["from"][0]["podSelector"]["matchLabels"]
+    test_pod = one(chart("default"), "Pod")
+    assert selects(helpers, test_pod["metadata"]["labels"]), "helm test must still reach the pods"
