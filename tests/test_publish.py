@@ -175,6 +175,23 @@ def test_publish_and_rollback_under_traffic(live, control, sources, references):
         assert set(traffic.answered_within(phase)) == {release}, phase
 
 
+def test_rollback_past_the_loaded_releases_keeps_answering(live, control, sources, references):
+    """Two publishes push the old release out of the loaded window (serving.versions_loaded: 2); rolling
+    back to it must load it before `embed` moves (moving first left `embed` with no version: 404s)."""
+    repository = live.options.repository
+    before = live_release(repository)
+    for _ in range(2):
+        publish(tiny_spec(sources["new"]), None, repository, control, Console(stderr=True))
+    with Traffic(live, references) as traffic:  # phase 0: the new release answers
+        traffic.phase = 1  # rolling back: either release may answer
+        rollback(repository, control, to=before)
+        traffic.phase = 2  # rolled back
+        traffic.wait_for_answers(2)
+    assert traffic.failures == []
+    assert live_release(repository) == before
+    assert set(traffic.answered_within(0)) == {"new"} and set(traffic.answered_within(2)) == {"old"}
+
+
 def test_response_cache_hits_show_in_metrics_and_never_outlive_a_release(live, control, sources):
     repository = live.options.repository
     before, newest = live_release(repository), releases(repository)[-1]

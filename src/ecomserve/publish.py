@@ -86,28 +86,24 @@ def rollback(repository: Path, control: ModelControl, to: int | None = None) -> 
 
 def switch(repository: Path, release: int, keep: int, control: ModelControl, handover_from: int | None = None) -> None:
     """Load `release` and make `embed` serve it. Triton reloads `embed` whenever a model it uses is
-    loaded, so the order keeps every version `embed` reads loaded at each step: forward, the models
-    load the new release first and `embed` moves after; backward, `embed` moves first."""
+    loaded, so every version `embed` reads stays loaded at each step: the models load `release` beside
+    the live one first (also going back, where `release` may have left the loaded window), then `embed`
+    moves; going back, the newer releases leave the models last."""
     *models, embed = versioned_models(repository)
     live = live_release(repository)
-    forward = release > live
 
-    def load_models() -> None:
-        # The release `embed` reads while the models load: the live one going forward; going back,
-        # `embed` has already moved to `release`.
-        keep_loaded(repository, release, keep, live=live if forward else release)
+    def load_models(embed_reads: int) -> None:
+        keep_loaded(repository, release, keep, live=embed_reads)
         for model in models:
             control.load(model)
             control.wait_ready(model, release)
 
-    def move_embed() -> None:
-        serve(repository, release, handover_from)
-        control.load(embed)
-        control.wait_ready(embed, release)
-
-    steps = (load_models, move_embed) if forward else (move_embed, load_models)
-    for step in steps:
-        step()
+    load_models(embed_reads=live)
+    serve(repository, release, handover_from)
+    control.load(embed)
+    control.wait_ready(embed, release)
+    if release < live:
+        load_models(embed_reads=release)
 
 
 def _record(repository: Path, release: int, info: dict) -> None:
