@@ -21,7 +21,7 @@ from raw_protocol import Tensor, infer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from ecomserve.front.policy import ADMIN_HEADER
+from ecomserve.contract import ADMIN_HEADER
 
 pytestmark = pytest.mark.integration
 

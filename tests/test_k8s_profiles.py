@@ -31,9 +31,16 @@ def test_object_storage_repositories():
     container = triton(s3)
     assert flag(container, "model-repository") == "s3://ecomserve-models/model_repository"
     secrets = {env["name"]: env["valueFrom"]["secretKeyRef"]["name"] for env in container["env"] if "valueFrom" in env}
-    aws_keys = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
-    admin = {"ECOMSERVE_ADMIN_KEY": f"{RELEASE}-admin-key"}
-    assert secrets == {**dict.fromkeys(aws_keys, "ecomserve-s3-credentials"), **admin}
+    # S3 credentials are a mounted file (AWS_SHARED_CREDENTIALS_FILE), not variables; the admin key is the one
+    # secret in the environment (the supervisor reads no key file yet).
+    assert secrets == {"ECOMSERVE_ADMIN_KEY": f"{RELEASE}-admin-key"}
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    assert mounts["s3-credentials"]["readOnly"] is True
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == f"{mounts['s3-credentials']['mountPath']}/credentials"
+    volumes = {volume["name"]: volume for volume in one(s3, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["s3-credentials"]["secret"]["secretName"] == "ecomserve-s3-credentials"
+    assert volumes["s3-credentials"]["secret"]["items"] == [{"key": "credentials", "path": "credentials"}]
     assert not objects(s3, "PersistentVolumeClaim")
     volumes = one(s3, "Deployment")["spec"]["template"]["spec"]["volumes"]
     assert all("persistentVolumeClaim" not in volume for volume in volumes)

@@ -17,6 +17,7 @@ from k8s_tools import (
     run,
 )
 
+from ecomserve import contract
 from ecomserve.front import policy as front_policy
 
 ADMIN_KEY = "k3y-for-the-stand-in_0"
@@ -29,6 +30,7 @@ RELEASE_INDEX = [
     {"name": "minilm_encoder", "version": "2", "state": "READY"},
     {"name": "minilm_tokenizer", "version": "2", "state": "READY"},
     {"name": "rank", "version": "1", "state": "READY"},
+    {"name": "search", "version": "1", "state": "READY"},
 ]
 
 
@@ -105,7 +107,7 @@ def test_reload_job_loads_the_release_on_every_pod_embed_last(fake_triton):
         ("POST", "/v2/repository/models/minilm_encoder/load"),
         ("POST", "/v2/repository/models/minilm_tokenizer/load"),
         ("POST", "/v2/repository/models/embed/load"),
-    ], "every versioned model once, in index order, embed last; rank and classify are not reloaded"
+    ], "every versioned model once, in index order, embed last; rank, classify and search are not reloaded"
     assert all(key == ADMIN_KEY for _, _, key in repository_calls), "every repository call needs the admin key"
     others = [call for call in FakeTriton.calls if call not in repository_calls]
     assert others[:2] == [("GET", "/v2/models/embed/ready", None)] * 2, "waits until embed is ready"
@@ -115,7 +117,7 @@ def test_reload_job_loads_the_release_on_every_pod_embed_last(fake_triton):
     assert ADMIN_KEY not in result.stdout + result.stderr
     # The pods' front passes each of these calls on: the repository API with the key, the rest to anyone.
     script = (CHART / "files" / "reload_models.py").read_text()
-    assert f'ADMIN_HEADER = "{front_policy.ADMIN_HEADER}"' in script
+    assert f'ADMIN_HEADER = "{contract.ADMIN_HEADER}"' in script
     for method, path, key in FakeTriton.calls:
         expected = front_policy.Access.ADMIN if key else front_policy.Access.OPEN
         assert front_policy.http_access(method, path)[0] is expected, (method, path)

@@ -51,13 +51,37 @@ def tritonserver_command(container: dict) -> list[str]:
 def test_pods_run_as_non_root_without_privileges(source):
     for owner, _, spec in pod_templates(render(source)):
         pod_context = spec["securityContext"]
-        assert pod_context["runAsNonRoot"] is True and pod_context["runAsUser"] > 0, owner
+        assert pod_context["runAsNonRoot"] is True, owner
+        # A high uid and gid (the image's USER 10001:10001) that no node user has.
+        assert pod_context["runAsUser"] >= 10000 and pod_context["runAsGroup"] >= 10000, owner
+        assert pod_context["fsGroup"] >= 10000, owner
+        assert pod_context["seccompProfile"] == {"type": "RuntimeDefault"}, owner
         assert spec.get("automountServiceAccountToken") is False, f"{owner} needs no API token"
         for container in containers(spec):
             context = container["securityContext"]
             assert context["allowPrivilegeEscalation"] is False, f"{owner}/{container['name']}"
             assert context["capabilities"]["drop"] == ["ALL"], f"{owner}/{container['name']}"
             assert context.get("readOnlyRootFilesystem") is True, f"{owner}/{container['name']}"
+            assert context["runAsNonRoot"] is True and context["runAsUser"] >= 10000, f"{owner}/{container['name']}"
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}, f"{owner}/{container['name']}"
+            resources = container["resources"]
+            assert resources["requests"] and resources["limits"], f"{owner}/{container['name']}: requests and limits"
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_objects_carry_their_namespace(source):
+    for obj in render(source):
+        assert obj["metadata"].get("namespace"), f"{obj['kind']}/{obj['metadata']['name']} has no namespace"
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_every_image_takes_a_digest():
+    sets = [f"{key}.digest={DIGEST}" for key in ("image", "rollout.reload.image", "tensorrt.image", "tests.image")]
+    rendered = chart("tensorrt", sets=(*sets, "rollout.strategy=reload"))
+    images = [c["image"] for _, _, spec in pod_templates(rendered) for c in containers(spec)]
+    assert len(images) == 4 and all(image.endswith(f"@{DIGEST}") for image in images), images
 
 
 @pytest.mark.parametrize("source", ALL_RENDERS)

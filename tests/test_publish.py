@@ -22,8 +22,8 @@ from rich.console import Console
 from support import TorchReference, client_for, embed_cache_counts, make_tiny_bert, spec_from, wait_for
 from tritonclient.utils import InferenceServerException
 
+from ecomserve.contract import ADMIN_HEADER
 from ecomserve.errors import EcomserveError, RepositoryError
-from ecomserve.front.policy import ADMIN_HEADER
 from ecomserve.index.catalog import CatalogItem
 from ecomserve.index.ops import build_index, index_dir
 from ecomserve.paths import corpus_lines

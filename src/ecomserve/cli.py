@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from ecomserve.contract import CLASSIFY, EMBED, RANK, SEARCH
 from ecomserve.errors import EcomserveError, ServerError, export_extra
 from ecomserve.index.catalog import WRITER_WAIT_S
 from ecomserve.paths import DEFAULT_SPEC_NAME, EXPORT_DIR, default_spec
@@ -110,7 +111,7 @@ def serve(
     rebuild: Annotated[bool, typer.Option(help="rebuild the repository even if it exists")] = False,
 ) -> None:
     """Start tritonserver on the repository (building it first if missing) and block until stopped."""
-    from ecomserve.front.policy import ADMIN_KEY_ENV
+    from ecomserve.contract import ADMIN_KEY_ENV
     from ecomserve.repository.builder import built_target, is_built
     from ecomserve.server.control import ADMIN_KEY_FILE, admin_key
     from ecomserve.server.process import WORK_DIR, Ports, ServerOptions, TritonServer
@@ -358,7 +359,7 @@ def query_embed(texts: list[str], url: UrlOption = None, protocol: ProtocolOptio
     """Fused, L2-normalised embeddings of TEXTS."""
     with _client(url, protocol) as client:
         embeddings = client.embed(texts)
-    _print({"model": "embed", "embeddings": embeddings.tolist()})
+    _print({"model": EMBED, "embeddings": embeddings.tolist()})
 
 
 @query_app.command("rank")
@@ -370,7 +371,7 @@ def query_rank(
         result = client.rank(query, candidates)
     _print(
         {
-            "model": "rank",
+            "model": RANK,
             "scores": result.scores.tolist(),
             "encoder_scores": result.encoder_scores.tolist(),
             "order": result.order(),
@@ -388,7 +389,7 @@ def query_search(
     """Catalog items for QUERY from the index, best first."""
     with _client(url, protocol) as client:
         result = client.search(query, top_k)
-    _print({"model": "search", "ids": result.ids, "scores": result.scores.tolist()})
+    _print({"model": SEARCH, "ids": result.ids, "scores": result.scores.tolist()})
 
 
 @query_app.command("classify")
@@ -401,9 +402,7 @@ def query_classify(
     """Pick the label the encoders vote for."""
     with _client(url, protocol) as client:
         result = client.classify(text, labels)
-    _print(
-        {"model": "classify", "label": result.label, "votes": result.votes.tolist(), "scores": result.scores.tolist()}
-    )
+    _print({"model": CLASSIFY, "label": result.label, "votes": result.votes.tolist(), "scores": result.scores.tolist()})
 
 
 def run(argv: list[str] | None = None) -> None:

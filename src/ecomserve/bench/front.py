@@ -21,6 +21,7 @@ from rich.console import Console
 
 from ecomserve.bench.load import measure
 from ecomserve.bench.report import plt, write_csv
+from ecomserve.contract import EMBED, TEXT
 from ecomserve.paths import corpus_texts
 from ecomserve.repository.builder import build_repository
 from ecomserve.spec import PipelineSpec
@@ -52,7 +53,7 @@ def cpu_description() -> str:
 
 
 def _body(text: str) -> bytes:
-    return json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": [text]}]}).encode()
+    return json.dumps({"inputs": [{"name": TEXT, "datatype": "BYTES", "shape": [1, 1], "data": [text]}]}).encode()
 
 
 def _http_call(connect):
@@ -74,9 +75,9 @@ def _grpc_call(url: str):
     client = grpcclient.InferenceServerClient(url)
 
     def call(text: str) -> None:
-        tensor = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+        tensor = grpcclient.InferInput(TEXT, [1, 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
-        client.infer("embed", [tensor])
+        client.infer(EMBED, [tensor])
 
     return call
 

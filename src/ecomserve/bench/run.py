@@ -228,7 +228,8 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
 
 
 def _served_model_file(repository: Path, encoder, spec: PipelineSpec) -> Path:
-    from ecomserve.repository.configs import EMBEDDER, encoder_model
+    from ecomserve.contract import EMBEDDER
+    from ecomserve.repository.configs import encoder_model
 
     folder = (
         repository / EMBEDDER / "1" / encoder.name

@@ -10,6 +10,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
+from ecomserve.contract import ADMIN_HEADER
 from ecomserve.front.admission import Admission
 from ecomserve.front.kserve import (
     MAX_INPUTS,
@@ -20,7 +21,7 @@ from ecomserve.front.kserve import (
     check_parameters,
     check_raw,
 )
-from ecomserve.front.policy import ADMIN_HEADER, Access, closed_message, grpc_access, key_matches
+from ecomserve.front.policy import Access, closed_message, grpc_access, key_matches
 
 # tritonclient sends restricted-protocol headers with Triton's prefix; ecomserve's client sends the plain name.
 _ADMIN_METADATA = (ADMIN_HEADER, f"triton-grpc-protocol-{ADMIN_HEADER}")

@@ -12,6 +12,10 @@ import hmac
 import re
 from enum import Enum
 
+# The admin key's header and environment variable live in ecomserve.contract; re-exported here.
+from ecomserve.contract import ADMIN_HEADER as ADMIN_HEADER
+from ecomserve.contract import ADMIN_KEY_ENV as ADMIN_KEY_ENV
+
 
 class Access(Enum):
     OPEN = "open"
@@ -20,11 +24,6 @@ class Access(Enum):
     CLOSED = "closed"
     UNKNOWN = "unknown"
 
-
-# The header (HTTP) or metadata key (gRPC) that carries the admin key.
-ADMIN_HEADER = "ecomserve-admin-key"
-# Where ecomserve's tools, the front and the Kubernetes pods read the admin key from.
-ADMIN_KEY_ENV = "ECOMSERVE_ADMIN_KEY"
 
 _MODEL = r"/v2/models/(?P<model>[A-Za-z0-9_.-]{1,128})(?:/versions/[0-9]{1,18})?"
 _HTTP_ROUTES: list[tuple[str, re.Pattern[str], Access]] = [

@@ -22,12 +22,12 @@ from pathlib import Path
 import grpc
 import uvicorn
 
+from ecomserve.contract import ADMIN_KEY_ENV
 from ecomserve.front.admission import Admission
 from ecomserve.front.connections import bounded_protocol
 from ecomserve.front.grpc_proxy import GrpcProxy
 from ecomserve.front.http_app import FrontApp, HttpFront
 from ecomserve.front.metrics_app import MetricsFront
-from ecomserve.front.policy import ADMIN_KEY_ENV
 from ecomserve.front.upstream import TritonSockets
 from ecomserve.spec import FrontSpec
 

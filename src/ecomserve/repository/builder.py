@@ -14,15 +14,11 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ecomserve.contract import CLASSIFY, EMBEDDER, FUSION, RANK, SEARCH
 from ecomserve.errors import RepositoryError, export_extra
 from ecomserve.export.tensorrt import ENGINES_FILE
 from ecomserve.repository.configs import (
-    CLASSIFY,
-    EMBEDDER,
-    FUSION,
     PYTHON_BACKEND,
-    RANK,
-    SEARCH,
     WARMUP_IDS_FILE,
     WARMUP_MASK_FILE,
     WARMUP_TEXT_FILE,

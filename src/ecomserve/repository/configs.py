@@ -2,21 +2,52 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from ecomserve import contract
+from ecomserve.contract import (
+    ATTENTION_MASK,
+    CANDIDATES,
+    CLASSIFY,
+    EMBED,
+    EMBEDDER,
+    EMBEDDING,
+    ENCODER_SCORES,
+    FUSION,
+    IDS,
+    INPUT_IDS,
+    LABEL,
+    LABELS,
+    QUERY,
+    RANK,
+    SCORES,
+    SEARCH,
+    TEXT,
+    TOP_K,
+    VOTES,
+)
 from ecomserve.export.tensorrt import PLAN_FILE, profile
+from ecomserve.fusion import EncoderSlice
+from ecomserve.parameters import (
+    EmbedderEncoder,
+    EmbedderParameters,
+    EncoderParameters,
+    FusionParameters,
+    ModelParameters,
+    SearchParameters,
+    TokenizerParameters,
+)
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, MODEL_FILES
 from ecomserve.spec import GPU_TARGETS, EncoderSpec, PipelineSpec
 
-EMBED, RANK, CLASSIFY, FUSION, SEARCH = "embed", "rank", "classify", "fusion", "search"
-# The fused layout's one python model; `embed` stays an ensemble in front of it because Triton 2.51's
+# The model and tensor names are ecomserve.contract's. The fused layout's one python model is EMBEDDER;
+# `embed` stays an ensemble in front of it because Triton 2.51's
 # response cache stores a python model's error response as an empty success (seen: a second identical
 # bad request got 200 with no outputs), while an ensemble caches only successful responses.
-EMBEDDER = "embedder"
 PYTHON_BACKEND = "python"
 # Warm-up input files live in <model>/warmup/ as Triton expects.
 WARMUP_TEXT_FILE = "text"
@@ -29,11 +60,11 @@ TENSORRT_PLATFORM, ONNXRUNTIME_PLATFORM = "tensorrt_plan", "onnxruntime_onnx"
 
 
 def tokenizer_model(encoder: EncoderSpec) -> str:
-    return f"{encoder.name}_tokenizer"
+    return contract.tokenizer_model(encoder.name)
 
 
 def encoder_model(encoder: EncoderSpec) -> str:
-    return f"{encoder.name}_encoder"
+    return contract.encoder_model(encoder.name)
 
 
 @dataclass(frozen=True)
@@ -62,9 +93,9 @@ def _tensor(name: str, dtype: int, dims: list[int], ragged: bool = False, option
     return fields
 
 
-def _parameters(config: pb.ModelConfig, values: dict[str, object]) -> None:
-    for key, value in values.items():
-        config.parameters[key].string_value = value if isinstance(value, str) else json.dumps(value)
+def _parameters(config: pb.ModelConfig, parameters: ModelParameters) -> None:
+    for key, value in parameters.to_parameters().items():
+        config.parameters[key].string_value = value
 
 
 def _dynamic_batching(spec: PipelineSpec) -> pb.ModelDynamicBatching:
@@ -94,7 +125,7 @@ def _text_warmup() -> list[pb.ModelWarmup]:
         pb.ModelWarmup(
             name="one_text",
             batch_size=1,
-            inputs={"TEXT": pb.ModelWarmup.Input(data_type=pb.TYPE_STRING, dims=[1], input_data_file=WARMUP_TEXT_FILE)},
+            inputs={TEXT: pb.ModelWarmup.Input(data_type=pb.TYPE_STRING, dims=[1], input_data_file=WARMUP_TEXT_FILE)},
         )
     ]
 
@@ -104,8 +135,8 @@ def tokenizer_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
         name=tokenizer_model(built.spec),
         backend=PYTHON_BACKEND,
         max_batch_size=spec.serving.dynamic_batching.max_batch_size,
-        input=[_tensor("TEXT", pb.TYPE_STRING, [1])],
-        output=[_tensor("INPUT_IDS", pb.TYPE_INT64, [-1]), _tensor("ATTENTION_MASK", pb.TYPE_INT64, [-1])],
+        input=[_tensor(TEXT, pb.TYPE_STRING, [1])],
+        output=[_tensor(INPUT_IDS, pb.TYPE_INT64, [-1]), _tensor(ATTENTION_MASK, pb.TYPE_INT64, [-1])],
         dynamic_batching=_dynamic_batching(spec),
         instance_group=_cpu_instances(spec.serving.instances),
         model_warmup=_text_warmup(),
@@ -113,11 +144,11 @@ def tokenizer_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
     gpu = spec.serving.target in GPU_TARGETS
     _parameters(
         config,
-        {
-            "max_seq_len": built.spec.max_seq_len,
-            "max_text_bytes": spec.limits.max_text_bytes,
-            "pad_to_multiple": spec.serving.gpu.pad_to_multiple if gpu else 1,
-        },
+        TokenizerParameters(
+            max_seq_len=built.spec.max_seq_len,
+            max_text_bytes=spec.limits.max_text_bytes,
+            pad_to_multiple=spec.serving.gpu.pad_to_multiple if gpu else 1,
+        ),
     )
     return config
 
@@ -152,12 +183,12 @@ def _python_encoder(config: pb.ModelConfig, spec: PipelineSpec, built: BuiltEnco
     config.instance_group.extend(_cpu_instances(spec.serving.instances))
     _parameters(
         config,
-        {
-            "runtime": built.spec.runtime,
-            "model_file": MODEL_FILES[built.spec.runtime],
-            "intra_op_threads": spec.serving.intra_op_threads,
-            "device": spec.serving.device,
-        },
+        EncoderParameters(
+            runtime=built.spec.runtime,
+            model_file=MODEL_FILES[built.spec.runtime],
+            intra_op_threads=spec.serving.intra_op_threads,
+            device=spec.serving.device,
+        ),
     )
 
 
@@ -196,10 +227,11 @@ def _onnxruntime_encoder(config: pb.ModelConfig, spec: PipelineSpec, built: Buil
 _ENCODER_BACKENDS = {"cpu": _python_encoder, "tensorrt": _tensorrt_encoder, "onnxruntime": _onnxruntime_encoder}
 
 
-def _fusion_parameters(spec: PipelineSpec, built: list[BuiltEncoder]) -> dict[str, object]:
-    """The heads need each encoder's slice of the fused embedding and how to combine scores."""
+def _fusion_parameters(spec: PipelineSpec, built: list[BuiltEncoder]) -> dict[str, Any]:
+    """The heads need each encoder's slice of the fused embedding and how to combine scores
+    (FusionParameters' fields; search adds its own)."""
     return {
-        "encoders": [{"name": b.spec.name, "dim": b.dim, "weight": b.spec.weight} for b in built],
+        "encoders": [EncoderSlice(b.spec.name, b.dim, b.spec.weight) for b in built],
         "fusion": spec.fusion.model_dump(),
         "voting": spec.voting.model_dump(),
         "limits": spec.limits.model_dump(),
@@ -213,11 +245,11 @@ def fusion_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConf
         backend=PYTHON_BACKEND,
         max_batch_size=spec.serving.dynamic_batching.max_batch_size,
         input=[_tensor(f"EMBEDDING_{i}", pb.TYPE_FP32, [b.dim]) for i, b in enumerate(built)],
-        output=[_tensor("EMBEDDING", pb.TYPE_FP32, [sum(b.dim for b in built)])],
+        output=[_tensor(EMBEDDING, pb.TYPE_FP32, [sum(b.dim for b in built)])],
         dynamic_batching=_dynamic_batching(spec),
         instance_group=_cpu_instances(1),
     )
-    _parameters(config, _fusion_parameters(spec, built))
+    _parameters(config, FusionParameters(**_fusion_parameters(spec, built)))
     return config
 
 
@@ -227,30 +259,30 @@ def embedder_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
         name=EMBEDDER,
         backend=PYTHON_BACKEND,
         max_batch_size=spec.serving.dynamic_batching.max_batch_size,
-        input=[_tensor("TEXT", pb.TYPE_STRING, [1])],
-        output=[_tensor("EMBEDDING", pb.TYPE_FP32, [sum(b.dim for b in built)])],
+        input=[_tensor(TEXT, pb.TYPE_STRING, [1])],
+        output=[_tensor(EMBEDDING, pb.TYPE_FP32, [sum(b.dim for b in built)])],
         dynamic_batching=_dynamic_batching(spec),
         instance_group=_cpu_instances(spec.serving.instances),
         model_warmup=_text_warmup(),
     )
     _parameters(
         config,
-        {
-            "encoders": [
-                {
-                    "name": b.spec.name,
-                    "dim": b.dim,
-                    "weight": b.spec.weight,
-                    "runtime": b.spec.runtime,
-                    "model_file": MODEL_FILES[b.spec.runtime],
-                    "max_seq_len": b.spec.max_seq_len,
-                }
+        EmbedderParameters(
+            encoders=[
+                EmbedderEncoder(
+                    name=b.spec.name,
+                    dim=b.dim,
+                    weight=b.spec.weight,
+                    runtime=b.spec.runtime,
+                    model_file=MODEL_FILES[b.spec.runtime],
+                    max_seq_len=b.spec.max_seq_len,
+                )
                 for b in built
             ],
-            "intra_op_threads": spec.serving.intra_op_threads,
-            "device": spec.serving.device,
-            "max_text_bytes": spec.limits.max_text_bytes,
-        },
+            intra_op_threads=spec.serving.intra_op_threads,
+            device=spec.serving.device,
+            max_text_bytes=spec.limits.max_text_bytes,
+        ),
     )
     return config
 
@@ -260,8 +292,8 @@ def _embed_ensemble(spec: PipelineSpec, built: list[BuiltEncoder], steps: list) 
         name=EMBED,
         platform="ensemble",
         max_batch_size=spec.serving.dynamic_batching.max_batch_size,
-        input=[_tensor("TEXT", pb.TYPE_STRING, [1])],
-        output=[_tensor("EMBEDDING", pb.TYPE_FP32, [sum(b.dim for b in built)])],
+        input=[_tensor(TEXT, pb.TYPE_STRING, [1])],
+        output=[_tensor(EMBEDDING, pb.TYPE_FP32, [sum(b.dim for b in built)])],
         ensemble_scheduling=pb.ModelEnsembling(step=steps),
         response_cache=pb.ModelResponseCache(enable=spec.serving.response_cache),
     )
@@ -270,7 +302,7 @@ def _embed_ensemble(spec: PipelineSpec, built: list[BuiltEncoder], steps: list) 
 def fused_embed_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
     """Ensemble TEXT → embedder → EMBEDDING: one step, there for the response cache."""
     step = pb.ModelEnsembling.Step(
-        model_name=EMBEDDER, model_version=-1, input_map={"TEXT": "TEXT"}, output_map={"EMBEDDING": "EMBEDDING"}
+        model_name=EMBEDDER, model_version=-1, input_map={TEXT: TEXT}, output_map={EMBEDDING: EMBEDDING}
     )
     return _embed_ensemble(spec, built, [step])
 
@@ -285,8 +317,8 @@ def embed_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfi
             pb.ModelEnsembling.Step(
                 model_name=tokenizer_model(b.spec),
                 model_version=-1,
-                input_map={"TEXT": "TEXT"},
-                output_map={"INPUT_IDS": f"{prefix}_input_ids", "ATTENTION_MASK": f"{prefix}_attention_mask"},
+                input_map={TEXT: TEXT},
+                output_map={INPUT_IDS: f"{prefix}_input_ids", ATTENTION_MASK: f"{prefix}_attention_mask"},
             )
         )
         ids, mask = ENCODER_INPUTS
@@ -296,7 +328,7 @@ def embed_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfi
                 model_version=-1,
                 input_map={ids: f"{prefix}_input_ids", mask: f"{prefix}_attention_mask"},
                 # Fusing one encoder is the identity, so its output is the public tensor directly.
-                output_map={ENCODER_OUTPUT: "EMBEDDING" if single else f"{prefix}_embedding"},
+                output_map={ENCODER_OUTPUT: EMBEDDING if single else f"{prefix}_embedding"},
             )
         )
     if not single:
@@ -305,14 +337,19 @@ def embed_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfi
                 model_name=FUSION,
                 model_version=-1,
                 input_map={f"EMBEDDING_{i}": f"{b.spec.name}_embedding" for i, b in enumerate(built)},
-                output_map={"EMBEDDING": "EMBEDDING"},
+                output_map={EMBEDDING: EMBEDDING},
             )
         )
     return _embed_ensemble(spec, built, steps)
 
 
 def _head_config(
-    name: str, spec: PipelineSpec, built: list[BuiltEncoder], inputs: list[dict], outputs: list[dict]
+    name: str,
+    spec: PipelineSpec,
+    built: list[BuiltEncoder],
+    inputs: list[dict],
+    outputs: list[dict],
+    parameters: FusionParameters | None = None,
 ) -> pb.ModelConfig:
     config = pb.ModelConfig(
         name=name,
@@ -322,7 +359,7 @@ def _head_config(
         output=outputs,
         instance_group=_cpu_instances(HEAD_INSTANCES),
     )
-    _parameters(config, _fusion_parameters(spec, built))
+    _parameters(config, parameters or FusionParameters(**_fusion_parameters(spec, built)))
     return config
 
 
@@ -331,10 +368,10 @@ def rank_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig
         RANK,
         spec,
         built,
-        inputs=[_tensor("QUERY", pb.TYPE_STRING, [1]), _tensor("CANDIDATES", pb.TYPE_STRING, [-1])],
+        inputs=[_tensor(QUERY, pb.TYPE_STRING, [1]), _tensor(CANDIDATES, pb.TYPE_STRING, [-1])],
         outputs=[
-            _tensor("SCORES", pb.TYPE_FP32, [-1]),
-            _tensor("ENCODER_SCORES", pb.TYPE_FP32, [len(built), -1]),
+            _tensor(SCORES, pb.TYPE_FP32, [-1]),
+            _tensor(ENCODER_SCORES, pb.TYPE_FP32, [len(built), -1]),
         ],
     )
 
@@ -344,26 +381,28 @@ def classify_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
         CLASSIFY,
         spec,
         built,
-        inputs=[_tensor("TEXT", pb.TYPE_STRING, [1]), _tensor("LABELS", pb.TYPE_STRING, [-1])],
+        inputs=[_tensor(TEXT, pb.TYPE_STRING, [1]), _tensor(LABELS, pb.TYPE_STRING, [-1])],
         outputs=[
-            _tensor("LABEL", pb.TYPE_STRING, [1]),
-            _tensor("VOTES", pb.TYPE_INT32, [-1]),
-            _tensor("SCORES", pb.TYPE_FP32, [-1]),
+            _tensor(LABEL, pb.TYPE_STRING, [1]),
+            _tensor(VOTES, pb.TYPE_INT32, [-1]),
+            _tensor(SCORES, pb.TYPE_FP32, [-1]),
         ],
     )
 
 
 def search_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
     """QUERY (+ optional TOP_K) → IDS, SCORES from the catalog index (serving_models/search.py)."""
-    config = _head_config(
+    parameters = SearchParameters(
+        **_fusion_parameters(spec, built), search=spec.search.model_dump(), layout=spec.serving.layout
+    )
+    return _head_config(
         SEARCH,
         spec,
         built,
-        inputs=[_tensor("QUERY", pb.TYPE_STRING, [1]), _tensor("TOP_K", pb.TYPE_INT32, [1], optional=True)],
-        outputs=[_tensor("IDS", pb.TYPE_STRING, [-1]), _tensor("SCORES", pb.TYPE_FP32, [-1])],
+        inputs=[_tensor(QUERY, pb.TYPE_STRING, [1]), _tensor(TOP_K, pb.TYPE_INT32, [1], optional=True)],
+        outputs=[_tensor(IDS, pb.TYPE_STRING, [-1]), _tensor(SCORES, pb.TYPE_FP32, [-1])],
+        parameters=parameters,
     )
-    _parameters(config, {"search": spec.search.model_dump(), "layout": spec.serving.layout})
-    return config
 
 
 def all_configs(spec: PipelineSpec, built: list[BuiltEncoder]) -> list[pb.ModelConfig]:

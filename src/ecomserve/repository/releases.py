@@ -17,13 +17,12 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as pb
 
+from ecomserve.contract import EMBED, UNVERSIONED, load_order
 from ecomserve.errors import RepositoryError
 from ecomserve.files import write_text_atomically
-from ecomserve.repository.configs import CLASSIFY, EMBED, RANK, SEARCH, parse_pbtxt, to_pbtxt
+from ecomserve.repository.configs import parse_pbtxt, to_pbtxt
 
 CONFIG = "config.pbtxt"
-# The python heads follow whatever release `embed` serves (search: the release its index names).
-UNVERSIONED = {RANK, CLASSIFY, SEARCH}
 
 
 def read_config(repository: Path, model: str) -> pb.ModelConfig:
@@ -37,8 +36,7 @@ def write_config(repository: Path, config: pb.ModelConfig) -> None:
 
 def versioned_models(repository: Path) -> list[str]:
     """The models a release is made of, in load order (`embed` last: it depends on the others)."""
-    names = sorted(p.parent.name for p in repository.glob(f"*/{CONFIG}"))
-    return [n for n in names if n not in UNVERSIONED | {EMBED}] + [EMBED]
+    return load_order([*sorted(p.parent.name for p in repository.glob(f"*/{CONFIG}")), EMBED])
 
 
 def releases(repository: Path) -> list[int]:

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ecomserve.contract import ADMIN_HEADER, ADMIN_KEY_ENV
 from ecomserve.errors import ServerError
-from ecomserve.front.policy import ADMIN_HEADER, ADMIN_KEY_ENV
 
 READY_TIMEOUT_S = 300.0
 ADMIN_KEY_FILE = "admin.key"

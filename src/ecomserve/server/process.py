@@ -30,8 +30,8 @@ from pathlib import Path
 
 import psutil
 
+from ecomserve.contract import ADMIN_KEY_ENV
 from ecomserve.errors import RepositoryError, ServerError
-from ecomserve.front.policy import ADMIN_KEY_ENV
 from ecomserve.front.upstream import TritonSockets
 from ecomserve.server.environment import TritonInstall, locate_triton
 from ecomserve.server.stub_watchdog import StubWatchdog

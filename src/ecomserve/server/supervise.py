@@ -18,8 +18,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ecomserve.contract import ADMIN_KEY_ENV
 from ecomserve.errors import EcomserveError
-from ecomserve.front.policy import ADMIN_KEY_ENV
 from ecomserve.server.process import Ports, ServerOptions, TritonServer
 
 USAGE = "usage: python3 -m ecomserve.server.supervise [--repository DIR] [options] -- TRITONSERVER [ARGS...]"

@@ -1,4 +1,5 @@
-"""What every ecomserve python-backend model shares: config parameters, tensors, per-request errors."""
+"""What every ecomserve python-backend model shares: the config, tensors, per-request errors.
+Each model reads its parameters with its dataclass in ecomserve.parameters."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ecomserve.errors import InvalidInput
-from ecomserve.fusion import EncoderSlice
 
 log = logging.getLogger("ecomserve")
 
@@ -20,27 +20,8 @@ def model_config(args: dict) -> dict:
     return json.loads(args["model_config"])
 
 
-_REQUIRED = object()
-
-
-def parameter(config: dict, key: str, default=_REQUIRED):
-    """A parameter written by the repository builder (JSON-encoded unless it is a plain string);
-    `default` serves repositories built before the parameter existed."""
-    if key not in config["parameters"] and default is not _REQUIRED:
-        return default
-    value = config["parameters"][key]["string_value"]
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
 def version_dir(args: dict) -> Path:
     return Path(args["model_repository"]) / args["model_version"]
-
-
-def encoder_slices(config: dict) -> list[EncoderSlice]:
-    return [EncoderSlice(e["name"], e["dim"], e["weight"]) for e in parameter(config, "encoders")]
 
 
 def input_array(request, name: str) -> np.ndarray:

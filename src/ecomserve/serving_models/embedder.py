@@ -9,15 +9,15 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ecomserve.contract import EMBEDDING, TEXT
 from ecomserve.fusion import fuse_embeddings
+from ecomserve.parameters import EmbedderParameters
 from ecomserve.runtime import load_runner, run_by_length
 from ecomserve.serving_models.base import (
-    encoder_slices,
     error_response,
     input_array,
     model_config,
     output,
-    parameter,
     version_dir,
 )
 from ecomserve.serving_models.tokenizer import truncation_counter
@@ -28,14 +28,15 @@ from ecomserve.validation import decode_texts
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
-        threads, device = parameter(config, "intra_op_threads"), parameter(config, "device", "cpu")
-        self.max_text_bytes = parameter(config, "max_text_bytes")
-        self.slices = encoder_slices(config)
+        parameters = EmbedderParameters.from_config(config)
+        threads, device = parameters.intra_op_threads, parameters.device
+        self.max_text_bytes = parameters.max_text_bytes
+        self.slices = parameters.slices
         self.encoders = []
-        for encoder in parameter(config, "encoders"):
-            files = version_dir(args) / encoder["name"]
-            tokenizer = TextTokenizer(files / TOKENIZER_FILE, encoder["max_seq_len"])
-            runner = load_runner(encoder["runtime"], files / encoder["model_file"], threads, device)
+        for encoder in parameters.encoders:
+            files = version_dir(args) / encoder.name
+            tokenizer = TextTokenizer(files / TOKENIZER_FILE, encoder.max_seq_len)
+            runner = load_runner(encoder.runtime, files / encoder.model_file, threads, device)
             self.encoders.append((tokenizer, runner))
         self.truncation_family, self.truncated = truncation_counter(args["model_name"])
 
@@ -45,7 +46,7 @@ class TritonPythonModel:
         owners: list[tuple[int, int, int]] = []  # (request index, first text, end)
         for index, request in enumerate(requests):
             try:
-                decoded = decode_texts("TEXT", input_array(request, "TEXT").reshape(-1), self.max_text_bytes)
+                decoded = decode_texts(TEXT, input_array(request, TEXT).reshape(-1), self.max_text_bytes)
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                 responses[index] = error_response(exc)
                 continue
@@ -55,9 +56,7 @@ class TritonPythonModel:
             try:
                 fused = self._embed(texts)
                 for index, start, end in owners:
-                    responses[index] = pb_utils.InferenceResponse(
-                        output_tensors=[output("EMBEDDING", fused[start:end])]
-                    )
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=[output(EMBEDDING, fused[start:end])])
             except Exception as exc:  # noqa: BLE001 - the encoders failed for the whole batch
                 for index, _, _ in owners:
                     responses[index] = error_response(exc)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ecomserve.parameters import EncoderParameters
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, load_runner, run_by_length
-from ecomserve.serving_models.base import error_response, input_array, model_config, output, parameter, version_dir
+from ecomserve.serving_models.base import error_response, input_array, model_config, output, version_dir
 
 
 def _pad(arrays: list[np.ndarray], length: int) -> np.ndarray:
@@ -19,13 +20,9 @@ def _pad(arrays: list[np.ndarray], length: int) -> np.ndarray:
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
-        path = version_dir(args) / parameter(config, "model_file")
-        self.run = load_runner(
-            parameter(config, "runtime"),
-            path,
-            parameter(config, "intra_op_threads"),
-            parameter(config, "device", "cpu"),
-        )
+        parameters = EncoderParameters.from_config(config)
+        path = version_dir(args) / parameters.model_file
+        self.run = load_runner(parameters.runtime, path, parameters.intra_op_threads, parameters.device)
 
     def execute(self, requests):
         try:

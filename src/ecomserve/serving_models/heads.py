@@ -9,20 +9,18 @@ import asyncio
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ecomserve.contract import CANDIDATES, EMBED, EMBEDDING, ENCODER_SCORES, LABEL, LABELS, QUERY, SCORES, TEXT, VOTES
 from ecomserve.fusion import query_scores, vote
+from ecomserve.parameters import FusionParameters
 from ecomserve.serving_models.base import (
     UpstreamError,
     bytes_array,
-    encoder_slices,
     input_array,
     model_config,
     output,
-    parameter,
     respond_each_async,
 )
 from ecomserve.validation import check_count, decode_texts
-
-EMBED_MODEL = "embed"
 
 
 class _HeadModel:
@@ -34,11 +32,12 @@ class _HeadModel:
 
     def initialize(self, args):
         config = model_config(args)
-        self.slices = encoder_slices(config)
-        self.fusion = parameter(config, "fusion")
-        self.voting = parameter(config, "voting")
-        self.limits = parameter(config, "limits")
-        self.chunk = parameter(config, "embed_batch")
+        parameters = FusionParameters.from_config(config)
+        self.slices = parameters.encoders
+        self.fusion = parameters.fusion
+        self.voting = parameters.voting
+        self.limits = parameters.limits
+        self.chunk = parameters.embed_batch
 
     async def execute(self, requests):
         return await respond_each_async(requests, self._handle)
@@ -61,15 +60,15 @@ class _HeadModel:
         for response in responses:
             if response.has_error():
                 raise UpstreamError(response.error())
-            parts.append(pb_utils.get_output_tensor_by_name(response, "EMBEDDING").as_numpy())
+            parts.append(pb_utils.get_output_tensor_by_name(response, EMBEDDING).as_numpy())
         return np.concatenate(parts)
 
     @staticmethod
     def _embed_request(texts: list[str]):
         return pb_utils.InferenceRequest(
-            model_name=EMBED_MODEL,
-            inputs=[pb_utils.Tensor("TEXT", bytes_array(texts).reshape(-1, 1))],
-            requested_output_names=["EMBEDDING"],
+            model_name=EMBED,
+            inputs=[pb_utils.Tensor(TEXT, bytes_array(texts).reshape(-1, 1))],
+            requested_output_names=[EMBEDDING],
         )
 
     def outputs(self, items: list[str], scores: np.ndarray, fused: np.ndarray) -> list:
@@ -79,17 +78,17 @@ class _HeadModel:
 class RankModel(_HeadModel):
     """QUERY + CANDIDATES → SCORES (fused, input order) and ENCODER_SCORES [encoders, candidates]."""
 
-    single_input, list_input, list_limit = "QUERY", "CANDIDATES", "max_candidates"
+    single_input, list_input, list_limit = QUERY, CANDIDATES, "max_candidates"
 
     def outputs(self, items, scores, fused):
-        return [output("SCORES", fused), output("ENCODER_SCORES", scores)]
+        return [output(SCORES, fused), output(ENCODER_SCORES, scores)]
 
 
 class ClassifyModel(_HeadModel):
     """TEXT + LABELS → LABEL (vote of the encoders), VOTES per label, SCORES (fused) per label."""
 
-    single_input, list_input, list_limit = "TEXT", "LABELS", "max_labels"
+    single_input, list_input, list_limit = TEXT, LABELS, "max_labels"
 
     def outputs(self, items, scores, fused):
         winner, votes = vote(scores, self.slices, self.voting["mode"], fused)
-        return [output("LABEL", bytes_array([items[winner]])), output("VOTES", votes), output("SCORES", fused)]
+        return [output(LABEL, bytes_array([items[winner]])), output(VOTES, votes), output(SCORES, fused)]

@@ -20,27 +20,38 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from cachetools import TTLCache
 
+from ecomserve.contract import (
+    ATTENTION_MASK,
+    EMBEDDER,
+    EMBEDDING,
+    IDS,
+    INPUT_IDS,
+    QUERY,
+    SCORES,
+    TEXT,
+    TOP_K,
+    encoder_model,
+    tokenizer_model,
+)
 from ecomserve.errors import InvalidInput
 from ecomserve.fusion import fuse_embeddings, query_scores
 from ecomserve.index.catalog import read_manifest
 from ecomserve.index.loading import load_index
 from ecomserve.index.milvus_index import milvus_token
+from ecomserve.parameters import SearchParameters
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT
 from ecomserve.serving_models.base import (
     Unavailable,
     UpstreamError,
     bytes_array,
-    encoder_slices,
     input_array,
     model_config,
     output,
-    parameter,
     respond_each_async,
 )
 from ecomserve.spec import SearchSpec
 from ecomserve.validation import decode_texts
 
-EMBEDDER = "embedder"
 # How stale the index may be: well inside the 5 s the catalog promises.
 MANIFEST_CHECK_S = 0.25
 # Triton's words for a model version that is not loaded (BLS errors all arrive as INTERNAL).
@@ -50,16 +61,17 @@ _NOT_LOADED = re.compile(r"unknown model|no available versions|is not ready|vers
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
-        self.search = SearchSpec.model_validate(parameter(config, "search"))
+        parameters = SearchParameters.from_config(config)
+        self.search = SearchSpec.model_validate(parameters.search)
         folder = Path(self.search.index_dir)
         self.index_dir = folder if folder.is_absolute() else Path(args["model_repository"]).parents[1] / folder
         if self.search.backend == "milvus":
             milvus_token(self.search.milvus, self.index_dir.parent)  # a missing token fails the load, not a request
-        self.slices = encoder_slices(config)
-        self.fusion = parameter(config, "fusion")
-        self.layout = parameter(config, "layout")
-        self.chunk = parameter(config, "embed_batch")
-        self.max_text_bytes = parameter(config, "limits")["max_text_bytes"]
+        self.slices = parameters.encoders
+        self.fusion = parameters.fusion
+        self.layout = parameters.layout
+        self.chunk = parameters.embed_batch
+        self.max_text_bytes = parameters.limits["max_text_bytes"]
         self.manifest, self.index, self.titles, self.checked_at = None, None, {}, 0.0
         self.cache = TTLCache(maxsize=max(self.search.cache.size, 1), ttl=self.search.cache.ttl_s)
         self.cache_family = pb_utils.MetricFamily(
@@ -74,7 +86,7 @@ class TritonPythonModel:
         return await respond_each_async(requests, self._handle)
 
     async def _handle(self, request):
-        (query,) = decode_texts("QUERY", input_array(request, "QUERY"), self.max_text_bytes)
+        (query,) = decode_texts(QUERY, input_array(request, QUERY), self.max_text_bytes)
         top_k = self._top_k(request)
         self._refresh()
         key = (self.manifest.version, self.manifest.release, query, top_k)
@@ -88,11 +100,11 @@ class TritonPythonModel:
             self.hits.increment(1)
         ids, scores = found
         return pb_utils.InferenceResponse(
-            output_tensors=[output("IDS", bytes_array(ids)), output("SCORES", np.asarray(scores, np.float32))]
+            output_tensors=[output(IDS, bytes_array(ids)), output(SCORES, np.asarray(scores, np.float32))]
         )
 
     def _top_k(self, request) -> int:
-        tensor = pb_utils.get_input_tensor_by_name(request, "TOP_K")
+        tensor = pb_utils.get_input_tensor_by_name(request, TOP_K)
         if tensor is None:
             return self.search.top_k
         values = tensor.as_numpy().reshape(-1)
@@ -135,14 +147,14 @@ class TritonPythonModel:
         return np.concatenate(await asyncio.gather(*(self._embed_chunk(chunk) for chunk in chunks)))
 
     async def _embed_chunk(self, texts: list[str]) -> np.ndarray:
-        text = pb_utils.Tensor("TEXT", bytes_array(texts).reshape(-1, 1))
+        text = pb_utils.Tensor(TEXT, bytes_array(texts).reshape(-1, 1))
         if self.layout == "fused":
-            return await self._call(EMBEDDER, [text], "EMBEDDING")
+            return await self._call(EMBEDDER, [text], EMBEDDING)
         vectors = []
         for encoder in self.slices:
-            tokens = await self._call(f"{encoder.name}_tokenizer", [text], "INPUT_IDS", "ATTENTION_MASK")
+            tokens = await self._call(tokenizer_model(encoder.name), [text], INPUT_IDS, ATTENTION_MASK)
             inputs = [pb_utils.Tensor(name, array) for name, array in zip(ENCODER_INPUTS, tokens)]
-            vectors.append(await self._call(f"{encoder.name}_encoder", inputs, ENCODER_OUTPUT))
+            vectors.append(await self._call(encoder_model(encoder.name), inputs, ENCODER_OUTPUT))
         return vectors[0] if len(vectors) == 1 else fuse_embeddings(vectors, self.slices)
 
     async def _call(self, model: str, inputs: list, *outputs: str):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from ecomserve.serving_models.base import input_array, model_config, output, parameter, respond_each, version_dir
+from ecomserve.contract import ATTENTION_MASK, INPUT_IDS, TEXT
+from ecomserve.parameters import TokenizerParameters
+from ecomserve.serving_models.base import input_array, model_config, output, respond_each, version_dir
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 from ecomserve.validation import decode_texts
 
@@ -22,11 +24,12 @@ def truncation_counter(model_name: str):
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
-        self.max_text_bytes = parameter(config, "max_text_bytes")
+        parameters = TokenizerParameters.from_config(config)
+        self.max_text_bytes = parameters.max_text_bytes
         self.tokenizer = TextTokenizer(
             version_dir(args) / TOKENIZER_FILE,
-            parameter(config, "max_seq_len"),
-            parameter(config, "pad_to_multiple", 1),
+            parameters.max_seq_len,
+            parameters.pad_to_multiple,
         )
         self.truncation_family, self.truncated = truncation_counter(args["model_name"])
 
@@ -34,10 +37,10 @@ class TritonPythonModel:
         return respond_each(requests, self._tokenize)
 
     def _tokenize(self, request):
-        texts = decode_texts("TEXT", input_array(request, "TEXT").reshape(-1), self.max_text_bytes)
+        texts = decode_texts(TEXT, input_array(request, TEXT).reshape(-1), self.max_text_bytes)
         batch = self.tokenizer.encode(texts)
         if batch.truncated:
             self.truncated.increment(batch.truncated)
         return pb_utils.InferenceResponse(
-            output_tensors=[output("INPUT_IDS", batch.input_ids), output("ATTENTION_MASK", batch.attention_mask)]
+            output_tensors=[output(INPUT_IDS, batch.input_ids), output(ATTENTION_MASK, batch.attention_mask)]
         )

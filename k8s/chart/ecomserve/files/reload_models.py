@@ -6,15 +6,16 @@ read the repository again, load what is there now beside the serving version, an
 ready; if the load fails, the serving version stays. `ecomserve publish` (or `rollback`) rewrites the
 configs for a release through one pod; this Job brings every pod onto it: the versioned models first
 (they load the release's versions beside the older ones), `embed` last (its config pins the release of
-every step, so traffic moves in one step), then it waits until `embed` is ready on the pod. `rank` and
-`classify` call `embed` and follow it; they are not reloaded. Pods are done one after another, so at
-most one pod at a time loads a release. Any failure makes the Job (and `helm upgrade`) fail.
+every step, so traffic moves in one step), then it waits until `embed` is ready on the pod. `rank`,
+`classify` and `search` follow `embed` (search: the release its index names); they are not reloaded.
+Pods are done one after another, so at most one pod at a time loads a release. Any failure makes the
+Job (and `helm upgrade`) fail.
 
 Every model-repository call carries the header ecomserve-admin-key (the pod's front process refuses
 them without it); the key is never printed.
 
 Environment: TRITON_SERVICE (headless Service DNS name), TRITON_HTTP_PORT, RELOAD_MODELS (comma
-separated, in order; empty: every model in the repository index but rank and classify, embed last),
+separated, in order; empty: every model in the repository index but rank, classify and search, embed last),
 LOAD_TIMEOUT_S (per load, and for embed to be ready), ECOMSERVE_ADMIN_KEY.
 """
 
@@ -29,11 +30,25 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+# The header, the release order and the unversioned models come from ecomserve.contract (this Job runs
+# without ecomserve installed): EMBED is loaded after every other model, its config names the release of
+# each step; the UNVERSIONED python heads follow `embed` and are not reloaded. The same rule as
+# `ecomserve publish` (ecomserve.publish.switch), except that the repository is already switched when
+# this Job runs: the pod that published wrote the configs, so here a load reads the final configs.
+# --- begin generated from ecomserve.contract (python -m ecomserve.contract --write FILE); do not edit ---
 ADMIN_HEADER = "ecomserve-admin-key"
-# Loaded after every other model: its config names the release of each step.
-ENSEMBLE = "embed"
-# Python heads that call `embed`: not versioned, nothing to reload.
-UNVERSIONED = ("rank", "classify")
+EMBED = "embed"
+UNVERSIONED = ("classify", "rank", "search")
+
+
+def load_order(names: list[str]) -> list[str]:
+    """The versioned models among `names` in the order a release switch loads them: each once, the
+    others in the given order, `embed` last (its config pins the release of every step)."""
+    unique = [name for name in dict.fromkeys(names) if name not in UNVERSIONED]
+    return [name for name in unique if name != EMBED] + [name for name in unique if name == EMBED]
+
+
+# --- end generated from ecomserve.contract ---
 POLL_S = 1.0
 
 
@@ -52,12 +67,6 @@ def post(url: str, timeout_s: float, key: str) -> bytes:
     request = urllib.request.Request(url, data=b"{}", headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return response.read()
-
-
-def load_order(names: list[str]) -> list[str]:
-    """The index's models to reload: all but rank and classify, embed after the others."""
-    unique = [name for name in dict.fromkeys(names) if name not in UNVERSIONED]
-    return [name for name in unique if name != ENSEMBLE] + [name for name in unique if name == ENSEMBLE]
 
 
 def repository_models(base: str, key: str) -> list[str]:
@@ -106,11 +115,11 @@ def reload_pod(base: str, wanted: list[str], timeout_s: float, key: str) -> list
             failures.append(f"{model}: {reason(exc)}")
             continue
         print(f"{base}: {model} loaded", flush=True)
-    not_ready = wait_ready(base, ENSEMBLE, timeout_s)
+    not_ready = wait_ready(base, EMBED, timeout_s)
     if not_ready:
-        failures.append(f"{ENSEMBLE}: {not_ready}")
+        failures.append(f"{EMBED}: {not_ready}")
     else:
-        print(f"{base}: {ENSEMBLE} ready, serving release {served_versions(base, ENSEMBLE)}", flush=True)
+        print(f"{base}: {EMBED} ready, serving release {served_versions(base, EMBED)}", flush=True)
     return failures
 
 

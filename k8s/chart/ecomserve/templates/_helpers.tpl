@@ -161,6 +161,24 @@ died. */}}
       key: {{ .Values.triton.adminKey.secretKey }}
 {{- end }}
 
+{{/* The admin key as a file, /var/run/secrets/ecomserve/admin-key/admin-key: a one-item VolumeMount list
+and a one-item Volume list (mode 0440: the pod's user and fsGroup only). */}}
+{{- define "ecomserve.adminKeyMount" -}}
+- name: admin-key
+  mountPath: /var/run/secrets/ecomserve/admin-key
+  readOnly: true
+{{- end }}
+
+{{- define "ecomserve.adminKeyVolume" -}}
+- name: admin-key
+  secret:
+    secretName: {{ include "ecomserve.adminKeySecret" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.triton.adminKey.secretKey }}
+        path: admin-key
+{{- end }}
+
 {{/* What --model-repository points at. With TensorRT engines, /models is the repository assembled by
 the init container (links into /models-source and the engine cache). */}}
 {{- define "ecomserve.repositoryURI" -}}
