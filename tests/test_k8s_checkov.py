@@ -59,7 +59,10 @@ def rendered(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("name", RENDERS)
 def test_chart_passes_checkov(rendered, name):
     failed = failed_checks(rendered[name], "--skip-check", ",".join(allowlist()))
-    assert not failed, f"checkov checks failed on the {name} render (fix them, or list them with a reason in {ALLOWLIST.name}): {sorted(failed)}"
+    assert not failed, (
+        f"checkov checks failed on the {name} render "
+        f"(fix them, or list them with a reason in {ALLOWLIST.name}): {sorted(failed)}"
+    )
 
 
 def test_allowlist_has_no_stale_entries(rendered):
