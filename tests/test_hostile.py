@@ -10,6 +10,7 @@ import os
 import socket
 import stat
 import uuid
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -263,6 +264,8 @@ def test_no_command_line_holds_the_admin_key_and_triton_listens_only_privately(d
     key = default_server.admin_key
     for process in psutil.process_iter(["cmdline"]):
         assert key not in " ".join(process.info["cmdline"] or ()), process
+    for pid in (default_server.pid, default_server.front_pid):  # nor in the environment of either child
+        assert key.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
     triton = psutil.Process(default_server.pid)
     listening = {c.laddr.port for c in triton.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
     assert listening == set(), "Triton must listen only on its private sockets"

@@ -31,9 +31,8 @@ def test_object_storage_repositories():
     container = triton(s3)
     assert flag(container, "model-repository") == "s3://ecomserve-models/model_repository"
     secrets = {env["name"]: env["valueFrom"]["secretKeyRef"]["name"] for env in container["env"] if "valueFrom" in env}
-    # S3 credentials are a mounted file (AWS_SHARED_CREDENTIALS_FILE), not variables; the admin key is the one
-    # secret in the environment (the supervisor reads no key file yet).
-    assert secrets == {"ECOMSERVE_ADMIN_KEY": f"{RELEASE}-admin-key"}
+    # S3 credentials and the admin key are mounted files (AWS_SHARED_CREDENTIALS_FILE, --admin-key-file).
+    assert secrets == {}
     env = {item["name"]: item.get("value") for item in container["env"]}
     mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
     assert mounts["s3-credentials"]["readOnly"] is True

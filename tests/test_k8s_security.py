@@ -116,7 +116,7 @@ def test_triton_runs_behind_the_front(source):
     assert supervisor_flag(container, "repository") == flag(container, "model-repository")
     assert PurePosixPath(supervisor_flag(container, "work-dir")).is_relative_to("/tmp")
     # No key and no public Triton listener on any command line of the Triton pods (/proc shows them to
-    # every local user); the key reaches the front through the environment, from a Secret.
+    # every local user); the key reaches the front as a mounted Secret file.
     for owner, _, spec in pod_templates(rendered):
         if owner.startswith("Deployment/"):
             for each in containers(spec):
@@ -124,7 +124,7 @@ def test_triton_runs_behind_the_front(source):
                     assert "restricted" not in arg and "ECOMSERVE_ADMIN_KEY" not in arg, f"{owner}: {arg}"
     triton_command = tritonserver_command(container)
     assert not [arg for arg in triton_command if PUBLIC_TRITON_FLAG.match(arg)], triton_command
-    assert admin_key_ref(container) is not None, "the front checks the admin key from ECOMSERVE_ADMIN_KEY"
+    assert triton_admin_key_ref(rendered) is not None, "the front checks the admin key, read from a mounted file"
     # The supervisor accepts the command as rendered (it exits 2 otherwise) ...
     stub_watchdog = "--no-stub-watchdog" not in options
     assert stub_watchdog, "explicit model control: the stub watchdog runs"
@@ -153,6 +153,22 @@ def test_metrics_port_serves_triton_and_the_front():
         assert f'echo "$metrics" | grep -q {family}' in test_script, f"helm test must find {family}"
 
 
+def triton_admin_key_ref(rendered: list[dict]) -> dict | None:
+    """The Secret key the supervisor's --admin-key-file reads, through the pod's volume, or None without the
+    flag; the key is never in the Triton container's environment."""
+    spec = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    container = triton(rendered)
+    assert "ECOMSERVE_ADMIN_KEY" not in {item["name"] for item in container.get("env", [])}
+    path = supervisor_flag(container, "admin-key-file")
+    if path is None:
+        return None
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    assert mount["readOnly"] is True
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])["secret"]
+    (item,) = [i for i in volume["items"] if f"{mount['mountPath']}/{i['path']}" == path]
+    return {"name": volume["secretName"], "key": item["key"]}
+
+
 def admin_key_ref(container: dict) -> dict | None:
     """The Secret key ECOMSERVE_ADMIN_KEY comes from, or None without that variable."""
     env = {item["name"]: item for item in container.get("env", [])}
@@ -173,9 +189,9 @@ def test_model_control_needs_the_admin_key(source):
     rendered = render(source)
     container = triton(rendered)
     assert flag(container, "model-control-mode") == "explicit" and "--load-model=*" in container["args"]
-    # The front checks the key, read from the environment: never on a command line (test_triton_runs_behind_the_front).
+    # The front checks the key, read from a mounted file: never on a command line (test_triton_runs_behind_the_front).
     reference = {"name": f"{RELEASE}-admin-key", "key": "admin-key"}
-    assert admin_key_ref(container) == reference
+    assert triton_admin_key_ref(rendered) == reference
     for owner, _, spec in pod_templates(rendered):
         if owner.startswith("Job/"):
             assert admin_key_ref(spec["containers"][0]) == reference, f"{owner} must send the same key"
@@ -205,11 +221,11 @@ def test_admin_key_from_an_existing_secret_and_none_without_explicit_control():
     rendered = chart("reload", sets=sets)
     assert not objects(rendered, "Secret"), "an existing Secret is referenced, not rendered"
     reference = {"name": "shop-triton-admin", "key": "token"}
-    assert admin_key_ref(triton(rendered)) == reference
+    assert triton_admin_key_ref(rendered) == reference
     assert admin_key_ref(one(rendered, "Job")["spec"]["template"]["spec"]["containers"][0]) == reference
     for mode in ("none", "poll"):
         plain = chart("default", sets=(f"triton.modelControl.mode={mode}",))
-        assert not objects(plain, "Secret") and admin_key_ref(triton(plain)) is None
+        assert not objects(plain, "Secret") and triton_admin_key_ref(plain) is None
 
 
 def test_notes_name_the_admin_key_secret_but_never_print_it():

@@ -9,8 +9,10 @@ admission; ecomserve's models answer one response per request)."""
 from __future__ import annotations
 
 import hmac
+import os
 import re
 from enum import Enum
+from pathlib import Path
 
 # The admin key's header and environment variable live in ecomserve.contract; re-exported here.
 from ecomserve.contract import ADMIN_HEADER as ADMIN_HEADER
@@ -72,6 +74,15 @@ def grpc_access(method: str) -> Access:
 
 def closed_message(api: str) -> str:
     return f"{api} is closed on this server (ecomserve serves inference, health, metadata and statistics)"
+
+
+def read_admin_key(key_file: Path | None) -> str | None:
+    """The admin key from `key_file` (a 0600 file, a mounted Secret), else from $ECOMSERVE_ADMIN_KEY, which
+    is then dropped from this process's environment so no child inherits it; None when neither has one."""
+    key = os.environ.pop(ADMIN_KEY_ENV, None)
+    if key_file is not None:
+        key = key_file.read_text().strip()
+    return key or None
 
 
 def key_matches(given: str | None, key: str | None) -> bool:

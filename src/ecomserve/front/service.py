@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import resource
 import socket
 import sys
@@ -28,6 +27,7 @@ from ecomserve.front.connections import bounded_protocol
 from ecomserve.front.grpc_proxy import GrpcProxy
 from ecomserve.front.http_app import FrontApp, HttpFront
 from ecomserve.front.metrics_app import MetricsFront
+from ecomserve.front.policy import read_admin_key
 from ecomserve.front.upstream import TritonSockets
 from ecomserve.spec import FrontSpec
 
@@ -144,13 +144,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--admin-key-file", type=Path, help=f"file holding the admin key (else ${ADMIN_KEY_ENV})")
     return parser.parse_args(argv)
-
-
-def read_admin_key(key_file: Path | None) -> str | None:
-    key = os.environ.pop(ADMIN_KEY_ENV, None)
-    if key_file is not None:
-        key = key_file.read_text().strip()
-    return key or None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -310,9 +310,16 @@ class TritonServer:
         return self._install.environment() if self._install else dict(os.environ)
 
     def _start_front(self) -> None:
-        # The key travels in the environment (readable by this user only), never on a command line.
-        env = {**os.environ, ADMIN_KEY_ENV: self.admin_key}
-        self._front = _spawn(self.front_command(self._sockets), self._log(self.front_log_path), env)
+        # The key travels in a 0600 file in the private socket folder: never on a command line, nor in an
+        # environment the front would hand on.
+        key_file = self._sockets.folder / "admin.key"
+        if not key_file.exists():
+            descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(self.admin_key)
+        env = {name: value for name, value in os.environ.items() if name != ADMIN_KEY_ENV}
+        command = [*self.front_command(self._sockets), f"--admin-key-file={key_file}"]
+        self._front = _spawn(command, self._log(self.front_log_path), env)
 
     def _start_triton(self, timeout_s: float) -> None:
         self._generation += 1

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
 from ecomserve.contract import ADMIN_KEY_ENV
 from ecomserve.errors import EcomserveError
+from ecomserve.front.policy import read_admin_key
 from ecomserve.server.process import Ports, ServerOptions, TritonServer
 
 USAGE = "usage: python3 -m ecomserve.server.supervise [--repository DIR] [options] -- TRITONSERVER [ARGS...]"
@@ -66,6 +66,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--metrics-port", type=int, default=8002, help="the front's metrics port")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ecomserve"))
     parser.add_argument(
+        "--admin-key-file", type=Path, help=f"file holding the admin key (a mounted Secret); else ${ADMIN_KEY_ENV}"
+    )
+    parser.add_argument(
         "--log-files",
         action="store_true",
         help="write tritonserver's and the front's output to files under --work-dir, not to stdout",
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
             work_dir=args.work_dir,
-            admin_key=os.environ.get(ADMIN_KEY_ENV) or None,
+            admin_key=read_admin_key(args.admin_key_file),
             recover_stubs=args.stub_watchdog,
             log_to_files=args.log_files,
             triton_command=command,

@@ -141,6 +141,9 @@ died. */}}
   (printf "--grpc-port=%d" (int $ports.grpc))
   (printf "--metrics-port=%d" (int $ports.metrics))
   "--work-dir=/tmp/ecomserve" }}
+{{- if include "ecomserve.adminKeyEnabled" . }}
+{{- $command = append $command "--admin-key-file=/var/run/secrets/ecomserve/admin-key/admin-key" }}
+{{- end }}
 {{- if not (include "ecomserve.stubWatchdog" .) }}
 {{- $command = append $command "--no-stub-watchdog" }}
 {{- end }}
