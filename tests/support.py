@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 import urllib.request
@@ -81,15 +80,17 @@ def wait_for(condition, timeout_s: float = 5.0, interval_s: float = 0.1) -> bool
 
 
 def metric_total(server: TritonServer, name: str, **labels: str) -> float:
-    """The sum of `name`'s samples whose labels include `labels`, read from the server's Prometheus text.
-    (prometheus_client, whose parser this would use, is not among the test dependencies.)"""
+    """The sum of `name`'s samples whose labels include `labels`, parsed from the server's Prometheus text
+    (the parser names counter samples `<name>_total`, as OpenMetrics does, whatever Triton wrote)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    total = 0.0
-    for sample in re.finditer(r"^(\w+)(?:\{(.*)\})? (\S+)$", text, re.MULTILINE):
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', sample[2] or ""))
-        if sample[1] == name and labels.items() <= found.items():
-            total += float(sample[3])
-    return total
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.removesuffix("_total") == name.removesuffix("_total") and labels.items() <= sample.labels.items()
+    )
 
 
 def embed_cache_counts(server: TritonServer) -> tuple[float, float]:
