@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ecomserve.bench.front import CONCURRENCY, front_cost, front_markdown, plot_front, run_front_bench
-from ecomserve.front.policy import Access, grpc_access, http_access
+from ecomserve.front.policy import GRPC_ACCESS, Access, http_access
 
 
 @pytest.mark.parametrize(
@@ -33,11 +33,12 @@ def test_every_grpc_method_is_classified():
     from tritonclient.grpc import service_pb2
 
     service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    methods = {f"/inference.GRPCInferenceService/{m.name}": grpc_access(f"/inference.GRPCInferenceService/{m.name}")
-               for m in service.methods}  # fmt: skip
-    assert Access.UNKNOWN not in methods.values(), "a new Triton method must be classified on purpose"
-    assert methods["/inference.GRPCInferenceService/ModelInfer"] is Access.INFER
-    assert grpc_access("/inference.GRPCInferenceService/NewMethod") is Access.UNKNOWN
+    methods = {f"/inference.GRPCInferenceService/{m.name}" for m in service.methods}
+    assert methods <= GRPC_ACCESS.keys(), (
+        f"a new Triton method must be classified on purpose: {methods - GRPC_ACCESS.keys()}"
+    )
+    assert GRPC_ACCESS["/inference.GRPCInferenceService/ModelInfer"] is Access.INFER
+    assert "/inference.GRPCInferenceService/NewMethod" not in GRPC_ACCESS
 
 
 @pytest.mark.integration

@@ -7,6 +7,14 @@ import os
 from pathlib import Path
 
 
+def write_private_text(path: Path, text: str) -> None:
+    """A new file only its owner can read (0600 from the start, never briefly wider); refuses to overwrite."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(path.name + ".tmp")

@@ -21,7 +21,7 @@ from ecomserve.front.kserve import (
     check_parameters,
     check_raw,
 )
-from ecomserve.front.policy import Access, closed_message, grpc_access, key_matches
+from ecomserve.front.policy import GRPC_ACCESS, Access, closed_message, key_matches
 
 # tritonclient sends restricted-protocol headers with Triton's prefix; ecomserve's client sends the plain name.
 _ADMIN_METADATA = (ADMIN_HEADER, f"triton-grpc-protocol-{ADMIN_HEADER}")
@@ -66,18 +66,20 @@ class GrpcProxy(grpc.GenericRpcHandler):
         self._timeout_s = timeout_s
         self._admission = admission
         self._admin_key = admin_key
+        # gRPC asks service() on every call: each known method's handler is built once, here.
+        self._handlers = {method: self._handler(method, access) for method, access in GRPC_ACCESS.items()}
 
     def service(self, details: grpc.HandlerCallDetails):
-        access = grpc_access(details.method)
-        if access is Access.UNKNOWN:
-            return None  # gRPC answers UNIMPLEMENTED
-        forward = self._upstream.unary_unary(details.method)
+        return self._handlers.get(details.method)  # None: gRPC answers UNIMPLEMENTED
+
+    def _handler(self, method: str, access: Access):
+        if access is Access.CLOSED and method.endswith("StreamInfer"):
+            return grpc.stream_stream_rpc_method_handler(self._refuse_stream)
+        forward = self._upstream.unary_unary(method)
 
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            return await self._call(access, details.method, forward, request, context)
+            return await self._call(access, method, forward, request, context)
 
-        if access is Access.CLOSED and details.method.endswith("StreamInfer"):
-            return grpc.stream_stream_rpc_method_handler(self._refuse_stream)
         return grpc.unary_unary_rpc_method_handler(call)
 
     async def _refuse_stream(self, requests, context: grpc.aio.ServicerContext):

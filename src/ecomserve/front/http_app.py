@@ -17,10 +17,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ecomserve.contract import ADMIN_HEADER
 from ecomserve.front.admission import RETRY_AFTER_S, Admission
 from ecomserve.front.kserve import BadRequest, check_http_infer, check_json_document
 from ecomserve.front.metrics_app import MetricsFront
-from ecomserve.front.policy import ADMIN_HEADER, Access, closed_message, http_access, key_matches
+from ecomserve.front.policy import Access, closed_message, http_access, key_matches
 
 _FORWARDED_REQUEST_HEADERS = ("content-type", "inference-header-content-length", "accept-encoding")
 _FORWARDED_RESPONSE_HEADERS = ("content-type", "inference-header-content-length", "content-encoding")

@@ -14,9 +14,7 @@ import re
 from enum import Enum
 from pathlib import Path
 
-# The admin key's header and environment variable live in ecomserve.contract; re-exported here.
-from ecomserve.contract import ADMIN_HEADER as ADMIN_HEADER
-from ecomserve.contract import ADMIN_KEY_ENV as ADMIN_KEY_ENV
+from ecomserve.contract import ADMIN_KEY_ENV
 
 
 class Access(Enum):
@@ -66,10 +64,6 @@ def http_access(method: str, path: str) -> tuple[Access, str | None]:
     if _CLOSED_HTTP.fullmatch(path):
         return Access.CLOSED, None
     return Access.UNKNOWN, None
-
-
-def grpc_access(method: str) -> Access:
-    return GRPC_ACCESS.get(method, Access.UNKNOWN)
 
 
 def closed_message(api: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ecomserve.contract import ADMIN_HEADER, ADMIN_KEY_ENV
 from ecomserve.errors import ServerError
+from ecomserve.files import write_private_text
 
 READY_TIMEOUT_S = 300.0
 ADMIN_KEY_FILE = "admin.key"
@@ -28,11 +29,8 @@ def admin_key(work_dir: Path, create: bool = False) -> str:
         return path.read_text().strip()
     if not create:
         raise ServerError(f"no admin key: set {ADMIN_KEY_ENV} or run this where `ecomserve serve` wrote {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(24)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(key + "\n")
+    write_private_text(path, key + "\n")
     return key
 
 

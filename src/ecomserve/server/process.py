@@ -32,6 +32,7 @@ import psutil
 
 from ecomserve.contract import ADMIN_KEY_ENV
 from ecomserve.errors import RepositoryError, ServerError
+from ecomserve.files import write_private_text
 from ecomserve.front.upstream import TritonSockets
 from ecomserve.server.environment import TritonInstall, locate_triton
 from ecomserve.server.stub_watchdog import StubWatchdog
@@ -314,9 +315,7 @@ class TritonServer:
         # environment the front would hand on.
         key_file = self._sockets.folder / "admin.key"
         if not key_file.exists():
-            descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(self.admin_key)
+            write_private_text(key_file, self.admin_key)
         env = {name: value for name, value in os.environ.items() if name != ADMIN_KEY_ENV}
         command = [*self.front_command(self._sockets), f"--admin-key-file={key_file}"]
         self._front = _spawn(command, self._log(self.front_log_path), env)
