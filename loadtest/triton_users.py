@@ -1,5 +1,6 @@
 """Abstract Locust users that send workload Calls to Triton: TritonHttpUser (KServe v2 JSON through FastHttpUser)
-and TritonGrpcUser (tritonclient.grpc, made cooperative under gevent).
+and TritonGrpcUser (tritonclient.grpc, made cooperative under gevent). With $ECOMSERVE_API_KEY set, every request
+carries `Authorization: Bearer <key>` (a header, or gRPC metadata), which a server with an API key requires.
 
 Both report every request through Locust's request event with the name "<protocol> <call name>" (for example
 "grpc embed query"), its response time, its size and, as a failure, any transport error or wrong answer."""
@@ -7,12 +8,14 @@ Both report every request through Locust's request event with the name "<protoco
 import locust  # noqa: F401  first: gevent monkey-patches the standard library before anything else imports it
 
 # isort: split
+import os
 import time
 
 import grpc.experimental.gevent
 import numpy as np
 import tritonclient.grpc as grpcclient
 from answers import WrongAnswer
+from api_requests import auth_headers
 from locust import FastHttpUser, User
 from tritonclient.utils import InferenceServerException
 from workload import SCENARIOS, Call, Workload, WorkloadSettings
@@ -30,19 +33,22 @@ def run_scenario(user) -> None:
     user.send(user.workload.call(user.scenario))
 
 
-class _ScenarioUser:
-    """What both protocols share: the scenario, its workload, and the think time between requests."""
+class ScenarioUser:
+    """What every protocol shares (here and in api_users.py): the scenario, its workload, and the think time
+    between requests."""
 
     scenario = ""  # a workload.SCENARIOS name, set by the concrete user classes
-    protocol = ""  # "http" or "grpc", set by the abstract protocol users
+    scenarios = SCENARIOS  # the ones this protocol can send
+    protocol = ""  # "http", "grpc" or "api", set by the abstract protocol users
     tasks = [run_scenario]
 
     def on_start(self) -> None:
-        if self.scenario not in SCENARIOS:
-            raise ValueError(f"{type(self).__name__}.scenario must be one of {SCENARIOS}, got {self.scenario!r}")
+        if self.scenario not in self.scenarios:
+            raise ValueError(f"{type(self).__name__}.scenario must be one of {self.scenarios}, got {self.scenario!r}")
         options = self.environment.parsed_options
         self.workload = Workload(workload_settings(options))
         self.think_time_s = getattr(options, "think_time_ms", 0) / 1000
+        self.headers = auth_headers(os.environ)  # never logged, nor part of a failure message
 
     def wait_time(self) -> float:
         return self.think_time_s
@@ -59,7 +65,7 @@ def workload_settings(options) -> WorkloadSettings:
     )
 
 
-class TritonHttpUser(_ScenarioUser, FastHttpUser):
+class TritonHttpUser(ScenarioUser, FastHttpUser):
     """POST /v2/models/<model>/infer with a JSON body; --host is the HTTP endpoint (http://host:8000)."""
 
     abstract = True
@@ -76,7 +82,13 @@ class TritonHttpUser(_ScenarioUser, FastHttpUser):
             ]
         }
         path = f"/v2/models/{call.model}/infer"
-        with self.client.post(path, json=body, name=f"http {call.name}", catch_response=True) as response:
+        with self.client.post(
+            path,
+            json=body,
+            headers=dict(self.headers),  # FastHttpSession adds its own headers to the dict it is given
+            name=f"http {call.name}",
+            catch_response=True,
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {_http_error(response)}")
                 return
@@ -117,7 +129,7 @@ class _GrpcClient(grpcclient.InferenceServerClient):
         pass
 
 
-class TritonGrpcUser(_ScenarioUser, User):
+class TritonGrpcUser(ScenarioUser, User):
     """tritonclient.grpc, one channel per user; --grpc-host is the gRPC endpoint (host:8001)."""
 
     abstract = True
@@ -127,6 +139,7 @@ class TritonGrpcUser(_ScenarioUser, User):
         super().on_start()
         target = getattr(self.environment.parsed_options, "grpc_host", None) or "127.0.0.1:8001"
         self.grpc_client = _GrpcClient(target)
+        self.metadata = {name.lower(): value for name, value in self.headers.items()} or None  # gRPC: lowercase
 
     def on_stop(self) -> None:
         if hasattr(self, "grpc_client"):  # on_start may have failed before creating it
@@ -143,7 +156,7 @@ class TritonGrpcUser(_ScenarioUser, User):
         start_time, start = time.time(), time.perf_counter()
         size, exception = 0, None
         try:
-            result = self.grpc_client.infer(call.model, inputs, client_timeout=REQUEST_TIMEOUT_S)
+            result = self.grpc_client.infer(call.model, inputs, client_timeout=REQUEST_TIMEOUT_S, headers=self.metadata)
         except InferenceServerException as exc:  # its repr is empty: keep status and message for the report
             exception = GrpcError(f"{exc.status() or 'no status'}: {exc.message()}")
         response_time_ms = (time.perf_counter() - start) * 1000  # decoding and checking the answer are not part of it

@@ -8,11 +8,14 @@ import locust  # noqa: F401  first: gevent monkey-patches the standard library b
 
 # isort: split
 import logging
+import re
 from pathlib import Path
 
 import locust.stats
 import report
 import stages
+from api_requests import API_KEY_ENV, ENCODING_FORMATS
+from api_users import DEFAULT_API_URL
 from locust import LoadTestShape, events
 from locust.runners import WorkerRunner
 from slo import Slo, Totals, describe, violations
@@ -26,7 +29,8 @@ REPORT_FAILED_EXIT_CODE = 1
 # The default traffic mix: retrieval embeds every query, most searches re-rank, fewer pages recommend,
 # and new listings are categorised now and then.
 DEFAULT_WEIGHTS = {"search": 3, "query_embedding": 4, "recommendation": 2, "category": 1}
-PROTOCOLS = ("http", "grpc")
+PROTOCOLS = ("http", "grpc", "api")  # Triton's KServe v2 over HTTP and gRPC; ecomserve's OpenAI/Cohere HTTP API
+DEFAULT_PROTOCOLS = ("http", "grpc")
 
 
 def _option(group, flag: str, **kwargs) -> None:
@@ -46,9 +50,29 @@ def add_options(parser) -> None:
     )
     _option(
         workload,
+        "--api-url",
+        default=DEFAULT_API_URL,
+        help=f"base URL of ecomserve's HTTP API (`ecomserve serve --api-port`) for the api users "
+        f"(every user sends the server's API key from ${API_KEY_ENV}, never from an option)",
+    )
+    _option(
+        workload,
+        "--api-model",
+        default="",
+        help="model id the api users send (default: the first id GET /v1/models lists)",
+    )
+    _option(
+        workload,
+        "--api-encoding-format",
+        choices=ENCODING_FORMATS,
+        default="float",
+        help="encoding_format of the api users' /v1/embeddings requests",
+    )
+    _option(
+        workload,
         "--protocols",
-        default=",".join(PROTOCOLS),
-        help="comma-separated protocols to run users for: http, grpc or both",
+        default=",".join(DEFAULT_PROTOCOLS),
+        help="comma-separated protocols to run users for: http, grpc, api (ecomserve's HTTP API on --api-url)",
     )
     for scenario, weight in DEFAULT_WEIGHTS.items():
         _option(
@@ -190,6 +214,8 @@ def _check_options(options) -> None:
         raise ValueError("--candidates and --recommend-items must be at least 1")
     if options.think_time_ms < 0:
         raise ValueError("--think-time-ms must not be negative")
+    if not re.fullmatch(r"https?://[^/?#\s]+/?", options.api_url):
+        raise ValueError(f"--api-url {options.api_url!r}: expected a base URL, http://host:port")
     if options.plot and not options.csv_prefix:
         raise ValueError("--plot draws from the stats history: add --csv PREFIX")
     if options.shape != "none":
@@ -209,7 +235,9 @@ def _select_users(environment, options) -> None:
         u for u in environment.user_classes if getattr(u, "protocol", None) in protocols | {None} and u.weight > 0
     ]
     if not selected:
-        raise ValueError("no user class left to run: check --protocols and the --weight-* options")
+        raise ValueError(
+            "no user class left to run: check --protocols (the api users need api in it) and the --weight-* options"
+        )
     environment.user_classes = selected
     logger.info("users: " + ", ".join(f"{u.__name__} (weight {u.weight})" for u in selected))
 

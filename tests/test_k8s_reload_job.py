@@ -1,5 +1,6 @@
 """The chart's model reload Job script (files/reload_models.py), run against a stand-in for Triton's HTTP
-API: every model of the release loaded with the admin key, embed last, then waited for.
+API: every model of the release loaded with the admin key, embed last, then waited for; with an inference API
+key, every call carries it. Both keys come from files (mounted Secrets), never from the environment.
 
 Checked without a cluster, like every tests/test_k8s_*.py (helpers: tests/k8s_tools.py)."""
 
@@ -21,6 +22,7 @@ from ecomserve import contract
 from ecomserve.front import policy as front_policy
 
 ADMIN_KEY = "k3y-for-the-stand-in_0"
+API_KEY = "inference-k3y-for-the-stand-in_1"
 # The repository index of a release with a split layout (one entry per model version, as Triton lists them).
 RELEASE_INDEX = [
     {"name": "classify", "version": "1", "state": "READY"},
@@ -37,15 +39,20 @@ RELEASE_INDEX = [
 class FakeTriton(BaseHTTPRequestHandler):
     """Triton's HTTP API as the reload Job sees it, through the front: the repository API refuses requests
     without the admin key (403, the front's message); loading `broken` fails; `embed` answers not ready
-    `not_ready_polls` times, then ready. Records (method, path, admin header) of every call."""
+    `not_ready_polls` times, then ready. With `api_key`, every call without `Authorization: Bearer <api_key>`
+    is refused (401). Records (method, path, admin header) and the Authorization header of every call."""
 
     calls: list[tuple[str, str, str | None]] = []
+    authorizations: list[str | None] = []
     not_ready_polls = 0
+    api_key: str | None = None
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         self._record()
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.headers.get("ecomserve-admin-key") != ADMIN_KEY:
+        if not self._authorized():
+            self._answer({"error": "Unauthorized: missing or wrong API key"}, 401)
+        elif self.headers.get("ecomserve-admin-key") != ADMIN_KEY:
             self._answer({"error": f"{self.path} needs the admin key in the ecomserve-admin-key header"}, 403)
         elif self.path == "/v2/repository/index":
             self._answer(RELEASE_INDEX, 200)
@@ -56,7 +63,9 @@ class FakeTriton(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         self._record()
-        if self.path == "/v2/models/embed/ready":
+        if not self._authorized():
+            self._answer({"error": "Unauthorized: missing or wrong API key"}, 401)
+        elif self.path == "/v2/models/embed/ready":
             ready = FakeTriton.not_ready_polls <= 0
             FakeTriton.not_ready_polls -= 1
             self._answer({} if ready else {"error": "model not ready"}, 200 if ready else 400)
@@ -67,6 +76,10 @@ class FakeTriton(BaseHTTPRequestHandler):
 
     def _record(self):
         self.calls.append((self.command, self.path, self.headers.get("ecomserve-admin-key")))
+        self.authorizations.append(self.headers.get("Authorization"))
+
+    def _authorized(self) -> bool:
+        return self.api_key is None or self.headers.get("Authorization") == f"Bearer {self.api_key}"
 
     def _answer(self, body, status: int):
         payload = json.dumps(body).encode()
@@ -80,19 +93,37 @@ class FakeTriton(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def fake_triton():
+def fake_triton(tmp_path):
+    """Runs the script against the stand-in. The admin key is written to a file (with a trailing newline, as
+    a file written by hand has) that ECOMSERVE_ADMIN_KEY_FILE names; admin_key_file names another file
+    instead, or with "" leaves the variable unset. extra_env is added last."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTriton)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
-    def reload(models: str = "", key: str = ADMIN_KEY, not_ready_polls: int = 0, timeout_s: int = 30):
-        FakeTriton.calls, FakeTriton.not_ready_polls = [], not_ready_polls
+    def reload(
+        models="", key=ADMIN_KEY, not_ready_polls=0, timeout_s=30, api_key=None, api_key_file=None,
+        admin_key_file=None, extra_env=(),
+    ):  # fmt: skip
+        FakeTriton.calls, FakeTriton.authorizations, FakeTriton.not_ready_polls = [], [], not_ready_polls
+        FakeTriton.api_key = api_key
+        if admin_key_file is None:
+            admin_key_file = tmp_path / "admin-key"
+            admin_key_file.write_text(key + "\n")
         env = {
             **os.environ, "TRITON_SERVICE": "127.0.0.1", "TRITON_HTTP_PORT": str(server.server_port),
-            "RELOAD_MODELS": models, "ECOMSERVE_ADMIN_KEY": key, "LOAD_TIMEOUT_S": str(timeout_s),
+            "RELOAD_MODELS": models, "LOAD_TIMEOUT_S": str(timeout_s),
         }  # fmt: skip
+        for name in ("ECOMSERVE_ADMIN_KEY", "ECOMSERVE_ADMIN_KEY_FILE", "ECOMSERVE_API_KEY_FILE"):
+            env.pop(name, None)
+        if admin_key_file != "":
+            env["ECOMSERVE_ADMIN_KEY_FILE"] = str(admin_key_file)
+        if api_key_file is not None:
+            env["ECOMSERVE_API_KEY_FILE"] = str(api_key_file)
+        env.update(extra_env)
         return run([sys.executable, CHART / "files" / "reload_models.py"], env=env)
 
     yield reload
+    FakeTriton.api_key = None
     server.shutdown()
     server.server_close()
 
@@ -138,3 +169,62 @@ def test_reload_job_fails_on_a_refused_or_failed_load_or_embed_not_ready(fake_tr
     never_ready = fake_triton(not_ready_polls=100, timeout_s=1)
     assert never_ready.returncode == 1
     assert "embed: not ready after 1 s (HTTP 400: model not ready)" in never_ready.stderr
+
+
+def test_reload_job_sends_the_api_key_from_its_file(fake_triton, tmp_path):
+    key_file = tmp_path / "api-key"
+    key_file.write_text(API_KEY + "\n")  # a trailing newline (a file written by hand) is not part of the key
+    result = fake_triton(api_key=API_KEY, api_key_file=key_file, not_ready_polls=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert FakeTriton.calls and FakeTriton.authorizations == [f"Bearer {API_KEY}"] * len(FakeTriton.calls)
+    repository_calls = [call for call in FakeTriton.calls if call[1].startswith("/v2/repository/")]
+    assert all(key == ADMIN_KEY for _, _, key in repository_calls), "the admin key as well, where it is needed"
+    assert API_KEY not in result.stdout + result.stderr
+    # The pods' front admits each call: the inference key on every one, the admin key on the repository API.
+    keys = front_policy.Keys(admin=ADMIN_KEY, api=API_KEY)
+    for (method, path, admin), authorization in zip(FakeTriton.calls, FakeTriton.authorizations, strict=True):
+        assert keys.admits(front_policy.http_access(method, path)[0], authorization, admin), (method, path)
+    # Without the key (apiKey off in the chart, but on in the pods) every call is refused, and the Job fails.
+    missing = fake_triton(api_key=API_KEY)
+    assert missing.returncode == 1 and "repository index: HTTP 401" in missing.stderr
+    unreadable = fake_triton(api_key=API_KEY, api_key_file=tmp_path / "absent")
+    assert unreadable.returncode == 1 and f"{tmp_path / 'absent'}" in unreadable.stderr
+    assert not FakeTriton.calls, "no call without the key it was told to send"
+    key_file.write_text("")
+    empty = fake_triton(api_key=API_KEY, api_key_file=key_file)
+    assert empty.returncode == 1 and "is empty" in empty.stderr
+
+
+def test_reload_job_reads_the_admin_key_from_its_file_only(fake_triton, tmp_path):
+    """A missing, empty or unusable admin key file, or none named, stops the Job before any call, with a message
+    naming the file (never the key); the key in the environment (the old ECOMSERVE_ADMIN_KEY) is not read."""
+    absent = tmp_path / "no-such-key"
+    unreadable = fake_triton(admin_key_file=absent)
+    assert unreadable.returncode == 1
+    assert f"cannot read the admin key file {absent}: No such file or directory" in unreadable.stderr
+    assert not FakeTriton.calls, "no call without the admin key"
+    empty_file = tmp_path / "empty-admin-key"
+    empty_file.write_text("\n")
+    empty = fake_triton(admin_key_file=empty_file)
+    assert empty.returncode == 1 and f"the admin key file {empty_file} is empty" in empty.stderr
+    assert not FakeTriton.calls
+    bad_file = tmp_path / "bad-admin-key"
+    bad_file.write_text(f"{ADMIN_KEY}\n{ADMIN_KEY}\n")  # a newline inside: no header can carry it
+    bad = fake_triton(admin_key_file=bad_file)
+    assert bad.returncode == 1 and f"the admin key file {bad_file} holds characters" in bad.stderr
+    assert ADMIN_KEY not in bad.stdout + bad.stderr and not FakeTriton.calls
+    from_env = fake_triton(admin_key_file="", extra_env={"ECOMSERVE_ADMIN_KEY": ADMIN_KEY})
+    assert from_env.returncode == 1
+    assert "ECOMSERVE_ADMIN_KEY_FILE is not set" in from_env.stderr
+    assert "not read from the environment" in from_env.stderr
+    assert ADMIN_KEY not in from_env.stdout + from_env.stderr and not FakeTriton.calls
+    # The file wins over a stale variable: the key sent is the file's.
+    stale = fake_triton(extra_env={"ECOMSERVE_ADMIN_KEY": "stale-key"})
+    assert stale.returncode == 0, stale.stdout + stale.stderr
+    assert {key for _, path, key in FakeTriton.calls if path.startswith("/v2/repository/")} == {ADMIN_KEY}
+    # With both key files named, a bad admin key file stops the Job before the API key matters.
+    api_file = tmp_path / "api-key"
+    api_file.write_text(API_KEY)
+    both = fake_triton(api_key=API_KEY, api_key_file=api_file, admin_key_file=absent)
+    assert both.returncode == 1 and "admin key file" in both.stderr and not FakeTriton.calls
+    assert API_KEY not in both.stdout + both.stderr

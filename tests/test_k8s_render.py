@@ -89,6 +89,12 @@ def test_every_ci_values_file_is_rendered():
             "networkPolicy.extraEgress",
         ),
         (("search.milvus.port=0",), "/search/milvus/port"),
+        (("apiKey.create=true", "apiKey.existingSecret=shop-inference"), "apiKey: set existingSecret"),
+        (("apiKey.existingSecret=Shop_Key",), "/apiKey/existingSecret"),
+        (("apiKey.secretKey=a/b",), "/apiKey/secretKey"),
+        (("apiKey.create=yes",), "/apiKey/create"),
+        (("service.apiPort=0",), "/service/apiPort"),
+        (("triton.ports.api=8000",), "four different ports"),
     ],
 )
 def test_bad_values_are_refused(sets, message):

@@ -1,6 +1,7 @@
-"""What keeps the pods closed: non-root without privileges, no secret values rendered, Triton behind
-ecomserve's front process (a command the supervisor accepts, no key or public Triton port on tritonserver's
-command line), model control behind the admin key, and the NetworkPolicy's ingress.
+"""What keeps the pods closed: non-root without privileges, no secret values rendered, no key in any
+container's environment (only the paths of mounted key files), Triton behind ecomserve's front process (a
+command the supervisor accepts, no key or public Triton port on tritonserver's command line), model control
+behind the admin key, and the NetworkPolicy's ingress.
 
 Checked without a cluster, like every tests/test_k8s_*.py (helpers: tests/k8s_tools.py)."""
 
@@ -31,6 +32,7 @@ from k8s_tools import (
     pod_templates,
     render,
     run,
+    secret_file,
     selects,
     supervisor_flag,
     supervisor_options,
@@ -88,14 +90,19 @@ def test_every_image_takes_a_digest():
 def test_no_secret_values_are_rendered(source):
     rendered = render(source)
     secrets = [secret["metadata"]["name"] for secret in objects(rendered, "Secret")]
-    # Credentials come from existing Secrets, referenced by name; the one exception is the admin key the
-    # chart generates (random, never in values; test_model_control_needs_the_admin_key).
-    assert secrets == ([f"{RELEASE}-admin-key"] if source.startswith("chart:") else []), secrets
+    # Credentials come from existing Secrets, referenced by name; the exceptions are the keys the chart
+    # generates (random, never in values): the admin key (test_model_control_needs_the_admin_key) and, with
+    # apiKey.create, the inference key (tests/test_k8s_api_key.py).
+    generated = [f"{RELEASE}-admin-key"] if source.startswith("chart:") else []
+    if source == "chart:api-key":
+        generated.append(f"{RELEASE}-api-key")
+    assert sorted(secrets) == sorted(generated), secrets
     sensitive = re.compile(r"KEY|SECRET|TOKEN|PASSWORD")
     for owner, _, spec in pod_templates(rendered):
         for container in containers(spec):
             for env in container.get("env", []):
-                if sensitive.search(env["name"]):
+                # A *_FILE variable names a mounted Secret file (test_no_container_has_a_key_in_its_environment).
+                if sensitive.search(env["name"]) and not env["name"].endswith("_FILE"):
                     assert "value" not in env and "secretKeyRef" in env["valueFrom"], f"{owner}: {env['name']}"
     text = yaml.safe_dump_all(rendered)
     assert not re.search(r"AKIA[0-9A-Z]{16}|-----BEGIN|private_key", text)
@@ -169,13 +176,67 @@ def triton_admin_key_ref(rendered: list[dict]) -> dict | None:
     return {"name": volume["secretName"], "key": item["key"]}
 
 
-def admin_key_ref(container: dict) -> dict | None:
-    """The Secret key ECOMSERVE_ADMIN_KEY comes from, or None without that variable."""
+ADMIN_KEY_FILE = "/var/run/secrets/ecomserve/admin-key/admin-key"
+
+
+def job_admin_key_ref(spec: dict, container: dict) -> dict | None:
+    """The Secret key behind the file that the reload Job's ECOMSERVE_ADMIN_KEY_FILE names (mounted read-only,
+    mode 0440), or None without that variable; the key itself is never in the environment."""
     env = {item["name"]: item for item in container.get("env", [])}
-    if "ECOMSERVE_ADMIN_KEY" not in env:
+    assert "ECOMSERVE_ADMIN_KEY" not in env, "the admin key is a mounted file, never a variable"
+    if "ECOMSERVE_ADMIN_KEY_FILE" not in env:
         return None
-    assert "value" not in env["ECOMSERVE_ADMIN_KEY"], "the admin key comes from a Secret, never a literal"
-    return env["ECOMSERVE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert env["ECOMSERVE_ADMIN_KEY_FILE"] == {"name": "ECOMSERVE_ADMIN_KEY_FILE", "value": ADMIN_KEY_FILE}
+    item = secret_file(spec, container, ADMIN_KEY_FILE)
+    assert item["mode"] == 0o440 and item["readOnly"] is True, item
+    return {"name": item["name"], "key": item["key"]}
+
+
+# Secrets that hold a key, under the chart's names; a Secret mounted as a pod's admin-key or api-key volume
+# (an existing Secret) counts too.
+KEY_VOLUMES = ("admin-key", "api-key")
+# Renders with the reload Job beside those in ALL_RENDERS: (ci values name, --set assignments).
+JOB_RENDERS = [
+    ("reload", ()),
+    ("api-key", ("rollout.strategy=reload",)),
+    ("reload", ("triton.adminKey.existingSecret=shop-triton-admin", "apiKey.existingSecret=shop-inference")),
+]
+
+
+def assert_no_key_in_env(rendered: list[dict]) -> None:
+    """No container of a Deployment, Job or Pod holds a key in its environment: no variable or envFrom reads a
+    key Secret, no ECOMSERVE_ADMIN_KEY or ECOMSERVE_API_KEY; a *_KEY_FILE variable is a literal path to a
+    Secret file mounted in that container."""
+    key_secrets = {f"{RELEASE}-admin-key", f"{RELEASE}-api-key"}
+    for _, _, spec in pod_templates(rendered):
+        key_secrets |= {v["secret"]["secretName"] for v in spec.get("volumes", []) if v["name"] in KEY_VOLUMES}
+    for owner, _, spec in pod_templates(rendered):
+        for container in containers(spec):
+            where = f"{owner}/{container['name']}"
+            for env in container.get("env", []):
+                assert env["name"] not in ("ECOMSERVE_ADMIN_KEY", "ECOMSERVE_API_KEY"), f"{where}: {env['name']}"
+                reference = env.get("valueFrom", {}).get("secretKeyRef") or {}
+                assert reference.get("name") not in key_secrets, f"{where}: {env['name']} reads a key Secret"
+                if env["name"].endswith("_KEY_FILE"):
+                    assert set(env) == {"name", "value"}, f"{where}: {env['name']} must be a literal path"
+                    assert secret_file(spec, container, env["value"])["name"] in key_secrets, where
+            for source in container.get("envFrom", []):
+                assert source.get("secretRef", {}).get("name") not in key_secrets, f"{where}: envFrom a key Secret"
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_no_container_has_a_key_in_its_environment(source):
+    assert_no_key_in_env(render(source))
+
+
+@pytest.mark.parametrize(("name", "sets"), JOB_RENDERS)
+def test_the_reload_job_gets_the_keys_as_file_paths(name, sets):
+    rendered = chart(name, sets=sets)
+    assert_no_key_in_env(rendered)
+    job = one(rendered, "Job")["spec"]["template"]["spec"]
+    env = {item["name"] for item in job["containers"][0]["env"]}
+    assert "ECOMSERVE_ADMIN_KEY_FILE" in env
+    assert ("ECOMSERVE_API_KEY_FILE" in env) == (name == "api-key" or "apiKey.existingSecret" in " ".join(sets))
 
 
 def generated_admin_key(rendered: list[dict]) -> str:
@@ -194,7 +255,7 @@ def test_model_control_needs_the_admin_key(source):
     assert triton_admin_key_ref(rendered) == reference
     for owner, _, spec in pod_templates(rendered):
         if owner.startswith("Job/"):
-            assert admin_key_ref(spec["containers"][0]) == reference, f"{owner} must send the same key"
+            assert job_admin_key_ref(spec, spec["containers"][0]) == reference, f"{owner} must send the same key"
     if source.startswith("kustomize:"):
         assert not objects(rendered, "Secret"), "the overlays reference a Secret made beforehand (README)"
         return
@@ -222,7 +283,8 @@ def test_admin_key_from_an_existing_secret_and_none_without_explicit_control():
     assert not objects(rendered, "Secret"), "an existing Secret is referenced, not rendered"
     reference = {"name": "shop-triton-admin", "key": "token"}
     assert triton_admin_key_ref(rendered) == reference
-    assert admin_key_ref(one(rendered, "Job")["spec"]["template"]["spec"]["containers"][0]) == reference
+    job = one(rendered, "Job")["spec"]["template"]["spec"]
+    assert job_admin_key_ref(job, job["containers"][0]) == reference
     for mode in ("none", "poll"):
         plain = chart("default", sets=(f"triton.modelControl.mode={mode}",))
         assert not objects(plain, "Secret") and triton_admin_key_ref(plain) is None
@@ -244,6 +306,22 @@ def test_network_policy_limits_inference_to_the_given_peers():
     ingress = one(chart("networkpolicy"), "NetworkPolicy")["spec"]["ingress"]
     inference = next(rule for rule in ingress if {"port": "grpc", "protocol": "TCP"} in rule["ports"])
     assert inference["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "search-frontend"}}}]
+    assert {"port": "api", "protocol": "TCP"} in inference["ports"], "the HTTP API is inference too"
     helpers = ingress[-1]["from"][0]["podSelector"]["matchLabels"]
     test_pod = one(chart("default"), "Pod")
     assert selects(helpers, test_pod["metadata"]["labels"]), "helm test must still reach the pods"
+
+
+@pytest.mark.parametrize("source", ALL_RENDERS)
+def test_network_policy_admits_the_api_port_like_http(source):
+    """The HTTP API's port is reachable from exactly the peers the KServe HTTP port is (inferenceFrom, and this
+    release's helm test and reload pods), on the container's port name."""
+    rendered = render(source)
+    container_ports = {port["name"] for port in triton(rendered)["ports"]}
+    for policy in objects(rendered, "NetworkPolicy"):
+        ingress = policy["spec"]["ingress"]
+        for rule in ingress:
+            names = {port["port"] for port in rule["ports"]}
+            assert names <= container_ports, f"{source}: {names - container_ports} is no container port"
+            assert ("http" in names) == ("api" in names), f"{source}: api and http must share their rules: {rule}"
+        assert any("api" in {port["port"] for port in rule["ports"]} for rule in ingress)

@@ -1,26 +1,34 @@
 """The Locust load test, run for real: locust as a subprocess, headless and bounded in time, against the session's
-tritonserver on loopback (HTTP and gRPC). Also the load test's plain parts (answer checks, stage tables, SLO
-arithmetic) and the structure of its Kubernetes manifests.
+tritonserver on loopback (HTTP and gRPC) and its HTTP API (OpenAI /v1/embeddings, Cohere /v1/rerank); those tests
+are marked integration. The rest needs no server: the load test's plain parts (answer checks, API request bodies,
+stage tables, SLO arithmetic), the API users against a recording HTTP server in this process, and the structure of
+the Kubernetes manifests.
 
 Locust is never imported here: it monkey-patches the standard library of the process that imports it."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import importlib.util
+import json
 import os
+import random
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from support import embed_cache_counts
 
 from ecomserve.server.process import free_port
-
-pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADTEST = ROOT / "loadtest"
@@ -31,17 +39,36 @@ ALL_REQUEST_NAMES = {f"{protocol} {name}" for protocol in ("http", "grpc") for n
 EVERY_USER = ["-u", "8", "-r", "8", "--candidates", "8", "--recommend-items", "32"] + [
     arg for flag in ("search", "query-embedding", "recommendation", "category") for arg in (f"--weight-{flag}", "1")
 ]
+# One user per API class (the API has no classify): /v1/rerank with 8 documents, /v1/embeddings with 1 and 32 texts.
+EVERY_API_USER = ["-u", "3", "-r", "3", "--candidates", "8", "--recommend-items", "32", "--protocols", "api"] + [
+    arg for flag in ("search", "query-embedding", "recommendation") for arg in (f"--weight-{flag}", "1")
+]
 SLO_FAILED_EXIT_CODE = 3
+OPTION_REFUSED_EXIT_CODE = 1
+API_REQUEST_NAMES = {"api rank search", "api embed query", "api embed items"}
+API_KEY_ENV = "ECOMSERVE_API_KEY"
 
 
-def load_module(name: str):
-    """One of loadtest/'s plain modules (no Locust inside), under a name that cannot shadow anything."""
+def load_module(name: str, uses: tuple[str, ...] = ()):
+    """One of loadtest/'s plain modules (no Locust inside), under a name that cannot shadow anything. `uses` names the
+    loadtest modules it imports: it gets them as loaded here (so there is one WrongAnswer class), and only while it
+    loads."""
     qualified = f"loadtest_{name}"
     if qualified not in sys.modules:
+        siblings = {sibling: load_module(sibling) for sibling in uses}
+        saved = {sibling: sys.modules.get(sibling) for sibling in uses}
         spec = importlib.util.spec_from_file_location(qualified, LOADTEST / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[qualified] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
+        sys.modules.update(siblings)
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            for sibling, previous in saved.items():
+                if previous is None:
+                    sys.modules.pop(sibling, None)
+                else:
+                    sys.modules[sibling] = previous
     return sys.modules[qualified]
 
 
@@ -50,8 +77,8 @@ def locust_command(*args: str) -> list[str]:
 
 
 def clean_env() -> dict[str, str]:
-    """No LOCUST_* settings from the calling shell: the tests pass every option they mean."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("LOCUST_")}
+    """No LOCUST_* settings and no API key from the calling shell: the tests pass every option they mean."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("LOCUST_") and key != API_KEY_ENV}
 
 
 def targets(server) -> list[str]:
@@ -82,6 +109,7 @@ def tail(output: str, lines: int = 40) -> str:
     return "\n".join(output.splitlines()[-lines:])
 
 
+@pytest.mark.integration
 def test_every_scenario_over_both_protocols_passes(default_server, tmp_path):
     prefix = tmp_path / "mixed"
     result = run_locust(
@@ -97,6 +125,7 @@ def test_every_scenario_over_both_protocols_passes(default_server, tmp_path):
     assert int(stats["Aggregated"]["Failure Count"]) == 0
 
 
+@pytest.mark.integration
 def test_impossible_slo_fails_the_run(default_server, tmp_path):
     result = run_locust(
         "--headless", "-t", "8s", *EVERY_USER, "--slo-p95-ms", "0.1", server=default_server, cwd=tmp_path
@@ -105,6 +134,7 @@ def test_impossible_slo_fails_the_run(default_server, tmp_path):
     assert "SLO gate FAILED: p95" in result.stdout
 
 
+@pytest.mark.integration
 def test_step_run_writes_csv_html_and_plot(default_server, tmp_path):
     prefix, html = tmp_path / "step", tmp_path / "step.html"
     result = run_locust(
@@ -140,6 +170,7 @@ def test_step_run_writes_csv_html_and_plot(default_server, tmp_path):
         assert image.format == "PNG"
 
 
+@pytest.mark.integration
 def test_distributed_run_with_two_workers(default_server, tmp_path):
     port = str(free_port())
     worker_command = locust_command("--worker", "--master-host", "127.0.0.1", "--master-port", port)
@@ -176,6 +207,46 @@ def test_distributed_run_with_two_workers(default_server, tmp_path):
                 worker.wait(timeout=30)
 
 
+@pytest.mark.integration
+def test_api_scenarios_pass_against_the_api_port(default_server, tmp_path):
+    """/v1/rerank and /v1/embeddings (one query; 32 titles) on `ecomserve serve`'s API port: every answer right, and
+    none from embed's response cache (the API users' texts are all new)."""
+    prefix = tmp_path / "api"
+    hits_before, _ = embed_cache_counts(default_server)
+    result = run_locust(
+        "--headless", "-t", "10s", *EVERY_API_USER, "--api-url", default_server.api_url, "--csv", str(prefix),
+        server=default_server, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, tail(result.stdout)
+    assert "SLO gate passed" in result.stdout
+    stats = request_stats(prefix)
+    assert API_REQUEST_NAMES | {"api models"} <= set(stats), sorted(stats)
+    for name in API_REQUEST_NAMES:
+        assert int(stats[name]["Request Count"]) > 0, name
+        assert int(stats[name]["Failure Count"]) == 0, (name, tail(result.stdout))
+    # One GET /v1/models per user, whose first id the user's requests then name.
+    assert (stats["api models"]["Request Count"], stats["api models"]["Failure Count"]) == ("3", "0")
+    assert embed_cache_counts(default_server)[0] == hits_before
+
+
+@pytest.mark.integration
+def test_api_step_run_with_base64_embeddings(default_server, tmp_path):
+    prefix = tmp_path / "api-step"
+    result = run_locust(
+        "--headless", "--shape", "step", "-u", "2", "--stage-s", "4", "--protocols", "api",
+        "--api-url", default_server.api_url, "--api-encoding-format", "base64",
+        "--csv", str(prefix), "--csv-full-history", "QueryEmbeddingApiUser",
+        server=default_server, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, tail(result.stdout)
+    assert "1 users until 4 s, 2 users until 8 s" in result.stdout
+    stats = request_stats(prefix)
+    assert int(stats["api embed query"]["Request Count"]) > 0
+    assert int(stats["Aggregated"]["Failure Count"]) == 0, tail(result.stdout)
+    with Image.open(f"{prefix}_plot.png") as image:
+        assert image.format == "PNG"
+
+
 def test_answer_checks_reject_wrong_answers():
     answers = load_module("answers")
     unit = np.eye(2, 384, dtype=np.float32)
@@ -206,6 +277,346 @@ def test_answer_checks_reject_wrong_answers():
         answers.check_classification({**verdict, "LABEL": np.array(["toys"], object)}, labels)
     with pytest.raises(answers.WrongAnswer, match="VOTES"):
         answers.check_classification({**verdict, "VOTES": np.array([0, 0])}, labels)
+
+
+def embeddings_answer(rows: np.ndarray, encoding_format: str = "float", tokens: int = 9) -> dict:
+    """A right /v1/embeddings answer for `rows`."""
+
+    def encoded(row):
+        return base64.b64encode(row.astype("<f4").tobytes()).decode() if encoding_format == "base64" else row.tolist()
+
+    data = [{"object": "embedding", "index": i, "embedding": encoded(row)} for i, row in enumerate(rows)]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"object": "list", "data": data, "model": "m", "usage": usage}
+
+
+def rerank_answer(scores: dict[int, float]) -> dict:
+    """A right /v1/rerank answer: {document index: relevance_score}, highest first."""
+    ranked = sorted(scores.items(), key=lambda item: -item[1])
+    return {"id": "r1", "results": [{"index": i, "relevance_score": s} for i, s in ranked], "meta": {}}
+
+
+def test_api_answer_checks_reject_wrong_answers():
+    answers = load_module("answers")
+    unit = np.eye(3, 384, dtype=np.float32)
+    for encoding_format in ("float", "base64"):
+        answers.check_api_embeddings(embeddings_answer(unit, encoding_format), texts=3, encoding_format=encoding_format)
+
+    def with_item(position: int, **changes) -> dict:
+        answer = embeddings_answer(unit)
+        answer["data"][position] = {**answer["data"][position], **changes}
+        return answer
+
+    swapped = embeddings_answer(unit)
+    swapped["data"][0], swapped["data"][1] = swapped["data"][1], swapped["data"][0]
+    wrong_embeddings = {
+        "one embedding short": (embeddings_answer(unit[:2]), r"data: 2 embeddings for 3 inputs"),
+        "not the inputs' order": (swapped, r"data\[0\]\.index: 1, expected 0"),
+        "index missing": (with_item(2, index=None), r"data\[2\]\.index: NoneType"),
+        "index a boolean": (with_item(1, index=True), r"data\[1\]\.index: bool"),
+        "not an embedding": (with_item(0, object="list"), r"data\[0\]\.object"),
+        "not unit norm": (embeddings_answer(unit * 1.1), "norm is off"),
+        "NaN": (with_item(1, embedding=[float("nan")] * 384), "NaN"),
+        "sizes differ": (with_item(2, embedding=[1.0] + [0.0] * 100), r"sizes \[101, 384\]"),
+        "empty embedding": (with_item(0, embedding=[]), r"data\[0\]\.embedding: empty"),
+        "numbers as text": (with_item(0, embedding=["1.0"] + ["0"] * 383), "flat list of numbers"),
+        "base64 unasked": (embeddings_answer(unit, "base64"), r"data\[0\]\.embedding: str"),
+        "no model": ({**embeddings_answer(unit), "model": ""}, "model: empty"),
+        "no usage": ({**embeddings_answer(unit), "usage": None}, "usage: NoneType"),
+        "fewer tokens than texts": (embeddings_answer(unit, tokens=2), "prompt_tokens: 2 for 3 inputs"),
+        "not a list": ({**embeddings_answer(unit), "object": "embedding"}, "object: 'embedding', expected 'list'"),
+        "not an object": ([], "body: list, expected a JSON object"),
+    }
+    for case, (answer, message) in wrong_embeddings.items():
+        with pytest.raises(answers.WrongAnswer, match=message):
+            answers.check_api_embeddings(answer, texts=3)
+            pytest.fail(case)
+    in_base64 = embeddings_answer(unit, "base64")
+    for case, (embedding, message) in {
+        "a list": (unit[0].tolist(), "expected str"),
+        "not base64": ("not*base64", "not base64"),
+        "not whole float32s": (base64.b64encode(b"\0" * 6).decode(), "6 bytes"),
+    }.items():
+        answer = {**in_base64, "data": [{**in_base64["data"][0], "embedding": embedding}, *in_base64["data"][1:]]}
+        with pytest.raises(answers.WrongAnswer, match=message):
+            answers.check_api_embeddings(answer, texts=3, encoding_format="base64")
+            pytest.fail(case)
+    wrong_total = {**embeddings_answer(unit), "usage": {"prompt_tokens": 9, "total_tokens": 10}}
+    with pytest.raises(answers.WrongAnswer, match="total_tokens"):
+        answers.check_api_embeddings(wrong_total, texts=3)
+
+    documents = ["red shoes", "blue kettle", "oak desk", "wool scarf"]
+    scores = {2: 0.9, 0: 0.4, 3: 0.2, 1: 0.0}
+    answers.check_api_rerank(rerank_answer(scores), documents, top_n=4)
+    top_two = rerank_answer({2: 0.9, 0: 0.4})
+    answers.check_api_rerank(top_two, documents, top_n=2)
+    answers.check_api_rerank(rerank_answer(scores), documents, top_n=10)  # top_n beyond the documents: all of them
+    with_texts = rerank_answer(scores)
+    for result in with_texts["results"]:
+        result["document"] = {"text": documents[result["index"]]}
+    answers.check_api_rerank(with_texts, documents, top_n=4, return_documents=True)
+    with_texts["results"][0]["document"] = {"text": "oak desk (refurbished)"}
+    unsorted = rerank_answer(scores)
+    unsorted["results"].reverse()
+    wrong_rerank = {
+        "top_n ignored": (rerank_answer(scores), 2, "4 results, expected 2"),
+        "a document missing": (top_two, 4, "2 results, expected 4"),
+        "index out of range": (rerank_answer({2: 0.9, 0: 0.4, 4: 0.3, 1: 0.1}), 4, r"results\[2\]\.index: 4, not one"),
+        "index twice": ({**top_two, "results": [top_two["results"][0]] * 2}, 2, r"results\[1\]\.index: 2 again"),
+        "not sorted": (unsorted, 4, "not sorted by relevance_score"),
+        "above 1": (rerank_answer({**scores, 2: 1.7}), 4, r"relevance_score: 1\.7000 is outside \[0, 1\]"),
+        "below 0 (a raw cosine)": (rerank_answer({**scores, 1: -0.3}), 4, r"-0\.3000 is outside \[0, 1\]"),
+        "NaN": (rerank_answer({**scores, 1: float("nan")}), 4, "NaN"),
+        "score as text": (
+            {"id": "r1", "results": [{"index": 2, "relevance_score": "0.9"}], "meta": {}},
+            1,
+            r"results\[0\]\.relevance_score: str",
+        ),
+        "no id": ({**rerank_answer(scores), "id": ""}, 4, "id: empty"),
+        "no meta": ({key: value for key, value in rerank_answer(scores).items() if key != "meta"}, 4, "meta: missing"),
+        "document text changed": (with_texts, 4, r"results\[0\]\.document\.text"),
+    }
+    for case, (answer, top_n, message) in wrong_rerank.items():
+        with pytest.raises(answers.WrongAnswer, match=message):
+            answers.check_api_rerank(answer, documents, top_n=top_n, return_documents=case == "document text changed")
+            pytest.fail(case)
+
+    models = {"object": "list", "data": [{"id": "minilm", "object": "model"}, {"id": "other", "object": "model"}]}
+    assert answers.check_api_models(models) == ["minilm", "other"]
+    for case, (answer, message) in {
+        "none listed": ({"object": "list", "data": []}, "no models listed"),
+        "no id": ({"object": "list", "data": [{"object": "model"}]}, r"data\[0\]\.id: missing"),
+        "not a model": ({"object": "list", "data": [{"id": "x", "object": "file"}]}, r"data\[0\]\.object"),
+    }.items():
+        with pytest.raises(answers.WrongAnswer, match=message):
+            answers.check_api_models(answer)
+            pytest.fail(case)
+
+
+def test_api_request_bodies_from_the_workload():
+    """The API users send the Triton users' texts: a query as /v1/embeddings' input string, titles as its list, the
+    query and the candidates as /v1/rerank's documents (top_n all of them); classify has no endpoint."""
+    workload = load_module("workload", uses=("answers",))
+    api = load_module("api_requests", uses=("answers",))
+    answers = load_module("answers")
+    settings = workload.WorkloadSettings(candidates=5, recommend_items=32, unique_texts=True)
+    draws = workload.Workload(settings, random.Random(7))
+
+    query_call = draws.call("query_embedding")
+    query = api.from_call(query_call, "minilm")
+    assert (query.name, query.path) == ("embed query", "/v1/embeddings")
+    assert query.body == {"input": query_call.inputs[0].texts[0], "model": "minilm", "encoding_format": "float"}
+    query.check(embeddings_answer(np.eye(1, 384), tokens=4))
+    with pytest.raises(answers.WrongAnswer):
+        query.check(embeddings_answer(np.eye(2, 384)))
+
+    items_call = draws.call("recommendation")
+    items = api.from_call(items_call, "minilm", "base64")
+    assert items.name == "embed items" and items.body["encoding_format"] == "base64"
+    assert items.body["input"] == list(items_call.inputs[0].texts) and len(items.body["input"]) == 32
+    items.check(embeddings_answer(np.eye(32, 384), "base64", tokens=200))
+    with pytest.raises(answers.WrongAnswer):
+        items.check(embeddings_answer(np.eye(32, 384), "float", tokens=200))
+
+    search_call = draws.call("search")
+    search = api.from_call(search_call, "minilm")
+    candidates = list(search_call.inputs[1].texts)
+    assert (search.name, search.path) == ("rank search", "/v1/rerank")
+    assert search.body == {
+        "model": "minilm",
+        "query": search_call.inputs[0].texts[0],
+        "documents": candidates,
+        "top_n": 5,
+        "return_documents": False,
+    }
+    search.check(rerank_answer({i: 0.5 - i / 10 for i in range(5)}))
+    with pytest.raises(answers.WrongAnswer):
+        search.check(rerank_answer({i: 0.5 - i / 10 for i in range(4)}))
+
+    with pytest.raises(ValueError, match="no endpoint"):
+        api.from_call(draws.call("category"), "minilm")
+    assert set(api.API_SCENARIOS) == set(workload.SCENARIOS) - {"category"}
+    with pytest.raises(ValueError):
+        api.embeddings_body([], "minilm")
+    with pytest.raises(ValueError):
+        api.embeddings_body(["a"], "minilm", "float16")
+    with pytest.raises(ValueError):
+        api.rerank_body("q", ["a"], "minilm", top_n=0)
+
+    # Unique texts: no two requests alike, so none can be answered from a response cache.
+    bodies = [api.from_call(draws.call("query_embedding"), "m").body["input"] for _ in range(200)]
+    assert len(set(bodies)) == len(bodies)
+
+
+def test_api_refusals_and_key():
+    api = load_module("api_requests", uses=("answers",))
+    assert api.auth_headers({"ECOMSERVE_API_KEY": " k-123 "}) == {"Authorization": "Bearer k-123"}
+    assert api.auth_headers({"ECOMSERVE_API_KEY": ""}) == {} == api.auth_headers({})
+    assert api.failure_message(429, "queue full", "1", True) == "HTTP 429 overloaded (Retry-After: 1): queue full"
+    assert api.failure_message(429, "busy", None, False) == "HTTP 429 overloaded (no Retry-After header): busy"
+    assert "$ECOMSERVE_API_KEY is not set" in api.failure_message(401, "missing key", None, False)
+    assert "check $ECOMSERVE_API_KEY" in api.failure_message(401, "wrong key", None, True)
+    assert api.failure_message(500, "boom", None, True) == "HTTP 500: boom"
+    assert api.error_text('{"error": {"message": "too long", "type": "invalid_request_error"}}') == "too long"
+    assert api.error_text('{"message": "bad top_n"}') == "bad top_n"
+    assert api.error_text('{"error": "queue full"}') == "queue full"
+    assert api.error_text('{"detail": "Not Found"}') == "Not Found"
+    assert api.error_text("<html>bad gateway</html>") == "<html>bad gateway</html>"
+    assert api.error_text(None) == ""
+
+
+class RecordingApi(BaseHTTPRequestHandler):
+    """The API as an overloaded server, for the users' side only: GET /v1/models lists one model, every POST is
+    refused with 429 and Retry-After. Records what it is sent."""
+
+    received: list[tuple[str, str, str | None, dict | None]]  # method, path, Authorization, JSON body
+
+    def log_message(self, *_args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.received.append(("GET", self.path, self.headers.get("Authorization"), None))
+        self._answer(200, {"object": "list", "data": [{"id": "listed-model", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.received.append(("POST", self.path, self.headers.get("Authorization"), body))
+        self._answer(429, {"error": {"message": "queue full", "type": "overloaded"}}, {"Retry-After": "1"})
+
+    def _answer(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+        content = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(content))}.items():
+            self.send_header(name, value)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(content)
+
+
+@pytest.fixture
+def recording_api():
+    received: list = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (RecordingApi,), {"received": received}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_api_users_send_the_key_and_new_texts_and_name_overload(recording_api, tmp_path):
+    """No ecomserve here: what the API users send (to --api-url, not --host; the key from $ECOMSERVE_API_KEY; the
+    listed model; new texts every request) and how a 429 shows in the report."""
+    url, received = recording_api
+    key = "test-key-4f1d"
+    prefix = tmp_path / "refused"
+    command = locust_command(
+        "--headless", "-t", "3s", *EVERY_API_USER, "--candidates", "5", "--think-time-ms", "50",
+        "--api-url", url, "--host", f"http://127.0.0.1:{free_port()}", "--csv", str(prefix),
+    )  # fmt: skip
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env={**clean_env(), API_KEY_ENV: key},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == SLO_FAILED_EXIT_CODE, tail(result.stdout)
+    assert "SLO gate FAILED: failure ratio" in result.stdout
+    assert key not in result.stdout
+    with Path(f"{prefix}_failures.csv").open(newline="") as handle:
+        failures = {row["Name"]: row["Error"] for row in csv.DictReader(handle)}
+    assert set(failures) == API_REQUEST_NAMES, failures
+    assert all("HTTP 429 overloaded (Retry-After: 1): queue full" in error for error in failures.values()), failures
+    stats = request_stats(prefix)
+    assert (stats["api models"]["Request Count"], stats["api models"]["Failure Count"]) == ("3", "0")
+
+    assert {authorization for _, _, authorization, _ in received} == {f"Bearer {key}"}
+    assert [path for method, path, _, _ in received if method == "GET"] == ["/v1/models"] * 3
+    posts = [(path, body) for method, path, _, body in received if method == "POST"]
+    assert {body["model"] for _, body in posts} == {"listed-model"}
+    embeddings = [body for path, body in posts if path == "/v1/embeddings"]
+    reranks = [body for path, body in posts if path == "/v1/rerank"]
+    assert len(embeddings) + len(reranks) == len(posts)
+    queries = [body["input"] for body in embeddings if isinstance(body["input"], str)]
+    items = [body["input"] for body in embeddings if isinstance(body["input"], list)]
+    assert queries and items and reranks
+    assert {len(texts) for texts in items} == {32}
+    assert {body["encoding_format"] for body in embeddings} == {"float"}
+    assert all(len(body["documents"]) == body["top_n"] == 5 and not body["return_documents"] for body in reranks)
+    # New texts every request (a catalogue-style number appended), so no answer can come from a response cache.
+    keys = [json.dumps(body["input"]) for body in embeddings] + [
+        json.dumps([body["query"], body["documents"]]) for body in reranks
+    ]
+    assert len(set(keys)) == len(keys)
+    texts = queries + [text for batch in items for text in batch]
+    texts += [text for body in reranks for text in (body["query"], *body["documents"])]
+    assert all(text.rsplit(" ", 1)[-1].isdigit() for text in texts)
+
+
+def test_triton_users_send_the_key_too(recording_api, tmp_path):
+    """A server with an API key wants it on Triton's ports as well: over HTTP as the header, over gRPC as metadata."""
+    url, received = recording_api
+    metadata: list[str | None] = []
+
+    def refuse(_request, context):
+        metadata.append(dict(context.invocation_metadata()).get("authorization"))
+        context.abort(grpc.StatusCode.UNAVAILABLE, "recorded")
+
+    class Recorder(grpc.GenericRpcHandler):
+        def service(self, _details):
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+    grpc_server = grpc.server(ThreadPoolExecutor(4), handlers=[Recorder()])
+    grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    try:
+        command = locust_command(
+            "--headless", "-t", "2s", "-u", "2", "-r", "2", "--think-time-ms", "100",
+            "--host", url, "--grpc-host", f"127.0.0.1:{grpc_port}", "QueryEmbeddingHttpUser", "QueryEmbeddingGrpcUser",
+        )  # fmt: skip
+        result = subprocess.run(
+            command,
+            cwd=tmp_path,
+            env={**clean_env(), API_KEY_ENV: "test-key-c0de"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        grpc_server.stop(grace=None)
+    assert result.returncode == SLO_FAILED_EXIT_CODE, tail(result.stdout)
+    assert "StatusCode.UNAVAILABLE: recorded" in result.stdout
+    assert {(path, authorization) for _, path, authorization, _ in received} == {
+        ("/v2/models/embed/infer", "Bearer test-key-c0de")
+    }
+    assert metadata and set(metadata) == {"Bearer test-key-c0de"}
+
+
+def test_api_options_are_checked(tmp_path):
+    def refused(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            locust_command("--headless", "-t", "1s", *args),
+            cwd=tmp_path,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=120,
+        )
+
+    bad_url = refused("--protocols", "api", "--api-url", "127.0.0.1:8080")
+    assert bad_url.returncode == OPTION_REFUSED_EXIT_CODE, tail(bad_url.stdout)
+    assert "--api-url '127.0.0.1:8080': expected a base URL" in bad_url.stdout
+    # API classes named, but --protocols left at http,grpc.
+    not_selected = refused("QueryEmbeddingApiUser")
+    assert not_selected.returncode == OPTION_REFUSED_EXIT_CODE, tail(not_selected.stdout)
+    assert "the api users need api in it" in not_selected.stdout
 
 
 def test_stage_tables():

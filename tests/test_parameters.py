@@ -19,7 +19,7 @@ from ecomserve.parameters import (
 )
 from ecomserve.repository.builder import plan
 from ecomserve.repository.configs import all_configs
-from ecomserve.spec import load_spec
+from ecomserve.spec import PromptsSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +73,36 @@ def test_a_string_parameter_is_never_json_decoded():
     assert written == {"runtime": "onnx", "model_file": "1", "intra_op_threads": "2", "device": "cpu"}
     read = EncoderParameters.from_config({"parameters": {k: {"string_value": v} for k, v in written.items()}})
     assert read.model_file == "1" and read.intra_op_threads == 2
+
+
+def test_prompts_reach_rank_and_search_and_embed_allows_their_room():
+    spec, _ = stub_configs("fused")
+    prompts = {"query": "query: ", "passage": "passage: "}
+    encoders = [e.model_copy(update={"prompts": PromptsSpec(**prompts)}) for e in spec.encoders]
+    spec = spec.model_copy(update={"encoders": encoders})
+    for layout in ("fused", "ensemble"):
+        laid_out = spec.model_copy(update={"serving": spec.serving.model_copy(update={"layout": layout})})
+        built = [b for b, _ in plan(laid_out, ROOT / "export")]
+        configs = {c.name: MessageToDict(c, preserving_proto_field_name=True) for c in all_configs(laid_out, built)}
+        assert FusionParameters.from_config(configs[RANK]).prompts == prompts
+        assert SearchParameters.from_config(configs[SEARCH]).prompts == prompts
+        # Behind `embed`: the limit stays the spec's, plus the longest prompt's bytes.
+        behind = (
+            [EmbedderParameters.from_config(configs[EMBEDDER])]
+            if layout == "fused"
+            else [TokenizerParameters.from_config(configs[tokenizer_model(e.name)]) for e in spec.encoders]
+        )
+        for parameters in behind:
+            assert (parameters.max_text_bytes, parameters.prompt_bytes) == (spec.limits.max_text_bytes, 9)
+    _, plain = stub_configs("fused")
+    assert FusionParameters.from_config(plain[RANK]).prompts == {}
+    assert EmbedderParameters.from_config(plain[EMBEDDER]).prompt_bytes == 0
+
+
+def test_repositories_built_before_prompts_load_without_them():
+    _, configs = stub_configs("fused")
+    for name, parameter in ((RANK, "prompts"), (SEARCH, "prompts"), (EMBEDDER, "prompt_bytes")):
+        del configs[name]["parameters"][parameter]
+    assert FusionParameters.from_config(configs[RANK]).prompts == {}
+    assert SearchParameters.from_config(configs[SEARCH]).prompts == {}
+    assert EmbedderParameters.from_config(configs[EMBEDDER]).prompt_bytes == 0

@@ -107,9 +107,10 @@ def test_a_killed_front_is_restarted(crashable):
 def test_killing_ecomserve_serve_takes_every_child_along(crashable, tmp_path):
     """kill -9 of `ecomserve serve`: tritonserver and the front get SIGTERM (PR_SET_PDEATHSIG), drain and
     exit; no stub or shared memory is left, and the next `serve` gets the same ports."""
-    ports = Ports(free_port(), free_port(), free_port())
+    ports = Ports(free_port(), free_port(), free_port(), free_port())
     command = [sys.executable, "-m", "ecomserve", "serve", "--repository", str(crashable.options.repository)]
     command += ["--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
+    command += ["--api-port", str(ports.api)]
     for attempt in ("first", "second"):
         serve = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:

@@ -68,7 +68,7 @@ def live(sources, tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
     repository = root / "model_repository"
     build_repository(tiny_spec(sources["old"]), repository)
-    ports = Ports(http=free_port(), grpc=free_port(), metrics=free_port())
+    ports = Ports(http=free_port(), grpc=free_port(), metrics=free_port(), api=free_port())
     server = TritonServer(
         ServerOptions(repository=repository, ports=ports, work_dir=root / "work", admin_key=ADMIN_KEY)
     )

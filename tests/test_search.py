@@ -1,6 +1,7 @@
 """The `search` model on real tritonservers, for each index backend (faiss in-process, Milvus Lite):
-exact answers, the TOP_K rules, catalog upserts and deletes under traffic, the result cache; and on
-the default MiniLM pipeline, search quality against `rank` over the whole catalog."""
+exact answers, the TOP_K rules, catalog upserts and deletes under traffic, the result cache, the query
+and passage prompts (of `rank` too); and on the default MiniLM pipeline, search quality against `rank`
+over the whole catalog."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from rich.console import Console
@@ -20,14 +23,19 @@ from tritonclient.utils import InferenceServerException
 
 from ecomserve.errors import RequestFailed
 from ecomserve.evaluation import load_eval_set, ndcg_at_k
-from ecomserve.index.catalog import CatalogError, CatalogItem, read_catalog
+from ecomserve.index.catalog import CatalogError, CatalogItem, read_catalog, read_manifest, write_manifest
+from ecomserve.index.loading import load_index
 from ecomserve.index.ops import build_index, delete_items, index_dir, upsert_items
 from ecomserve.paths import corpus_lines
+from ecomserve.prompts import PASSAGE_PROMPT, QUERY_PROMPT, with_prompt
 from ecomserve.repository.inprocess import release_embedder
 from ecomserve.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ["red running shoes", "espresso machine", "wireless headphones", "yoga mat", "kids toys"]
+# The catalog pipelines have E5-style prompts, so every search test here runs through them.
+PROMPTS = {"query": "query: ", "passage": "passage: "}
+INDEX_CHECK_S = 0.35  # `search` re-reads index.json at a request 0.25 s or more after its last look
 
 
 def catalog_items() -> list[CatalogItem]:
@@ -53,7 +61,14 @@ def catalog(request, tmp_path_factory):
         search["milvus"] = {"uri": milvus.uri}
     spec = spec_from(
         {
-            "encoders": [{"name": "tiny", "source": str(make_tiny_bert(root / "tiny", seed=21)), "max_seq_len": 32}],
+            "encoders": [
+                {
+                    "name": "tiny",
+                    "source": str(make_tiny_bert(root / "tiny", seed=21)),
+                    "max_seq_len": 32,
+                    "prompts": PROMPTS,
+                }
+            ],
             # A small admission budget: 200 concurrent searches must meet it (test_search_overload_…).
             "serving": {"instances": 1, "front": {"max_texts_in_flight": 8}},
             "search": search,
@@ -70,8 +85,9 @@ def catalog(request, tmp_path_factory):
 
 
 def exact_top(catalog, query: str, k: int, items: list[CatalogItem]) -> list[str]:
-    embed = release_embedder(catalog["repository"], 1, catalog["spec"])
-    scores = embed([item.title for item in items]) @ embed([query])[0]
+    embed, prompts = release_embedder(catalog["repository"], 1, catalog["spec"]), catalog["spec"].prompts
+    titles = embed(with_prompt(prompts, PASSAGE_PROMPT, [item.title for item in items]))
+    scores = titles @ embed(with_prompt(prompts, QUERY_PROMPT, [query]))[0]
     return [items[i].id for i in np.argsort(-scores, kind="stable")[:k]]
 
 
@@ -169,6 +185,96 @@ def test_upserts_and_deletes_show_within_seconds_under_traffic(catalog):
     assert failures == []
 
 
+@pytest.mark.integration
+def test_rank_search_and_the_index_put_the_prompts_before_their_texts(catalog):
+    """rank's score is the cosine of `embed("query: " + q)` and `embed("passage: " + c)`, not of the bare
+    texts; search embeds its QUERY with the query prompt, the rerank stage and the index build each title
+    with the passage prompt."""
+    spec, titles = catalog["spec"], {item.id: item.title for item in catalog_items()}
+    assert spec.prompts == PROMPTS
+    # Texts no other test sends (`embed` answers repeated texts from its cache), fixed: on this tiny random
+    # encoder (seed 21) the prompts move their cosine by 0.046, measured; a shared random suffix made the
+    # texts so alike that the prompts moved it by as little as 1e-5.
+    query, candidate = "whistling kettle", "electric kettle 1.7l"
+    with client_for(catalog["server"], "grpc") as client:
+        prompted = client.embed([f"query: {query}", f"passage: {candidate}"])
+        score = float(client.rank(query, [candidate]).scores[0])
+        bare = client.embed([query, candidate])
+        assert abs(score - float(prompted[0] @ prompted[1])) <= 1e-5
+        assert abs(score - float(bare[0] @ bare[1])) > 0.01, "the prompts made no difference: the test proves nothing"
+        found = client.search(query, top_k=5)
+        passages = client.embed([f"passage: {titles[item]}" for item in found.ids])
+    # Rerank (on in these pipelines) scores the retrieved titles, embedded live as passages.
+    np.testing.assert_allclose(found.scores, passages @ prompted[0], atol=1e-5)
+    # The index holds what the build embedded: each title as a passage, and says so.
+    manifest, index, _ = load_index(spec.search, catalog["index"])
+    assert manifest.passage_prompt == PROMPTS["passage"]
+    stored = dict(index.search(prompted[0][None, :], 5)[0])
+    assert set(stored) == set(found.ids)
+    np.testing.assert_allclose([stored[item] for item in found.ids], found.scores, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_the_byte_limit_applies_to_the_clients_text_not_the_prompt(catalog):
+    """limits.max_text_bytes bounds what the client sends; the prompt's bytes come on top, so a text at the
+    limit is accepted by rank and search, one byte more is refused naming the tensor and the limit, and
+    `embed` (behind which the prompts are put) allows the longest prompt's room."""
+    limit = catalog["spec"].limits.max_text_bytes
+    nonce = uuid.uuid4().hex[:8]
+    at_limit = (f"{nonce} wool socks " * limit)[:limit]
+    assert len(at_limit.encode()) == limit
+    with client_for(catalog["server"], "http") as client:
+        assert client.rank(at_limit, [at_limit]).scores.shape == (1,)
+        assert len(client.search(at_limit, top_k=3).ids) == 3
+        for call in (lambda: client.rank(at_limit + "x", ["shoe"]), lambda: client.search(at_limit + "x")):
+            with pytest.raises(
+                RequestFailed, match=rf"QUERY\[0\]: text is {limit + 1} bytes, over the limit of {limit} \("
+            ):
+                call()
+        room = len(PROMPTS["passage"].encode())
+        assert client.embed([at_limit + "y" * room]).shape[0] == 1
+        with pytest.raises(
+            RequestFailed, match=rf"over the limit of {limit + room} \(limits.max_text_bytes \+ {room} "
+        ):
+            client.embed([at_limit + "y" * (room + 1)])
+
+
+@pytest.mark.integration
+def test_a_prompt_change_needs_an_index_rebuild(catalog):
+    """An index embedded with another passage prompt is never mixed with this pipeline's queries: upsert
+    refuses it and search answers UNAVAILABLE, both naming the rebuild."""
+    spec, target = catalog["spec"], catalog["index"]
+    encoders = [
+        e.model_copy(update={"prompts": e.prompts.model_copy(update={"passage": "document: "})}) for e in spec.encoders
+    ]
+    other = spec.model_copy(update={"encoders": encoders})
+    with pytest.raises(CatalogError, match="passage prompt 'passage: ' and the spec's is 'document: '.*index build"):
+        upsert_items(other, catalog["repository"], [CatalogItem("sku-x", "felt hat")], target, Console(quiet=True))
+    live = read_manifest(target)
+    write_manifest(target, replace(live, passage_prompt="document: "))  # as if built by the other spec
+    try:
+        time.sleep(INDEX_CHECK_S)  # every instance's next request re-reads index.json
+        with client_for(catalog["server"], "grpc") as client:
+            for _ in range(4):  # both instances of `search`
+                message = search_error(client)
+                assert "passage prompt 'document: ', the spec's is 'passage: '" in message, message
+                assert "UNAVAILABLE" in message and "`ecomserve index build CATALOG`" in message, message
+    finally:
+        write_manifest(target, live)
+        time.sleep(INDEX_CHECK_S)
+    with client_for(catalog["server"], "grpc") as client:
+        assert [search_error(client) for _ in range(4)] == [""] * 4, "search did not recover with the index's prompt"
+
+
+def search_error(client) -> str:
+    """The error a fresh search gets, or "" when it is answered."""
+    try:
+        client.search(f"felt hat {uuid.uuid4().hex[:6]}", top_k=1)
+    except RequestFailed as exc:
+        return str(exc)
+    return ""
+
+
 def test_catalog_files_are_read_as_jsonl_and_csv(tmp_path):
     (tmp_path / "items.jsonl").write_text(
         '{"id": "a", "title": "red shoes", "category": "shoes"}\n\n{"id": 7, "title": "mug"}\n'
@@ -254,3 +360,18 @@ def test_200_concurrent_searches_get_fast_refusals_and_exact_answers(catalog, pr
     for query, answer in accepted[:5]:
         ids = [value.decode() if isinstance(value, bytes) else value for value in answer.outputs["IDS"].ravel()]
         assert ids == exact_top(catalog, query, 5, items)
+
+
+@pytest.mark.integration
+def test_the_http_api_searches_as_the_model_does_with_titles(catalog):
+    server, titles = catalog["server"], {item.id: item.title for item in catalog_items()}
+    query = QUERIES[1]
+    found = client_for(server, "grpc").search(query, top_k=5)
+    answer = requests.post(f"{server.api_url}/v1/search", json={"query": query, "top_k": 5}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [r["id"] for r in results] == found.ids
+    assert [r["title"] for r in results] == [titles[item] for item in found.ids]
+    np.testing.assert_allclose([r["score"] for r in results], found.scores, atol=1e-6)
+    refused = requests.post(f"{server.api_url}/v1/search", json={"query": query, "top_k": 21}, timeout=30)
+    assert refused.status_code == 400 and "TOP_K" in refused.json()["error"]["message"]

@@ -38,7 +38,7 @@ def tiny_repository(tmp_path_factory) -> Path:
 
 
 def free_ports() -> Ports:
-    return Ports(free_port(), free_port(), free_port())
+    return Ports(free_port(), free_port(), free_port(), free_port())
 
 
 def test_busy_port_is_reported_before_starting(tiny_repository, tmp_path):
@@ -46,7 +46,7 @@ def test_busy_port_is_reported_before_starting(tiny_repository, tmp_path):
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         busy = listener.getsockname()[1]
-        ports = Ports(http=free_port(), grpc=busy, metrics=free_port())
+        ports = Ports(http=free_port(), grpc=busy, metrics=free_port(), api=free_port())
         server = TritonServer(ServerOptions(tiny_repository, ports=ports, work_dir=tmp_path))
         with pytest.raises(ServerError, match=f"grpc port {busy} on 127.0.0.1 is in use.*--grpc-port"):
             server.start()
@@ -84,6 +84,8 @@ def test_serve_prints_endpoints_recovers_a_dead_stub_and_stops_cleanly(tiny_repo
         str(ports.grpc),
         "--metrics-port",
         str(ports.metrics),
+        "--api-port",
+        str(ports.api),
     ]
     venv_bin = str(Path(sys.executable).parent)
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
@@ -216,6 +218,7 @@ def test_supervise_runs_tritonserver_behind_the_front_restarts_dead_stubs_and_pa
     command = [
         *[sys.executable, "-m", "ecomserve.server.supervise", f"--repository={tiny_repository}", "--host=127.0.0.1"],
         *[f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}"],
+        f"--api-port={ports.api}",
         *[f"--work-dir={tmp_path}", "--", *embedded_command(options, install)],
     ]
     env = {**install.environment(), "ECOMSERVE_ADMIN_KEY": "supervise-key"}

@@ -59,3 +59,50 @@ def test_sources_resolve_locally(tmp_path):
         resolve_source("bundled:bert-large")
     with pytest.raises(SpecError, match="not a Hugging Face model directory"):
         resolve_source("models/absent", relative_to=tmp_path)
+
+
+E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
+
+
+def test_prompts_are_read_and_default_to_none():
+    plain = parse_spec({"encoders": [{"name": "m", "source": "x"}]})
+    assert plain.prompts == {} and plain.encoders[0].prompts.as_dict() == {}
+    both = [{"name": name, "source": "x", "prompts": E5_PROMPTS} for name in ("a", "b")]
+    assert parse_spec({"encoders": both}).prompts == E5_PROMPTS
+    only_query = parse_spec({"encoders": [{"name": "m", "source": "x", "prompts": {"query": "query: "}}]})
+    assert only_query.prompts == {"query": "query: "}  # an unset prompt is not there
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ({"document": "passage: "}, "encoders.0.prompts.document: Extra inputs are not permitted"),
+        ({"query": "q" * 257}, "encoders.0.prompts.query: Value error, a prompt is at most 256 bytes"),
+        ({"passage": "é" * 129}, "encoders.0.prompts.passage: Value error, a prompt is at most 256 bytes"),
+        ({"query": 3}, "encoders.0.prompts.query: Input should be a valid string"),
+    ],
+)
+def test_bad_prompts_name_the_field(prompts, message):
+    with pytest.raises(SpecError) as error:
+        parse_spec({"encoders": [{"name": "m", "source": "x", "prompts": prompts}]}, origin="pipeline.yaml")
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("second", [{}, {"query": "query: "}, {"query": "query: ", "passage": "document: "}])
+def test_encoders_with_different_prompts_are_refused_with_the_reason(second):
+    encoders = [
+        {"name": "e5", "source": "x", "prompts": E5_PROMPTS},
+        {"name": "minilm", "source": "y", "prompts": second},
+    ]
+    with pytest.raises(SpecError) as error:
+        parse_spec({"encoders": encoders}, origin="pipeline.yaml")
+    message = str(error.value)
+    assert "pipeline.yaml: invalid spec: encoders: " in message
+    assert "encoders e5 and minilm have different prompts" in message
+    assert "`embed` fuses every encoder and takes one text for all of them" in message
+
+
+def test_prompts_load_from_yaml(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("encoders:\n  - name: e5\n    source: x\n    prompts: {query: 'query: ', passage: 'passage: '}\n")
+    assert load_spec(path).prompts == E5_PROMPTS

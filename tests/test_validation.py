@@ -31,3 +31,21 @@ def test_counts():
             InvalidInput, match=r"CANDIDATES: got \d elements, expected 1 to 3 \(limits.max_candidates\)"
         ):
             check_count("CANDIDATES", count, 3, "max_candidates")
+
+
+def test_the_models_behind_embed_allow_room_for_a_prompt():
+    assert decode_texts("TEXT", [b"x" * 71], 64, prompt_bytes=7) == ["x" * 71]
+    message = r"TEXT\[0\]: text is 72 bytes, over the limit of 71 \(limits.max_text_bytes \+ 7 for a prompt\)"
+    with pytest.raises(InvalidInput, match=message):
+        decode_texts("TEXT", [b"x" * 72], 64, prompt_bytes=7)
+
+
+def test_prompts_go_before_texts_only_where_set():
+    from ecomserve.prompts import PASSAGE_PROMPT, QUERY_PROMPT, prompt_bytes, with_prompt
+
+    prompts = {QUERY_PROMPT: "query: ", PASSAGE_PROMPT: "pässage: "}
+    assert with_prompt(prompts, QUERY_PROMPT, ["red shoes"]) == ["query: red shoes"]
+    assert with_prompt(prompts, PASSAGE_PROMPT, ("a", "b")) == ["pässage: a", "pässage: b"]
+    assert with_prompt({}, QUERY_PROMPT, ["red shoes"]) == ["red shoes"]
+    assert with_prompt(prompts, None, ["red shoes"]) == ["red shoes"]  # classify: no prompt
+    assert prompt_bytes(prompts) == len("pässage: ".encode()) == 10 and prompt_bytes({}) == 0

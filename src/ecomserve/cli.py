@@ -108,10 +108,16 @@ def serve(
     http_port: int = 8000,
     grpc_port: int = 8001,
     metrics_port: int = 8002,
+    api_port: Annotated[int, typer.Option(help="the HTTP API: OpenAI, Cohere/Jina and TEI schemas")] = 8080,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(help="file holding the inference API key (else $ECOMSERVE_API_KEY; neither: no key needed)"),
+    ] = None,
     rebuild: Annotated[bool, typer.Option(help="rebuild the repository even if it exists")] = False,
 ) -> None:
     """Start tritonserver on the repository (building it first if missing) and block until stopped."""
     from ecomserve.contract import ADMIN_KEY_ENV
+    from ecomserve.front.policy import read_api_key
     from ecomserve.repository.builder import built_target, is_built
     from ecomserve.server.control import ADMIN_KEY_FILE, admin_key
     from ecomserve.server.process import WORK_DIR, Ports, ServerOptions, TritonServer
@@ -134,9 +140,14 @@ def serve(
         handlers=[RichHandler(console=console, show_path=False)],
         force=True,
     )
-    key = admin_key(WORK_DIR, create=True)
     server = TritonServer(
-        ServerOptions(repository=repository, host=host, ports=Ports(http_port, grpc_port, metrics_port), admin_key=key)
+        ServerOptions(
+            repository=repository,
+            host=host,
+            ports=Ports(http_port, grpc_port, metrics_port, api_port),
+            admin_key=admin_key(WORK_DIR, create=True),
+            api_key=read_api_key(api_key_file),
+        )
     )
     console.print("starting tritonserver …")
     try:
@@ -149,6 +160,8 @@ def serve(
         signal.signal(signum, lambda *_: server.request_stop())
     console.print(
         f"[green]ready[/]  HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
+        f"API {server.api_url} (/v1/embeddings, /v1/rerank, /embed, /rerank …)"
+        f"{' · API key required' if server.options.api_key else ''}\n"
         f"models: embed, rank, classify · logs: {server.log_path}, {server.front_log_path} · Ctrl-C to stop\n"
         f"model control (ecomserve publish / rollback) takes the key in {WORK_DIR / ADMIN_KEY_FILE} "
         f"or ${ADMIN_KEY_ENV}"

@@ -5,6 +5,7 @@ clients are not thread-safe), reused for every call that thread makes."""
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Literal
@@ -13,6 +14,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from ecomserve.contract import (
+    API_KEY_ENV,
     CANDIDATES,
     CLASSIFY,
     EMBED,
@@ -70,9 +72,17 @@ def _module(protocol: Protocol):
 
 class EcomClient:
     def __init__(
-        self, url: str | None = None, protocol: Protocol = "http", timeout_s: float = 60.0, max_batch: int = 64
+        self,
+        url: str | None = None,
+        protocol: Protocol = "http",
+        timeout_s: float = 60.0,
+        max_batch: int = 64,
+        api_key: str | None = None,
     ):
+        """`api_key`: the server's inference API key, if it has one (default: $ECOMSERVE_API_KEY)."""
         self.protocol = protocol
+        api_key = api_key or os.environ.get(API_KEY_ENV)
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self.max_batch = max_batch  # embed's max_batch_size: longer lists go in several requests
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
@@ -104,7 +114,7 @@ class EcomClient:
         # HTTP's network timeout is set on the connection; gRPC takes a deadline per call.
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         try:
-            result = self._client().infer(model, inputs, **kwargs)
+            result = self._client().infer(model, inputs, headers=self._headers, **kwargs)
         except InferenceServerException as exc:
             raise RequestFailed(f"{model}: {exc.message()} (status {exc.status()})") from None
         except OSError as exc:
@@ -145,7 +155,7 @@ class EcomClient:
 
     def is_ready(self) -> bool:
         try:
-            return bool(self._client().is_server_ready())
+            return bool(self._client().is_server_ready(headers=self._headers))
         except (InferenceServerException, OSError):
             return False
 

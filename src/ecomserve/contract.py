@@ -37,7 +37,7 @@ def encoder_model(encoder: str) -> str:
 TEXT, EMBEDDING = "TEXT", "EMBEDDING"
 QUERY, CANDIDATES, SCORES, ENCODER_SCORES = "QUERY", "CANDIDATES", "SCORES", "ENCODER_SCORES"
 LABELS, LABEL, VOTES = "LABELS", "LABEL", "VOTES"
-TOP_K, IDS = "TOP_K", "IDS"
+TOP_K, IDS, TITLES = "TOP_K", "IDS", "TITLES"
 # The tokenizer models' outputs (split layout, internal).
 INPUT_IDS, ATTENTION_MASK = "INPUT_IDS", "ATTENTION_MASK"
 
@@ -45,6 +45,8 @@ INPUT_IDS, ATTENTION_MASK = "INPUT_IDS", "ATTENTION_MASK"
 ADMIN_HEADER = "ecomserve-admin-key"
 # Where ecomserve's tools, the front and the Kubernetes pods read the admin key from.
 ADMIN_KEY_ENV = "ECOMSERVE_ADMIN_KEY"
+# The optional inference API key (`Authorization: Bearer …` on every port): where the server and clients read it.
+API_KEY_ENV = "ECOMSERVE_API_KEY"
 
 # Releases: every other model is versioned (one version per release); `embed`'s config names the
 # release each step serves. The python heads are not versioned: they follow whatever release `embed`

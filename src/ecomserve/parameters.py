@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from ecomserve.fusion import EncoderSlice
@@ -62,6 +62,7 @@ class TokenizerParameters(ModelParameters):
     max_seq_len: int
     max_text_bytes: int
     pad_to_multiple: int = 1
+    prompt_bytes: int = 0  # allowed beyond max_text_bytes: room for a prompt the heads put before a text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +95,7 @@ class EmbedderParameters(ModelParameters):
     intra_op_threads: int
     device: str = "cpu"
     max_text_bytes: int
+    prompt_bytes: int = 0  # allowed beyond max_text_bytes: room for a prompt the heads put before a text
 
     @property
     def slices(self) -> list[EncoderSlice]:
@@ -103,13 +105,15 @@ class EmbedderParameters(ModelParameters):
 @dataclass(frozen=True, kw_only=True)
 class FusionParameters(ModelParameters):
     """`fusion` (split layout) and the heads `rank` and `classify`: each encoder's slice of the fused
-    embedding, how to combine scores and votes, the request limits, the chunk size for `embed`."""
+    embedding, how to combine scores and votes, the request limits, the chunk size for `embed`, the
+    query and passage prompts (`rank` and `search` use them)."""
 
     encoders: list[EncoderSlice]
     fusion: dict[str, Any]  # spec.fusion: mode, rrf_k
     voting: dict[str, Any]  # spec.voting: mode
     limits: dict[str, Any]  # spec.limits: max_text_bytes, max_candidates, max_labels, …
     embed_batch: int
+    prompts: dict[str, str] = field(default_factory=dict)  # spec.prompts: query, passage (only those set)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,30 @@ class DistillSpec(_Strict):
     seed: int = 0
 
 
+# Long enough for instruction prompts ("Instruct: Given a product search query, retrieve … \nQuery: ");
+# `embed` accepts this much beyond limits.max_text_bytes, so bounded.
+MAX_PROMPT_BYTES = 256
+
+
+class PromptsSpec(_Strict):
+    """Text put before each query or passage, as the encoder was trained (E5: "query: " and "passage: ";
+    sentence-transformers' `prompts`). Empty: none."""
+
+    query: str = Field("", description="before a query: rank's QUERY, search's QUERY")
+    passage: str = Field("", description="before a passage: rank's CANDIDATES, catalog titles in the index")
+
+    @field_validator("query", "passage")
+    @classmethod
+    def _bounded(cls, prompt: str) -> str:
+        if len(prompt.encode("utf-8")) > MAX_PROMPT_BYTES:
+            raise ValueError(f"a prompt is at most {MAX_PROMPT_BYTES} bytes (UTF-8)")
+        return prompt
+
+    def as_dict(self) -> dict[str, str]:
+        """The prompts that are set, by kind (query, passage)."""
+        return {kind: prompt for kind, prompt in self.model_dump().items() if prompt}
+
+
 class EncoderSpec(_Strict):
     name: str = Field(description="model name prefix in the repository (<name>_tokenizer, <name>_encoder)")
     source: str = Field(description="bundled:<model> or a local Hugging Face directory")
@@ -47,6 +71,10 @@ class EncoderSpec(_Strict):
     )
     optimize: bool = Field(False, description="ONNX Runtime transformer fusions (exact in fp32)")
     weight: float = Field(1.0, gt=0)
+    prompts: PromptsSpec = Field(
+        default_factory=PromptsSpec,
+        description="query and passage prompts; every encoder of a pipeline must have the same (one text feeds all)",
+    )
 
     @model_validator(mode="after")
     def _distill_needs_pruning(self) -> EncoderSpec:
@@ -277,6 +305,24 @@ class PipelineSpec(_Strict):
         if duplicates:
             raise ValueError(f"encoder names must be unique, repeated: {duplicates}")
         return encoders
+
+    @field_validator("encoders")
+    @classmethod
+    def _one_set_of_prompts(cls, encoders: list[EncoderSpec]) -> list[EncoderSpec]:
+        for previous, encoder in zip(encoders, encoders[1:]):
+            if encoder.prompts != previous.prompts:
+                raise ValueError(
+                    f"encoders {previous.name} and {encoder.name} have different prompts "
+                    f"({previous.prompts.as_dict()} vs {encoder.prompts.as_dict()}): `embed` fuses every encoder and "
+                    "takes one text for all of them, so one prompt is put before that text; give every encoder "
+                    "the same prompts"
+                )
+        return encoders
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The pipeline's query and passage prompts (every encoder has the same), {} when none."""
+        return self.encoders[0].prompts.as_dict()
 
     @model_validator(mode="after")
     def _encoders_fit_the_target(self) -> PipelineSpec:

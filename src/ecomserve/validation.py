@@ -10,15 +10,18 @@ from collections.abc import Iterable
 from ecomserve.errors import InvalidInput
 
 
-def decode_texts(tensor: str, values: Iterable[object], max_text_bytes: int) -> list[str]:
-    """Decode a BYTES tensor's elements into text, enforcing UTF-8, non-blank and the byte limit."""
+def decode_texts(tensor: str, values: Iterable[object], max_text_bytes: int, prompt_bytes: int = 0) -> list[str]:
+    """Decode a BYTES tensor's elements into text, enforcing UTF-8, non-blank and the byte limit. The models
+    behind `embed` allow `prompt_bytes` more, the room a query or passage prompt takes (ecomserve.prompts)."""
     texts = []
+    limit = max_text_bytes + prompt_bytes
     for index, value in enumerate(values):
         raw = value if isinstance(value, bytes) else str(value).encode()
-        if len(raw) > max_text_bytes:
+        if len(raw) > limit:
+            allowance = f" + {prompt_bytes} for a prompt" if prompt_bytes else ""
             raise InvalidInput(
-                f"{tensor}[{index}]: text is {len(raw)} bytes, over the limit of {max_text_bytes} "
-                "(limits.max_text_bytes)"
+                f"{tensor}[{index}]: text is {len(raw)} bytes, over the limit of {limit} "
+                f"(limits.max_text_bytes{allowance})"
             )
         try:
             text = raw.decode("utf-8")

@@ -1,10 +1,11 @@
-"""`ecomserve bench --workload front`: what the front process costs.
+"""`ecomserve bench --workload front`: what the front process and its HTTP API cost.
 
 One query per request, at 1 and 16 clients, on texts never sent before (and the response cache off),
-through the front (the public ports) and straight to Triton's private unix sockets, in one run of
-one server. HTTP uses one plain keep-alive client for both routes (TCP to the front, the unix socket
-to Triton); gRPC uses tritonclient for both. The direct route exists only for this measurement:
-clients cannot reach it."""
+through the front (the public ports), straight to Triton's private unix sockets, and through the HTTP
+API (OpenAI's /v1/embeddings and TEI's /embed), in one run of one server. HTTP uses one plain
+keep-alive client for every HTTP route (TCP to the front and the API, the unix socket to Triton); gRPC
+uses tritonclient for both its routes. The direct route exists only for this measurement: clients
+cannot reach it."""
 
 from __future__ import annotations
 
@@ -22,12 +23,18 @@ from rich.console import Console
 from ecomserve.bench.load import measure
 from ecomserve.bench.report import plt, write_csv
 from ecomserve.contract import EMBED, TEXT
+from ecomserve.front.api.context import model_id
 from ecomserve.paths import corpus_texts
-from ecomserve.repository.builder import build_repository
+from ecomserve.repository.builder import build_repository, built_spec
 from ecomserve.spec import PipelineSpec
 
 CONCURRENCY = (1, 16)
 ROUTES = ("front", "direct")
+# The HTTP API's routes, measured beside KServe v2 over HTTP through the front: (path, JSON body of a text).
+API_ROUTES = {
+    "api openai": ("/v1/embeddings", lambda text, model: {"input": text, "model": model, "encoding_format": "float"}),
+    "api tei": ("/embed", lambda text, _model: {"inputs": text}),
+}
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -52,15 +59,15 @@ def cpu_description() -> str:
     return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, {' '.join(wanted)}"
 
 
-def _body(text: str) -> bytes:
-    return json.dumps({"inputs": [{"name": TEXT, "datatype": "BYTES", "shape": [1, 1], "data": [text]}]}).encode()
+def _kserve_body(text: str) -> dict:
+    return {"inputs": [{"name": TEXT, "datatype": "BYTES", "shape": [1, 1], "data": [text]}]}
 
 
-def _http_call(connect):
+def _http_call(connect, path: str = "/v2/models/embed/infer", body=_kserve_body):
     connection = connect()
 
     def call(text: str) -> None:
-        connection.request("POST", "/v2/models/embed/infer", _body(text), {"Content-Type": "application/json"})
+        connection.request("POST", path, json.dumps(body(text)).encode(), {"Content-Type": "application/json"})
         response = connection.getresponse()
         payload = response.read()
         if response.status != 200:
@@ -84,6 +91,11 @@ def _grpc_call(url: str):
 
 def _route_call(server, protocol: str, route: str):
     host, port = server.http_url.split(":")
+    if route in API_ROUTES:
+        path, body = API_ROUTES[route]
+        model = model_id(built_spec(server.options.repository))
+        connect = lambda: http.client.HTTPConnection(host, server.options.ports.api, timeout=60)  # noqa: E731
+        return _http_call(connect, path, lambda text: body(text, model))
     if protocol == "http":
         if route == "front":
             return _http_call(lambda: http.client.HTTPConnection(host, int(port), timeout=60))
@@ -97,7 +109,7 @@ def run_front_bench(server, queries: list[str], duration_s: float, rounds: int =
     fresh = itertools.count()
     rows = []
     for round_ in range(rounds):
-        for protocol, concurrency, route in itertools.product(("http", "grpc"), CONCURRENCY, ROUTES):
+        for protocol, concurrency, route in _points_to_measure():
 
             def make_call(_worker: int, route=route, protocol=protocol):
                 call = _route_call(server, protocol, route)
@@ -107,6 +119,11 @@ def run_front_bench(server, queries: list[str], duration_s: float, rounds: int =
             measured = measure(route, "query embed", protocol, concurrency, make_call, 1, duration_s)
             rows.append(measured.row() | {"round": round_})
     return rows
+
+
+def _points_to_measure() -> list[tuple[str, int, str]]:
+    grpc = [("grpc", c, route) for c, route in itertools.product(CONCURRENCY, ROUTES)]
+    return [("http", c, route) for c, route in itertools.product(CONCURRENCY, (*ROUTES, *API_ROUTES))] + grpc
 
 
 def _points(rows: list[dict], protocol: str, concurrency: int, route: str) -> list[dict]:
@@ -134,6 +151,28 @@ def front_cost(rows: list[dict]) -> list[dict]:
                 "throughput_ratio": float(np.median(ratios)),
                 "added_p50_ms": _median(front, "p50_ms") - _median(direct, "p50_ms"),
                 "added_p99_ms": _median(front, "p99_ms") - _median(direct, "p99_ms"),
+            }
+        )
+    return costs
+
+
+def api_cost(rows: list[dict]) -> list[dict]:
+    """Per API route and concurrency, against KServe v2 over HTTP through the front (same rounds): the
+    throughput ratio (per round, then the median) and the p50 it adds."""
+    costs = []
+    for route, concurrency in itertools.product(API_ROUTES, CONCURRENCY):
+        api, kserve = _points(rows, "http", concurrency, route), _points(rows, "http", concurrency, "front")
+        ratios = [a["throughput_items"] / k["throughput_items"] for a, k in zip(api, kserve)]
+        costs.append(
+            {
+                "route": route,
+                "concurrency": concurrency,
+                "api_texts_per_s": _median(api, "throughput_items"),
+                "kserve_http_texts_per_s": _median(kserve, "throughput_items"),
+                "throughput_ratio": float(np.median(ratios)),
+                "api_p50_ms": _median(api, "p50_ms"),
+                "kserve_http_p50_ms": _median(kserve, "p50_ms"),
+                "added_p50_ms": _median(api, "p50_ms") - _median(kserve, "p50_ms"),
             }
         )
     return costs
@@ -168,6 +207,17 @@ def front_markdown(results: dict) -> str:
             f"| {c['protocol']} | {c['concurrency']} | {c['direct_texts_per_s']:.0f} | {c['front_texts_per_s']:.0f} | "
             f"{c['throughput_ratio']:.2f} | {c['added_p50_ms']:+.2f} | {c['added_p99_ms']:+.2f} |"
         )
+    lines += [
+        "",
+        "| HTTP API route | clients | KServe v2 HTTP (texts/s) | API | ratio | KServe p50 (ms) | API p50 | added |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in results["api"]:
+        lines.append(
+            f"| {c['route']} | {c['concurrency']} | {c['kserve_http_texts_per_s']:.0f} | {c['api_texts_per_s']:.0f} | "
+            f"{c['throughput_ratio']:.2f} | {c['kserve_http_p50_ms']:.2f} | {c['api_p50_ms']:.2f} | "
+            f"{c['added_p50_ms']:+.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -185,7 +235,13 @@ def bench_front(spec: PipelineSpec, spec_dir: Path, out_dir: Path, duration_s: f
             rows = run_front_bench(server, queries, duration_s)
     finally:
         server.stop()
-    results = {"cpu": cpu_description(), "duration_s": duration_s, "measurements": rows, "cost": front_cost(rows)}
+    results = {
+        "cpu": cpu_description(),
+        "duration_s": duration_s,
+        "measurements": rows,
+        "cost": front_cost(rows),
+        "api": api_cost(rows),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "front.json").write_text(json.dumps(results, indent=2))
     write_csv(out_dir / "front.csv", rows)

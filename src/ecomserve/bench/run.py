@@ -119,7 +119,7 @@ def start_bench_server(repository: Path, work_dir: Path):
     from ecomserve.server.process import Ports, ServerOptions, TritonServer, free_port
 
     server = TritonServer(
-        ServerOptions(repository, ports=Ports(free_port(), free_port(), free_port()), work_dir=work_dir)
+        ServerOptions(repository, ports=Ports(free_port(), free_port(), free_port(), free_port()), work_dir=work_dir)
     )
     server.start()
     return server

@@ -66,7 +66,7 @@ def build_variant(name: str, base: EncoderSpec, source: Path, directory: Path, p
     encoder = variant_spec(base, changes)
     model_path = directory / MODEL_FILES[encoder.runtime]
     record = directory / "build.json"
-    wanted = {"encoder": encoder.model_dump(), "source": str(source)}
+    wanted = {"encoder": encoder.model_dump(exclude={"prompts"}), "source": str(source)}  # prompts: not in the file
     if record.is_file() and model_path.is_file():
         built = json.loads(record.read_text())
         if built.get("built_from") == wanted:  # a changed spec or source is rebuilt, never reused

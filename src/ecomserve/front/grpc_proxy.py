@@ -21,10 +21,11 @@ from ecomserve.front.kserve import (
     check_parameters,
     check_raw,
 )
-from ecomserve.front.policy import GRPC_ACCESS, Access, closed_message, key_matches
+from ecomserve.front.policy import GRPC_ACCESS, Access, Keys, closed_message, unauthorized_message
 
 # tritonclient sends restricted-protocol headers with Triton's prefix; ecomserve's client sends the plain name.
 _ADMIN_METADATA = (ADMIN_HEADER, f"triton-grpc-protocol-{ADMIN_HEADER}")
+_SECRET_METADATA = (*_ADMIN_METADATA, "authorization")
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
@@ -61,11 +62,11 @@ def check_grpc_infer(raw: bytes) -> CheckedRequest:
 
 
 class GrpcProxy(grpc.GenericRpcHandler):
-    def __init__(self, upstream: grpc.aio.Channel, admission: Admission, admin_key: str | None, timeout_s: float):
+    def __init__(self, upstream: grpc.aio.Channel, admission: Admission, keys: Keys, timeout_s: float):
         self._upstream = upstream
         self._timeout_s = timeout_s
         self._admission = admission
-        self._admin_key = admin_key
+        self._keys = keys
         # gRPC asks service() on every call: each known method's handler is built once, here.
         self._handlers = {method: self._handler(method, access) for method, access in GRPC_ACCESS.items()}
 
@@ -90,13 +91,16 @@ class GrpcProxy(grpc.GenericRpcHandler):
         metadata = tuple(context.invocation_metadata() or ())
         if access is Access.CLOSED:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, closed_message(method.rsplit("/", 1)[-1]))
+        admin_given = next((value for key, value in metadata if key in _ADMIN_METADATA), None)
+        if not self._keys.admits(access, next((v for k, v in metadata if k == "authorization"), None), admin_given):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, unauthorized_message() + " metadata")
         if access is Access.ADMIN:
-            given = next((value for key, value in metadata if key in _ADMIN_METADATA), None)
-            if not key_matches(given, self._admin_key):
+            if not self._keys.is_admin(admin_given):
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED, f"{method} needs the admin key in the {ADMIN_HEADER} metadata"
                 )
-        forwarded = tuple((key, value) for key, value in metadata if key not in _ADMIN_METADATA)
+        # Neither key goes on to Triton (its logs would hold them).
+        forwarded = tuple((key, value) for key, value in metadata if key not in _SECRET_METADATA)
         try:
             if access is Access.INFER:
                 with self._admission.admit(check_grpc_infer(request).cost):

@@ -11,7 +11,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ecomserve.front.admission import Admission
+from ecomserve.front.api.context import ApiCounters
 from ecomserve.front.connections import closed_over_limit
+from ecomserve.front.responses import error_response
 
 CONTENT_TYPE = "text/plain; version=0.0.4"
 
@@ -33,6 +35,7 @@ def front_metrics(admission: Admission) -> str:
 class MetricsFront:
     metrics_socket: str
     admission: Admission
+    api: ApiCounters | None = None  # the HTTP API's counters, when it runs
 
     async def open(self) -> None:
         connector = aiohttp.UnixConnector(path=self.metrics_socket, limit=4)
@@ -41,10 +44,13 @@ class MetricsFront:
     async def close(self) -> None:
         await self._session.close()
 
-    async def handle(self, _: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
+        if request.url.path != "/metrics" or request.method not in ("GET", "HEAD"):
+            return error_response("the metrics port serves GET /metrics only", 404)
         try:
             async with self._session.get("http://triton/metrics") as upstream:
                 triton = await upstream.text()
         except (aiohttp.ClientError, TimeoutError):
             triton = "# tritonserver's metrics are unavailable (starting or restarting)\n"
-        return Response(triton + front_metrics(self.admission), media_type=CONTENT_TYPE)
+        api = self.api.prometheus() if self.api else ""
+        return Response(triton + front_metrics(self.admission) + api, media_type=CONTENT_TYPE)

@@ -2,11 +2,12 @@
 checked requests to Triton's private unix sockets.
 
     python -m ecomserve.front --repository model_repository --sockets DIR [--host H] [--http-port P] [--grpc-port P]
-                              [--metrics-port P]
+                              [--metrics-port P] [--api-port P] [--admin-key-file F] [--api-key-file F]
 
 `ecomserve serve` starts it beside tritonserver, and so does the Kubernetes entrypoint (supervise.py). Its
 limits come from the repository's spec (`serving.front`). The admin key is read from
-$ECOMSERVE_ADMIN_KEY or --admin-key-file, never from the command line."""
+$ECOMSERVE_ADMIN_KEY or --admin-key-file, the optional inference API key from $ECOMSERVE_API_KEY or
+--api-key-file, never from the command line."""
 
 from __future__ import annotations
 
@@ -21,15 +22,17 @@ from pathlib import Path
 import grpc
 import uvicorn
 
-from ecomserve.contract import ADMIN_KEY_ENV
+from ecomserve.contract import ADMIN_KEY_ENV, API_KEY_ENV
 from ecomserve.front.admission import Admission
+from ecomserve.front.api.app import ApiSide
+from ecomserve.front.asgi import FrontApp, Side
 from ecomserve.front.connections import bounded_protocol
 from ecomserve.front.grpc_proxy import GrpcProxy
-from ecomserve.front.http_app import FrontApp, HttpFront
+from ecomserve.front.http_app import HttpFront
 from ecomserve.front.metrics_app import MetricsFront
-from ecomserve.front.policy import read_admin_key
+from ecomserve.front.policy import Keys, read_admin_key, read_api_key
 from ecomserve.front.upstream import TritonSockets
-from ecomserve.spec import FrontSpec
+from ecomserve.spec import FrontSpec, PipelineSpec
 
 log = logging.getLogger("ecomserve.front")
 
@@ -64,10 +67,22 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def front_spec(repository: Path) -> FrontSpec:
+def repository_spec(repository: Path) -> PipelineSpec | None:
+    """The spec the repository was built from; None for one ecomserve did not build (then the front
+    guards Triton's ports with default limits, and there is no HTTP API: it needs the spec's tokenizers)."""
     from ecomserve.repository.builder import built_spec, is_built
 
-    return built_spec(repository).serving.front if is_built(repository) else FrontSpec()
+    return built_spec(repository) if is_built(repository) else None
+
+
+def tokenizer_files(repository: Path, spec: PipelineSpec) -> list[Path]:
+    """Each encoder's tokenizer.json in the release `embed` serves."""
+    from ecomserve.repository.builder import encoder_dirs
+    from ecomserve.repository.releases import live_release
+    from ecomserve.tokenization import TOKENIZER_FILE
+
+    release = str(live_release(repository))
+    return [encoder_dirs(spec.serving.layout, e, repository, release)[0] / TOKENIZER_FILE for e in spec.encoders]
 
 
 def grpc_options(limits: FrontSpec) -> list[tuple[str, int]]:
@@ -82,7 +97,8 @@ def grpc_options(limits: FrontSpec) -> list[tuple[str, int]]:
     ]
 
 
-async def serve(args: argparse.Namespace, limits: FrontSpec, admin_key: str | None) -> None:
+async def serve(args: argparse.Namespace, spec: PipelineSpec | None, keys: Keys) -> None:
+    limits = spec.serving.front if spec else FrontSpec()
     sockets = TritonSockets(args.sockets)
     admission = Admission(limits.max_texts_in_flight)
     upstream = grpc.aio.insecure_channel(
@@ -96,18 +112,24 @@ async def serve(args: argparse.Namespace, limits: FrontSpec, admin_key: str | No
         ],
     )
     grpc_server = grpc.aio.server(
-        handlers=[GrpcProxy(upstream, admission, admin_key, limits.request_timeout_s)], options=grpc_options(limits)
+        handlers=[GrpcProxy(upstream, admission, keys, limits.request_timeout_s)], options=grpc_options(limits)
     )
     grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}")
-    http_front = HttpFront(
-        str(sockets.http_path), admission, admin_key, limits.max_body_bytes, limits.request_timeout_s
-    )
-    metrics_front = MetricsFront(str(sockets.metrics_path), admission)
-    http_server = uvicorn.Server(_uvicorn_config(FrontApp(http_front, metrics_front, args.metrics_port), limits))
+    http_front = HttpFront(str(sockets.http_path), admission, keys, limits.max_body_bytes, limits.request_timeout_s)
+    sides: dict[int, Side] = {args.http_port: http_front}
+    api = None
+    if spec is not None:
+        files = tokenizer_files(args.repository, spec)
+        api = ApiSide(spec, files, sockets.grpc_target, admission, keys, http_front)
+        sides[args.api_port] = api
+    else:
+        log.warning("%s was not built by ecomserve: no HTTP API on port %d", args.repository, args.api_port)
+    sides[args.metrics_port] = MetricsFront(str(sockets.metrics_path), admission, api.context.counters if api else None)
+    http_server = uvicorn.Server(_uvicorn_config(FrontApp(sides), limits))
     await grpc_server.start()
     try:
         # Returns after SIGTERM / SIGINT, once open requests finish.
-        await http_server.serve(sockets=[_listen(args.host, port) for port in (args.http_port, args.metrics_port)])
+        await http_server.serve(sockets=[_listen(args.host, port) for port in sides])
     finally:
         await grpc_server.stop(grace=5)
         await upstream.close()
@@ -142,7 +164,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--api-port", type=int, default=8080, help="the HTTP API (OpenAI, Cohere, TEI schemas)")
     parser.add_argument("--admin-key-file", type=Path, help=f"file holding the admin key (else ${ADMIN_KEY_ENV})")
+    parser.add_argument(
+        "--api-key-file", type=Path, help=f"file holding the inference API key (else ${API_KEY_ENV}; none: open)"
+    )
     return parser.parse_args(argv)
 
 
@@ -152,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     handler.addFilter(RepeatFilter())
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s front %(levelname)s %(message)s", handlers=[handler])
     raise_fd_limit()
-    admin_key = read_admin_key(args.admin_key_file)
-    if admin_key is None:
+    keys = Keys(admin=read_admin_key(args.admin_key_file), api=read_api_key(args.api_key_file))
+    if keys.admin is None:
         log.warning("no admin key: the model-repository API is closed to every client")
     import uvloop
 
-    uvloop.run(serve(args, front_spec(args.repository), admin_key))
+    uvloop.run(serve(args, repository_spec(args.repository), keys))
     return 0

@@ -4,9 +4,9 @@ an index folder.
 An index folder holds the manifest (`index.json`) and version folders; each version folder is complete
 and never changed once written (titles and, for faiss, the vectors). The manifest names the live one,
 so replacing it is the single commit point of every write: a reader that loads what it names sees one
-version, never a mix. It also says which release of the encoders embedded the vectors and counts every
-change: the `search` model re-reads the index when `version` moves, answers only with queries embedded
-by the same `release`, and keys its result cache by both."""
+version, never a mix. It also says which release of the encoders embedded the vectors, with which passage
+prompt, and counts every change: the `search` model re-reads the index when `version` moves, answers only
+with queries embedded by the same `release` and prompts, and keys its result cache by both."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ class Manifest:
     version: int  # +1 on every build, upsert or delete
     items: int
     data: str  # the version folder inside the index folder
+    passage_prompt: str = ""  # put before every title when embedded (spec prompts.passage); "" before prompts
 
 
 def version_dir(index_dir: Path, manifest: Manifest) -> Path:

@@ -44,6 +44,7 @@ from ecomserve.index.catalog import (
 )
 from ecomserve.index.loading import backend_spec, open_index, open_version
 from ecomserve.index.vector_index import VectorIndex
+from ecomserve.prompts import PASSAGE_PROMPT, with_prompt
 from ecomserve.repository.inprocess import release_embedder
 from ecomserve.repository.releases import live_release
 from ecomserve.spec import PipelineSpec, SearchSpec
@@ -73,11 +74,11 @@ def build_index(
     """Embed every item with the live release and commit the result as the next version of `target`."""
     search = _search(spec)
     with _writer(target, "build", wait_s):
-        release = live_release(repository)
-        embed = release_embedder(repository, release, spec)
+        release, prompt = live_release(repository), spec.prompts.get(PASSAGE_PROMPT, "")
+        embed = _passage_embedder(repository, release, spec)
         dim = int(embed(["dimension probe"]).shape[1])
         staging = target.with_name(target.name + ".building")
-        resumed = _resumable(staging, search.backend, release, dim)
+        resumed = _resumable(staging, search.backend, release, dim, prompt)
         if resumed is None:
             index, titles = open_index(backend_spec(search, release), staging, dim, relative_to=target.parent), {}
         else:
@@ -85,7 +86,8 @@ def build_index(
         todo = [item for item in _unique(items) if titles.get(item.id) != item.title]
         if resumed is not None:
             console.print(f"resuming {staging}: {len(titles)} items already embedded, {len(todo)} to go")
-        base = Manifest(search.backend, release, dim, version=0, items=0, data="")  # _commit fills in the rest
+        # _commit fills in the rest
+        base = Manifest(search.backend, release, dim, version=0, items=0, data="", passage_prompt=prompt)
         _embed_into(index, titles, todo, embed, console, checkpoint=lambda: _commit(staging, index, titles, base, 0))
         # From the index, not the titles: a Milvus collection may hold items of an earlier build of this release.
         stale = set(index.ids()) - {item.id for item in items}
@@ -110,7 +112,12 @@ def upsert_items(
     search = _search(spec)
     with _writer(target, "upsert", wait_s):
         live = _live_manifest(target)
-        embed = release_embedder(repository, live.release, spec)
+        if live.passage_prompt != spec.prompts.get(PASSAGE_PROMPT, ""):
+            raise CatalogError(
+                f"{target} was embedded with the passage prompt {live.passage_prompt!r} and the spec's is "
+                f"{spec.prompts.get(PASSAGE_PROMPT, '')!r}: rebuild it with `ecomserve index build CATALOG`"
+            )
+        embed = _passage_embedder(repository, live.release, spec)
         index, titles = open_version(search, target, live), read_titles(target, live)
         _embed_into(index, titles, list(_unique(items)), embed, console)
         return _commit(target, index, titles, live, live.version + 1)
@@ -129,13 +136,21 @@ def delete_items(
         return _commit(target, index, titles, live, live.version + 1), removed
 
 
-def _resumable(staging: Path, backend: str, release: int, dim: int) -> Manifest | None:
-    """The last checkpoint of an interrupted build of this release and backend; anything else there is removed."""
+def _passage_embedder(repository: Path, release: int, spec: PipelineSpec) -> Callable[[list[str]], np.ndarray]:
+    """Titles are passages: embedded with the passage prompt, as `rank` embeds its candidates."""
+    embed = release_embedder(repository, release, spec)
+    return lambda titles: embed(with_prompt(spec.prompts, PASSAGE_PROMPT, titles))
+
+
+def _resumable(staging: Path, backend: str, release: int, dim: int, prompt: str) -> Manifest | None:
+    """The last checkpoint of an interrupted build of this release, backend and passage prompt; anything else
+    there is removed."""
     try:
         resumed = read_manifest(staging)
     except CatalogError:  # left by an earlier ecomserve: nothing to resume
         resumed = None
-    if resumed is not None and (resumed.backend, resumed.release, resumed.dim) == (backend, release, dim):
+    wanted = (backend, release, dim, prompt)
+    if resumed is not None and (resumed.backend, resumed.release, resumed.dim, resumed.passage_prompt) == wanted:
         return resumed
     shutil.rmtree(staging, ignore_errors=True)
     return None

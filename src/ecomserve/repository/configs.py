@@ -27,6 +27,7 @@ from ecomserve.contract import (
     SCORES,
     SEARCH,
     TEXT,
+    TITLES,
     TOP_K,
     VOTES,
 )
@@ -41,6 +42,7 @@ from ecomserve.parameters import (
     SearchParameters,
     TokenizerParameters,
 )
+from ecomserve.prompts import prompt_bytes
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, MODEL_FILES
 from ecomserve.spec import GPU_TARGETS, EncoderSpec, PipelineSpec
 
@@ -148,6 +150,7 @@ def tokenizer_config(spec: PipelineSpec, built: BuiltEncoder) -> pb.ModelConfig:
             max_seq_len=built.spec.max_seq_len,
             max_text_bytes=spec.limits.max_text_bytes,
             pad_to_multiple=spec.serving.gpu.pad_to_multiple if gpu else 1,
+            prompt_bytes=prompt_bytes(spec.prompts),
         ),
     )
     return config
@@ -228,7 +231,7 @@ _ENCODER_BACKENDS = {"cpu": _python_encoder, "tensorrt": _tensorrt_encoder, "onn
 
 
 def _fusion_parameters(spec: PipelineSpec, built: list[BuiltEncoder]) -> dict[str, Any]:
-    """The heads need each encoder's slice of the fused embedding and how to combine scores
+    """The heads need each encoder's slice of the fused embedding, how to combine scores and the prompts
     (FusionParameters' fields; search adds its own)."""
     return {
         "encoders": [EncoderSlice(b.spec.name, b.dim, b.spec.weight) for b in built],
@@ -236,6 +239,7 @@ def _fusion_parameters(spec: PipelineSpec, built: list[BuiltEncoder]) -> dict[st
         "voting": spec.voting.model_dump(),
         "limits": spec.limits.model_dump(),
         "embed_batch": spec.serving.dynamic_batching.max_batch_size,
+        "prompts": spec.prompts,
     }
 
 
@@ -282,6 +286,7 @@ def embedder_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
             intra_op_threads=spec.serving.intra_op_threads,
             device=spec.serving.device,
             max_text_bytes=spec.limits.max_text_bytes,
+            prompt_bytes=prompt_bytes(spec.prompts),
         ),
     )
     return config
@@ -391,7 +396,7 @@ def classify_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
 
 
 def search_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
-    """QUERY (+ optional TOP_K) → IDS, SCORES from the catalog index (serving_models/search.py)."""
+    """QUERY (+ optional TOP_K) → IDS, SCORES, TITLES from the catalog index (serving_models/search.py)."""
     parameters = SearchParameters(
         **_fusion_parameters(spec, built), search=spec.search.model_dump(), layout=spec.serving.layout
     )
@@ -400,7 +405,11 @@ def search_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConf
         spec,
         built,
         inputs=[_tensor(QUERY, pb.TYPE_STRING, [1]), _tensor(TOP_K, pb.TYPE_INT32, [1], optional=True)],
-        outputs=[_tensor(IDS, pb.TYPE_STRING, [-1]), _tensor(SCORES, pb.TYPE_FP32, [-1])],
+        outputs=[
+            _tensor(IDS, pb.TYPE_STRING, [-1]),
+            _tensor(SCORES, pb.TYPE_FP32, [-1]),
+            _tensor(TITLES, pb.TYPE_STRING, [-1]),
+        ],
         parameters=parameters,
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ecomserve.evaluation import load_eval_set, mean_ndcg
+from ecomserve.prompts import PASSAGE_PROMPT, QUERY_PROMPT, with_prompt
 from ecomserve.repository.builder import built_spec
 from ecomserve.repository.inprocess import release_embedder
 from ecomserve.spec import PipelineSpec
@@ -19,7 +20,8 @@ def release_ndcg(repository: Path, release: int, spec: PipelineSpec | None = Non
     spec = spec or built_spec(repository)
     embed = release_embedder(repository, release, spec)
     eval_set = load_eval_set()
-    titles = embed(eval_set.titles)
-    queries = embed([q.text for q in eval_set.queries])
+    # With the query and passage prompts, as `rank` embeds its QUERY and CANDIDATES.
+    titles = embed(with_prompt(spec.prompts, PASSAGE_PROMPT, eval_set.titles))
+    queries = embed(with_prompt(spec.prompts, QUERY_PROMPT, [q.text for q in eval_set.queries]))
     by_query = {q.text: vector for q, vector in zip(eval_set.queries, queries)}
     return mean_ndcg(eval_set, lambda query, _items: titles @ by_query[query])

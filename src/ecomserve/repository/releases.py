@@ -64,7 +64,7 @@ def check_compatible(live: Path, candidate: Path) -> None:
         old, new = _unpinned(read_config(live, model)), _unpinned(read_config(candidate, model))
         if old != new:
             raise RepositoryError(
-                f"the new spec changes the config of '{model}' (shapes, runtime, batching or limits): "
+                f"the new spec changes the config of '{model}' (shapes, runtime, batching, limits or prompts): "
                 "a release can only replace weights; build a new repository and restart"
             )
 

@@ -62,7 +62,7 @@ class ModelControl:
         from tritonclient.utils import InferenceServerException
 
         try:
-            config = self._client.get_model_config(model)
+            config = self._client.get_model_config(model, headers=self._headers)
             config.setdefault("parameters", {})[RESTART_PARAMETER] = {"string_value": str(time.time_ns())}
             self._client.load_model(model, headers=self._headers, config=json.dumps(config))
         except InferenceServerException as exc:
@@ -70,7 +70,7 @@ class ModelControl:
 
     def wait_ready(self, model: str, version: int, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
-        while not self._client.is_model_ready(model, str(version)):
+        while not self._client.is_model_ready(model, str(version), headers=self._headers):
             if time.monotonic() > deadline:
                 raise ServerError(f"'{model}' version {version} not ready after {timeout_s:.0f} s")
             time.sleep(0.2)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from ecomserve.contract import ADMIN_KEY_ENV
+from ecomserve.contract import ADMIN_KEY_ENV, API_KEY_ENV
 from ecomserve.errors import RepositoryError, ServerError
 from ecomserve.files import write_private_text
 from ecomserve.front.upstream import TritonSockets
@@ -57,9 +57,10 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+    api: int = 8080
 
     def named(self) -> dict[str, int]:
-        return {"http": self.http, "grpc": self.grpc, "metrics": self.metrics}
+        return {"http": self.http, "grpc": self.grpc, "metrics": self.metrics, "api": self.api}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class ServerOptions:
     # Model control (load, unload, index) needs this key in the `ecomserve-admin-key` header at the front;
     # None locks it with a random key only this process holds (its stub watchdog reloads models with it).
     admin_key: str | None = None
+    # The optional inference API key: with it, every call but health needs `Authorization: Bearer <key>`.
+    api_key: str | None = None
     # Reload a python model whose stub process died (Triton 2.51 does not restart it): server/stub_watchdog.
     recover_stubs: bool = True
     restart_budget: RestartBudget = field(default_factory=RestartBudget)
@@ -224,6 +227,10 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self._client_host}:{self.options.ports.metrics}/metrics"
 
+    @property
+    def api_url(self) -> str:
+        return f"http://{self._client_host}:{self.options.ports.api}"
+
     def is_running(self) -> bool:
         return self._triton is not None and self._triton.poll() is None
 
@@ -272,6 +279,7 @@ class TritonServer:
             f"--http-port={options.ports.http}",
             f"--grpc-port={options.ports.grpc}",
             f"--metrics-port={options.ports.metrics}",
+            f"--api-port={options.ports.api}",
         ]
 
     def start(self, timeout_s: float = 300) -> None:
@@ -311,13 +319,17 @@ class TritonServer:
         return self._install.environment() if self._install else dict(os.environ)
 
     def _start_front(self) -> None:
-        # The key travels in a 0600 file in the private socket folder: never on a command line, nor in an
+        # Keys travel in 0600 files in the private socket folder: never on a command line, nor in an
         # environment the front would hand on.
-        key_file = self._sockets.folder / "admin.key"
-        if not key_file.exists():
-            write_private_text(key_file, self.admin_key)
-        env = {name: value for name, value in os.environ.items() if name != ADMIN_KEY_ENV}
-        command = [*self.front_command(self._sockets), f"--admin-key-file={key_file}"]
+        command = [*self.front_command(self._sockets)]
+        for name, key in (("admin", self.admin_key), ("api", self.options.api_key)):
+            if key is None:
+                continue
+            key_file = self._sockets.folder / f"{name}.key"
+            if not key_file.exists():
+                write_private_text(key_file, key)
+            command.append(f"--{name}-key-file={key_file}")
+        env = {name: value for name, value in os.environ.items() if name not in (ADMIN_KEY_ENV, API_KEY_ENV)}
         self._front = _spawn(command, self._log(self.front_log_path), env)
 
     def _start_triton(self, timeout_s: float) -> None:

@@ -17,9 +17,9 @@ import signal
 import sys
 from pathlib import Path
 
-from ecomserve.contract import ADMIN_KEY_ENV
+from ecomserve.contract import ADMIN_KEY_ENV, API_KEY_ENV
 from ecomserve.errors import EcomserveError
-from ecomserve.front.policy import read_admin_key
+from ecomserve.front.policy import read_admin_key, read_api_key
 from ecomserve.server.process import Ports, ServerOptions, TritonServer
 
 USAGE = "usage: python3 -m ecomserve.server.supervise [--repository DIR] [options] -- TRITONSERVER [ARGS...]"
@@ -64,9 +64,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002, help="the front's metrics port")
+    parser.add_argument("--api-port", type=int, default=8080, help="the HTTP API (OpenAI, Cohere, TEI schemas)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ecomserve"))
     parser.add_argument(
         "--admin-key-file", type=Path, help=f"file holding the admin key (a mounted Secret); else ${ADMIN_KEY_ENV}"
+    )
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        help=f"file holding the inference API key (a mounted Secret); else ${API_KEY_ENV}; none: no key needed",
     )
     parser.add_argument(
         "--log-files",
@@ -93,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         ServerOptions(
             repository=args.repository,
             host=args.host,
-            ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
+            ports=Ports(args.http_port, args.grpc_port, args.metrics_port, args.api_port),
             work_dir=args.work_dir,
             admin_key=read_admin_key(args.admin_key_file),
+            api_key=read_api_key(args.api_key_file),
             recover_stubs=args.stub_watchdog,
             log_to_files=args.log_files,
             triton_command=command,

@@ -30,7 +30,7 @@ class TritonPythonModel:
         config = model_config(args)
         parameters = EmbedderParameters.from_config(config)
         threads, device = parameters.intra_op_threads, parameters.device
-        self.max_text_bytes = parameters.max_text_bytes
+        self.max_text_bytes, self.prompt_bytes = parameters.max_text_bytes, parameters.prompt_bytes
         self.slices = parameters.slices
         self.encoders = []
         for encoder in parameters.encoders:
@@ -46,7 +46,9 @@ class TritonPythonModel:
         owners: list[tuple[int, int, int]] = []  # (request index, first text, end)
         for index, request in enumerate(requests):
             try:
-                decoded = decode_texts(TEXT, input_array(request, TEXT).reshape(-1), self.max_text_bytes)
+                decoded = decode_texts(
+                    TEXT, input_array(request, TEXT).reshape(-1), self.max_text_bytes, self.prompt_bytes
+                )
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                 responses[index] = error_response(exc)
                 continue

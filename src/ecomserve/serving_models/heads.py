@@ -12,6 +12,7 @@ import triton_python_backend_utils as pb_utils
 from ecomserve.contract import CANDIDATES, EMBED, EMBEDDING, ENCODER_SCORES, LABEL, LABELS, QUERY, SCORES, TEXT, VOTES
 from ecomserve.fusion import query_scores, vote
 from ecomserve.parameters import FusionParameters
+from ecomserve.prompts import PASSAGE_PROMPT, QUERY_PROMPT, with_prompt
 from ecomserve.serving_models.base import (
     UpstreamError,
     bytes_array,
@@ -29,6 +30,9 @@ class _HeadModel:
     single_input: str
     list_input: str
     list_limit: str  # key in limits
+    # Which prompts (ecomserve.prompts) go before the single text and the list's texts; None: none.
+    single_prompt: str | None = None
+    list_prompt: str | None = None
 
     def initialize(self, args):
         config = model_config(args)
@@ -38,6 +42,7 @@ class _HeadModel:
         self.voting = parameters.voting
         self.limits = parameters.limits
         self.chunk = parameters.embed_batch
+        self.prompts = parameters.prompts
 
     async def execute(self, requests):
         return await respond_each_async(requests, self._handle)
@@ -49,7 +54,9 @@ class _HeadModel:
         items = input_array(request, self.list_input)
         check_count(self.list_input, len(items), self.limits[self.list_limit], self.list_limit)
         items = decode_texts(self.list_input, items, max_bytes)
-        fused = await self._embed(single + items)
+        # Limits apply to the client's texts: the prompts come after the checks (embed allows their room).
+        prompted = with_prompt(self.prompts, self.single_prompt, single)
+        fused = await self._embed(prompted + with_prompt(self.prompts, self.list_prompt, items))
         scores, fused_scores = query_scores(fused, self.slices, self.fusion["mode"], self.fusion["rrf_k"])
         return pb_utils.InferenceResponse(output_tensors=self.outputs(items, scores, fused_scores))
 
@@ -79,13 +86,16 @@ class RankModel(_HeadModel):
     """QUERY + CANDIDATES → SCORES (fused, input order) and ENCODER_SCORES [encoders, candidates]."""
 
     single_input, list_input, list_limit = QUERY, CANDIDATES, "max_candidates"
+    single_prompt, list_prompt = QUERY_PROMPT, PASSAGE_PROMPT
 
     def outputs(self, items, scores, fused):
         return [output(SCORES, fused), output(ENCODER_SCORES, scores)]
 
 
 class ClassifyModel(_HeadModel):
-    """TEXT + LABELS → LABEL (vote of the encoders), VOTES per label, SCORES (fused) per label."""
+    """TEXT + LABELS → LABEL (vote of the encoders), VOTES per label, SCORES (fused) per label.
+
+    No prompts: a text and its labels are neither a query nor passages (the pipeline's prompts are for retrieval)."""
 
     single_input, list_input, list_limit = TEXT, LABELS, "max_labels"
 

@@ -1,9 +1,11 @@
-"""search: QUERY (+ optional TOP_K) → IDS, SCORES from the catalog index.
+"""search: QUERY (+ optional TOP_K) → IDS, SCORES (and the items' TITLES) from the catalog index.
 
 Only the query is embedded at request time, and always by the release that embedded the index (the
 manifest says which): the query goes through BLS to that release's own model versions, never through
 `embed`, which serves whatever release is live. If that release is no longer loaded the request is
-refused with what to do, so vectors of two releases are never compared.
+refused with what to do, so vectors of two releases are never compared. The query gets the pipeline's
+query prompt (ecomserve.prompts), rerank's titles the passage prompt; an index whose manifest names another
+passage prompt is refused the same way, with the rebuild to run.
 
 The index is re-read when its manifest moves (upserts, deletes, rebuilds), all of it from the version
 folder the manifest names, so every instance answers from one whole version; the result cache is keyed
@@ -29,6 +31,7 @@ from ecomserve.contract import (
     QUERY,
     SCORES,
     TEXT,
+    TITLES,
     TOP_K,
     encoder_model,
     tokenizer_model,
@@ -39,6 +42,7 @@ from ecomserve.index.catalog import read_manifest
 from ecomserve.index.loading import load_index
 from ecomserve.index.milvus_index import milvus_token
 from ecomserve.parameters import SearchParameters
+from ecomserve.prompts import PASSAGE_PROMPT, QUERY_PROMPT, with_prompt
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT
 from ecomserve.serving_models.base import (
     Unavailable,
@@ -72,6 +76,7 @@ class TritonPythonModel:
         self.layout = parameters.layout
         self.chunk = parameters.embed_batch
         self.max_text_bytes = parameters.limits["max_text_bytes"]
+        self.prompts = parameters.prompts
         self.manifest, self.index, self.titles, self.checked_at = None, None, {}, 0.0
         self.cache = TTLCache(maxsize=max(self.search.cache.size, 1), ttl=self.search.cache.ttl_s)
         self.cache_family = pb_utils.MetricFamily(
@@ -89,6 +94,11 @@ class TritonPythonModel:
         (query,) = decode_texts(QUERY, input_array(request, QUERY), self.max_text_bytes)
         top_k = self._top_k(request)
         self._refresh()
+        if self.manifest.passage_prompt != self.prompts.get(PASSAGE_PROMPT, ""):
+            raise Unavailable(
+                f"the catalog index was embedded with the passage prompt {self.manifest.passage_prompt!r}, the "
+                f"spec's is {self.prompts.get(PASSAGE_PROMPT, '')!r}: rebuild it: `ecomserve index build CATALOG`"
+            )
         key = (self.manifest.version, self.manifest.release, query, top_k)
         found = self.cache.get(key) if self.search.cache.size else None
         if found is None:
@@ -99,8 +109,14 @@ class TritonPythonModel:
         else:
             self.hits.increment(1)
         ids, scores = found
+        # Triton sends only the outputs a request asked for; the HTTP API's /v1/search asks for TITLES.
+        titles = bytes_array([self.titles[item] for item in ids])
         return pb_utils.InferenceResponse(
-            output_tensors=[output(IDS, bytes_array(ids)), output(SCORES, np.asarray(scores, np.float32))]
+            output_tensors=[
+                output(IDS, bytes_array(ids)),
+                output(SCORES, np.asarray(scores, np.float32)),
+                output(TITLES, titles),
+            ]
         )
 
     def _top_k(self, request) -> int:
@@ -132,12 +148,15 @@ class TritonPythonModel:
     async def _search(self, query: str, top_k: int) -> tuple[list[str], list[float]]:
         rerank = self.search.rerank
         wanted = max(top_k, rerank.candidates) if rerank.enabled else top_k
-        (vector,) = await self._embed([query])
+        # The query prompt after the checks, on the client's text; the cache is keyed by that text.
+        (vector,) = await self._embed(with_prompt(self.prompts, QUERY_PROMPT, [query]))
         hits = [(item, score) for item, score in self.index.search(vector[None, :], wanted)[0] if item in self.titles]
         if not rerank.enabled or not hits:
             return [item for item, _ in hits[:top_k]], [score for _, score in hits[:top_k]]
-        # The rank fusion of every encoder over the retrieved titles, embedded by the index's release.
-        fused = np.concatenate([vector[None, :], await self._embed([self.titles[item] for item, _ in hits])])
+        # The rank fusion of every encoder over the retrieved titles, embedded by the index's release as
+        # passages, as the index build embedded them.
+        titles = with_prompt(self.prompts, PASSAGE_PROMPT, [self.titles[item] for item, _ in hits])
+        fused = np.concatenate([vector[None, :], await self._embed(titles)])
         _, scores = query_scores(fused, self.slices, self.fusion["mode"], self.fusion["rrf_k"])
         order = np.argsort(-scores, kind="stable")[:top_k]
         return [hits[i][0] for i in order], [float(scores[i]) for i in order]

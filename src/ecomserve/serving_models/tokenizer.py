@@ -25,7 +25,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
         parameters = TokenizerParameters.from_config(config)
-        self.max_text_bytes = parameters.max_text_bytes
+        self.max_text_bytes, self.prompt_bytes = parameters.max_text_bytes, parameters.prompt_bytes
         self.tokenizer = TextTokenizer(
             version_dir(args) / TOKENIZER_FILE,
             parameters.max_seq_len,
@@ -37,7 +37,7 @@ class TritonPythonModel:
         return respond_each(requests, self._tokenize)
 
     def _tokenize(self, request):
-        texts = decode_texts(TEXT, input_array(request, TEXT).reshape(-1), self.max_text_bytes)
+        texts = decode_texts(TEXT, input_array(request, TEXT).reshape(-1), self.max_text_bytes, self.prompt_bytes)
         batch = self.tokenizer.encode(texts)
         if batch.truncated:
             self.truncated.increment(batch.truncated)

@@ -12,11 +12,16 @@ Pods are done one after another, so at most one pod at a time loads a release. A
 Job (and `helm upgrade`) fail.
 
 Every model-repository call carries the header ecomserve-admin-key (the pod's front process refuses
-them without it); the key is never printed.
+them without it); with an inference API key (the chart's apiKey), every call also carries
+`Authorization: Bearer <key>`. Both keys are read from files (mounted Secrets), never from the
+environment; a key file that is missing, unreadable or empty stops the Job before any call. Neither key
+is ever printed.
 
 Environment: TRITON_SERVICE (headless Service DNS name), TRITON_HTTP_PORT, RELOAD_MODELS (comma
 separated, in order; empty: every model in the repository index but rank, classify and search, embed last),
-LOAD_TIMEOUT_S (per load, and for embed to be ready), ECOMSERVE_ADMIN_KEY.
+LOAD_TIMEOUT_S (per load, and for embed to be ready), ECOMSERVE_ADMIN_KEY_FILE (the file holding the
+admin key, a mounted Secret; required), ECOMSERVE_API_KEY_FILE (the file holding the inference API key,
+a mounted Secret; unset: no key). ECOMSERVE_ADMIN_KEY is not read.
 """
 
 from __future__ import annotations
@@ -61,9 +66,7 @@ def pod_addresses(service: str, port: int) -> list[str]:
 
 
 def post(url: str, timeout_s: float, key: str) -> bytes:
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers[ADMIN_HEADER] = key
+    headers = {"Content-Type": "application/json", ADMIN_HEADER: key}
     request = urllib.request.Request(url, data=b"{}", headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return response.read()
@@ -132,12 +135,45 @@ def served_versions(base: str, model: str) -> str:
         return "?"
 
 
+def read_key(path: str, what: str) -> str:
+    """The key in the file `path` (a mounted Secret), without surrounding whitespace such as a final newline.
+    Exits when the file cannot be read, is empty or holds what a header cannot carry; the message names the
+    file, never its content."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            key = file.read().strip()
+    except OSError as exc:
+        raise SystemExit(f"cannot read the {what} file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SystemExit(f"the {what} file {path} is not UTF-8 text") from None
+    if not key:
+        raise SystemExit(f"the {what} file {path} is empty")
+    if not (key.isascii() and key.isprintable()):
+        raise SystemExit(f"the {what} file {path} holds characters other than printable ASCII")
+    return key
+
+
+def send_api_key(api_key: str) -> None:
+    """Every request from now on carries `Authorization: Bearer <api_key>` (urlopen's opener)."""
+    opener = urllib.request.build_opener()
+    opener.addheaders = [*opener.addheaders, ("Authorization", f"Bearer {api_key}")]
+    urllib.request.install_opener(opener)
+
+
 def main() -> int:
     service = os.environ["TRITON_SERVICE"]
     port = int(os.environ.get("TRITON_HTTP_PORT", "8000"))
     wanted = [name for name in os.environ.get("RELOAD_MODELS", "").split(",") if name]
     timeout_s = float(os.environ.get("LOAD_TIMEOUT_S", "600"))
-    key = os.environ.get("ECOMSERVE_ADMIN_KEY", "")
+    admin_key_file = os.environ.get("ECOMSERVE_ADMIN_KEY_FILE")
+    if not admin_key_file:
+        raise SystemExit(
+            "ECOMSERVE_ADMIN_KEY_FILE is not set: it names the file holding the admin key (a mounted Secret); "
+            "the key is not read from the environment"
+        )
+    key = read_key(admin_key_file, "admin key")
+    if os.environ.get("ECOMSERVE_API_KEY_FILE"):
+        send_api_key(read_key(os.environ["ECOMSERVE_API_KEY_FILE"], "inference API key"))
     addresses = pod_addresses(service, port)
     failures = []
     for address in addresses:

@@ -116,6 +116,11 @@ subPath beside the repository folder), otherwise absolute. */}}
 {{- if eq .Values.triton.modelControl.mode "explicit" }}true{{ end }}
 {{- end }}
 
+{{/* Whether the inference API key is on (apiKey.existingSecret or apiKey.create). */}}
+{{- define "ecomserve.apiKeyEnabled" -}}
+{{- if or .Values.apiKey.existingSecret .Values.apiKey.create }}true{{ end }}
+{{- end }}
+
 {{/* The stub watchdog restarts models through model control, so it needs explicit mode and its key. */}}
 {{- define "ecomserve.stubWatchdog" -}}
 {{- if and .Values.triton.stubWatchdog.enabled (include "ecomserve.adminKeyEnabled" .) }}true{{ end }}
@@ -129,7 +134,7 @@ front, and the front, not Triton, checks the admin key (a key on a command line 
 {{- end }}
 
 {{/* The Triton container's command, as a YAML list: ecomserve's supervisor, which starts the front
-process on the public HTTP, gRPC and metrics ports, runs tritonserver (then ecomserve.tritonArgs) on
+process on the public HTTP, gRPC, metrics and HTTP API ports, runs tritonserver (then ecomserve.tritonArgs) on
 private unix sockets, restarts either if it dies and, with the stub watchdog, a python model whose stub
 died. */}}
 {{- define "ecomserve.supervisorCommand" -}}
@@ -140,9 +145,13 @@ died. */}}
   (printf "--http-port=%d" (int $ports.http))
   (printf "--grpc-port=%d" (int $ports.grpc))
   (printf "--metrics-port=%d" (int $ports.metrics))
+  (printf "--api-port=%d" (int $ports.api))
   "--work-dir=/tmp/ecomserve" }}
 {{- if include "ecomserve.adminKeyEnabled" . }}
-{{- $command = append $command "--admin-key-file=/var/run/secrets/ecomserve/admin-key/admin-key" }}
+{{- $command = append $command (printf "--admin-key-file=%s" (include "ecomserve.adminKeyPath" .)) }}
+{{- end }}
+{{- if include "ecomserve.apiKeyEnabled" . }}
+{{- $command = append $command (include "ecomserve.apiKeyFile" .) }}
 {{- end }}
 {{- if not (include "ecomserve.stubWatchdog" .) }}
 {{- $command = append $command "--no-stub-watchdog" }}
@@ -155,20 +164,17 @@ died. */}}
 {{- default (include "ecomserve.suffixedName" (dict "root" . "suffix" "admin-key")) .Values.triton.adminKey.existingSecret }}
 {{- end }}
 
-{{/* ECOMSERVE_ADMIN_KEY from that Secret, as a one-item EnvVar list (the Triton container and the reload Job). */}}
-{{- define "ecomserve.adminKeyEnv" -}}
-- name: ECOMSERVE_ADMIN_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "ecomserve.adminKeySecret" . }}
-      key: {{ .Values.triton.adminKey.secretKey }}
+{{/* Where the admin key is mounted: the supervisor's --admin-key-file and the reload Job's
+ECOMSERVE_ADMIN_KEY_FILE name this file; no container gets the key in its environment. */}}
+{{- define "ecomserve.adminKeyPath" -}}
+/var/run/secrets/ecomserve/admin-key/admin-key
 {{- end }}
 
-{{/* The admin key as a file, /var/run/secrets/ecomserve/admin-key/admin-key: a one-item VolumeMount list
-and a one-item Volume list (mode 0440: the pod's user and fsGroup only). */}}
+{{/* The admin key as a file (adminKeyPath): a one-item VolumeMount list and a one-item Volume list
+(mode 0440: the pod's user and fsGroup only), for the Triton container and the reload Job. */}}
 {{- define "ecomserve.adminKeyMount" -}}
 - name: admin-key
-  mountPath: /var/run/secrets/ecomserve/admin-key
+  mountPath: {{ dir (include "ecomserve.adminKeyPath" .) }}
   readOnly: true
 {{- end }}
 
@@ -179,7 +185,39 @@ and a one-item Volume list (mode 0440: the pod's user and fsGroup only). */}}
     defaultMode: 0440
     items:
       - key: {{ .Values.triton.adminKey.secretKey }}
-        path: admin-key
+        path: {{ base (include "ecomserve.adminKeyPath" .) }}
+{{- end }}
+
+{{/* Secret holding the inference API key: apiKey.existingSecret, or the one the chart creates. */}}
+{{- define "ecomserve.apiKeySecret" -}}
+{{- default (include "ecomserve.suffixedName" (dict "root" . "suffix" "api-key")) .Values.apiKey.existingSecret }}
+{{- end }}
+
+{{/* Where the inference API key is mounted, and the supervisor's flag that names the file. */}}
+{{- define "ecomserve.apiKeyPath" -}}
+/var/run/secrets/ecomserve/api-key/api-key
+{{- end }}
+
+{{- define "ecomserve.apiKeyFile" -}}
+--api-key-file={{ include "ecomserve.apiKeyPath" . }}
+{{- end }}
+
+{{/* The inference API key as a file (apiKeyPath): a one-item VolumeMount list and a one-item Volume list
+(mode 0440: the pod's user and fsGroup only), for the Triton container, helm test and the reload Job. */}}
+{{- define "ecomserve.apiKeyMount" -}}
+- name: api-key
+  mountPath: {{ dir (include "ecomserve.apiKeyPath" .) }}
+  readOnly: true
+{{- end }}
+
+{{- define "ecomserve.apiKeyVolume" -}}
+- name: api-key
+  secret:
+    secretName: {{ include "ecomserve.apiKeySecret" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.apiKey.secretKey }}
+        path: {{ base (include "ecomserve.apiKeyPath" .) }}
 {{- end }}
 
 {{/* What --model-repository points at. With TensorRT engines, /models is the repository assembled by
@@ -253,6 +291,13 @@ the init container (links into /models-source and the engine cache). */}}
 {{- end }}
 {{- if and .Values.networkPolicy.enabled .Values.search.milvus.enabled (ne $repo.source "pvc") (not .Values.networkPolicy.extraEgress) }}
 {{- fail (printf "search.milvus.enabled limits the pods' egress to DNS and Milvus: with modelRepository.source=%s list the object store in networkPolicy.extraEgress (e.g. [{ports: [{port: 443, protocol: TCP}]}])" $repo.source) }}
+{{- end }}
+{{- if and .Values.apiKey.existingSecret .Values.apiKey.create }}
+{{- fail "apiKey: set existingSecret (a Secret you manage) or create=true (a generated one), not both" }}
+{{- end }}
+{{- $ports := .Values.triton.ports }}
+{{- if ne (len (uniq (list (int $ports.http) (int $ports.grpc) (int $ports.metrics) (int $ports.api)))) 4 }}
+{{- fail "triton.ports: http, grpc, metrics and api must be four different ports (the front listens on each)" }}
 {{- end }}
 {{- $owned := splitList " " (include "ecomserve.supervisorOwnedFlags" .) }}
 {{- range .Values.triton.extraArgs }}
