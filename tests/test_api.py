@@ -158,6 +158,18 @@ def test_tei_rerank_tokenize_info_health(default_server, api, served_model):
     assert requests.get(f"{api}/health", timeout=10).status_code == 200
 
 
+def test_classify_answers_as_the_model_does(default_server, api, served_model):
+    text, labels = unique("waterproof hiking boots"), ["footwear", "kitchen", "electronics"]
+    expected = client_for(default_server, "grpc").classify(text, labels)
+    answer = requests.post(
+        f"{api}/v1/classify", json={"text": text, "labels": labels, "model": served_model}, timeout=30
+    ).json()
+    assert answer["label"] == expected.label
+    assert [s["label"] for s in answer["scores"]] == labels
+    assert [s["votes"] for s in answer["scores"]] == expected.votes.tolist()
+    np.testing.assert_allclose([s["score"] for s in answer["scores"]], expected.scores, atol=1e-6)
+
+
 def test_truncation_left_right_and_off(default_server, api):
     words = " ".join(f"w{i}" for i in range(300))
     long_text = unique("start") + " " + words + " final words"

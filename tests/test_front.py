@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from ecomserve.bench.front import CONCURRENCY, front_cost, front_markdown, plot_front, run_front_bench
+from ecomserve.bench.front import (
+    API_ROUTES,
+    CONCURRENCY,
+    ROUTES,
+    api_cost,
+    front_cost,
+    front_markdown,
+    plot_front,
+    run_front_bench,
+)
 from ecomserve.front.policy import GRPC_ACCESS, Access, http_access
 
 
@@ -44,19 +53,22 @@ def test_every_grpc_method_is_classified():
 @pytest.mark.integration
 def test_front_bench_measures_both_routes_in_one_run(default_server, tmp_path):
     rows = run_front_bench(default_server, ["wireless earbuds", "trail shoes"], duration_s=0.3, rounds=2)
-    assert len(rows) == 2 * 8
+    # Per round: HTTP front, direct and the two API routes, gRPC front and direct, each at 1 and 16 clients.
+    assert len(rows) == 2 * (4 + 2) * len(CONCURRENCY)
     assert {(r["protocol"], r["contender"], r["concurrency"]) for r in rows} == {
         (protocol, route, clients)
-        for protocol in ("http", "grpc")
-        for route in ("front", "direct")
+        for protocol, routes in (("http", (*ROUTES, *API_ROUTES)), ("grpc", ROUTES))
+        for route in routes
         for clients in CONCURRENCY
     }
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows), rows
-    cost = front_cost(rows)
+    cost, api = front_cost(rows), api_cost(rows)
     assert len(cost) == 4 and all(c["throughput_ratio"] > 0 for c in cost)
+    assert {c["route"] for c in api} == set(API_ROUTES) and all(c["throughput_ratio"] > 0 for c in api)
     plot_front(cost, tmp_path / "front.png")
     assert (tmp_path / "front.png").stat().st_size > 1000
-    assert "| grpc | 16 |" in front_markdown({"cpu": "test", "duration_s": 0.5, "cost": cost})
+    table = front_markdown({"cpu": "test", "duration_s": 0.5, "cost": cost, "api": api})
+    assert "| grpc | 16 |" in table and "| api openai | 16 |" in table
 
 
 def test_a_repeated_log_line_is_written_at_most_burst_times_per_window():
