@@ -53,6 +53,23 @@ def test_public_models_match_the_design(layout, internal):
     }
 
 
+def test_search_and_similar_come_with_the_specs_search_section():
+    configs = built_configs("default.yaml")
+    similar, search = configs["similar"], configs["search"]
+    assert tensors(similar.input) == {
+        "ITEM_IDS": ("TYPE_STRING", [-1]),
+        "TOP_K": ("TYPE_INT32", [1]),
+        "FILTER": ("TYPE_STRING", [1]),
+    }
+    assert [t.optional for t in similar.input] == [False, True, True]
+    outputs = {"IDS": ("TYPE_STRING", [-1]), "SCORES": ("TYPE_FP32", [-1]), "TITLES": ("TYPE_STRING", [-1])}
+    assert tensors(similar.output) == tensors(search.output) == outputs
+    assert similar.backend == "python" and similar.max_batch_size == 0
+    # The same parameters as search's: both read the one index the spec's search section names.
+    assert similar.parameters == search.parameters
+    assert "similar" not in built_configs("ensemble.yaml")  # no search section, no similar
+
+
 def test_ensemble_steps_are_wired():
     """Every tensor a step reads was produced before it; the last step produces EMBEDDING."""
     configs = built_configs("ensemble.yaml", "ensemble")

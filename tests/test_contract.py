@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ecomserve import contract
-from ecomserve.repository.releases import versioned_models
+from ecomserve.errors import RepositoryError
+from ecomserve.repository.releases import check_compatible, versioned_models
 from ecomserve.spec import RESERVED_NAMES
 
 RELOAD_SCRIPT = Path(__file__).resolve().parents[1] / "k8s" / "chart" / "ecomserve" / "files" / "reload_models.py"
@@ -40,7 +41,7 @@ def test_the_reload_scripts_generated_block_is_current():
 def test_the_reload_script_skips_the_contracts_unversioned_models_and_loads_embed_last():
     script = RELOAD_SCRIPT.read_text()
     constants = _script_constants(script)
-    assert set(constants["UNVERSIONED"]) == contract.UNVERSIONED == {"rank", "classify", "search"}
+    assert set(constants["UNVERSIONED"]) == contract.UNVERSIONED == {"rank", "classify", "search", "similar"}
     assert constants["ADMIN_HEADER"] == contract.ADMIN_HEADER
     assert constants["EMBED"] == contract.EMBED
     namespace: dict[str, object] = {}
@@ -55,6 +56,22 @@ def test_publish_switches_in_the_contracts_order(tmp_path):
         (tmp_path / model).mkdir()
         (tmp_path / model / "config.pbtxt").write_text("")
     assert versioned_models(tmp_path) == ["e5_encoder", "e5_tokenizer", "fusion", "embed"]
+
+
+def test_a_release_needs_the_same_unversioned_heads_not_all_of_them(tmp_path):
+    """A spec without `search:` builds neither `search` nor `similar`: releases compare only the heads built;
+    a head that one side has and the other lacks is refused by name, not with a missing file."""
+
+    def repository(name: str, models: list[str]) -> Path:
+        for model in models:
+            (tmp_path / name / model).mkdir(parents=True)
+            (tmp_path / name / model / "config.pbtxt").write_text(f'name: "{model}"\n')
+        return tmp_path / name
+
+    heads = ["embed", "embedder", "rank", "classify"]
+    check_compatible(repository("live", heads), repository("candidate", heads))
+    with pytest.raises(RepositoryError, match="the new spec adds the model 'similar'"):
+        check_compatible(tmp_path / "live", repository("with_similar", [*heads, "similar"]))
 
 
 def test_the_check_command_fails_on_a_stale_block(tmp_path):

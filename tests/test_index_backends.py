@@ -18,7 +18,7 @@ from ecomserve.index.faiss_index import FaissIndex
 from ecomserve.index.loading import open_index
 from ecomserve.index.milvus_index import MilvusIndex
 from ecomserve.index.milvus_lite import MilvusLiteServer, start_milvus_lite
-from ecomserve.index.vector_index import VectorIndex, VectorIndexError
+from ecomserve.index.vector_index import MissingIds, VectorIndex, VectorIndexError
 from ecomserve.spec import FaissSpec, MilvusSpec, SearchSpec
 
 DIM, ITEMS, QUERIES, K = 32, 2_000, 50, 10
@@ -124,6 +124,22 @@ def test_upsert_replaces_and_delete_removes(make_index, data):
     index.delete(ids[ITEMS // 3 : -5])
     (row,) = index.search(queries[:1], K)
     assert sorted(item for item, _ in row) == ids[-5:]
+
+
+def test_vectors_returns_the_stored_rows_by_id(make_index, data):
+    """What the `similar` model reads: the stored vectors in the order asked, the latest after a replace, and
+    every unknown or deleted id named."""
+    ids, vectors, queries = data
+    index = filled(make_index, data)
+    asked = [ids[9], ids[1500], ids[9], ids[0]]
+    np.testing.assert_allclose(index.vectors(asked), vectors[[9, 1500, 9, 0]], atol=1e-6)
+    assert index.vectors([]).shape == (0, DIM)
+    index.upsert([ids[9]], queries[:1])
+    np.testing.assert_allclose(index.vectors([ids[9]]), queries[:1], atol=1e-6)
+    index.delete([ids[0]])
+    with pytest.raises(MissingIds) as missing:
+        index.vectors([ids[1], "no-such-sku", ids[0], "no-such-sku"])
+    assert missing.value.missing == ["no-such-sku", ids[0]]
 
 
 def test_faiss_tombstones_are_skipped_without_compaction(data):

@@ -250,8 +250,32 @@ def test_milvus_writes_go_through_the_same_staging_and_lock(index, tmp_path):
         assert removed == 1 and manifest.version == 3 and manifest.items == len(items)
         assert top_id(milvus_index, new.title) == new.id
         (version,) = [path for path in index.target.iterdir() if path.name == manifest.data]
-        assert [path.name for path in version.iterdir()] == ["titles.json"]  # the vectors live in Milvus
+        # The vectors (and the filterable fields) live in Milvus; titles and the items' other fields here.
+        assert sorted(path.name for path in version.iterdir()) == ["items.json", "titles.json"]
         # A build of fewer items for the same release also clears the collection of the ones it drops.
         rebuilt = build_index(spec, index.repository, items[:100], index.target, Console(quiet=True))
         collection = MilvusIndex(spec.search.milvus.model_copy(update={"collection": "ecomserve_catalog_r1"}), DIM)
         assert rebuilt.items == len(collection) == 100
+
+
+def test_a_catalog_with_a_bad_row_writes_nothing_and_a_good_one_commits_its_fields(index):
+    from ecomserve.index.catalog import read_items
+    from ecomserve.index.filters import parse_filter
+
+    build_index(index.spec, index.repository, catalog_items(20), index.target, Console(quiet=True))
+    before = snapshot(index.target)
+    good = '{"id": "new-1", "title": "zebra print velvet armchair", "brand": "Acme", "price": 10, "text": "soft"}\n'
+    feed = index.tmp / "feed.jsonl"
+    feed.write_text(good + '{"id": "new-2", "title": "desk lamp", "price": "ten"}\n')
+    refused = index_command(index, "upsert", str(feed))
+    _, errors = refused.communicate(timeout=300)
+    assert refused.returncode != 0 and "feed.jsonl:2: 'price' must be a number" in errors, errors
+    assert snapshot(index.target) == before  # nothing embedded, staged or committed
+    feed.write_text(good)
+    accepted = index_command(index, "upsert", str(feed))
+    _, errors = accepted.communicate(timeout=300)
+    assert accepted.returncode == 0, errors
+    assert read_items(index.target)["new-1"] == {"text": "soft", "brand": "Acme", "price": 10}
+    _, vectors, _ = load_index(index.spec.search, index.target)
+    query = release_embedder(index.repository, 1, index.spec)(["armchair"])
+    assert [item for item, _ in vectors.search(query, 5, parse_filter({"brand": "Acme"}))[0]] == ["new-1"]

@@ -23,7 +23,15 @@ from tritonclient.utils import InferenceServerException
 
 from ecomserve.errors import RequestFailed
 from ecomserve.evaluation import load_eval_set, ndcg_at_k
-from ecomserve.index.catalog import CatalogError, CatalogItem, read_catalog, read_manifest, write_manifest
+from ecomserve.index.catalog import (
+    CatalogError,
+    CatalogItem,
+    read_catalog,
+    read_items,
+    read_manifest,
+    write_manifest,
+)
+from ecomserve.index.filters import parse_filter
 from ecomserve.index.loading import load_index
 from ecomserve.index.ops import build_index, delete_items, index_dir, upsert_items
 from ecomserve.paths import corpus_lines
@@ -38,8 +46,30 @@ PROMPTS = {"query": "query: ", "passage": "passage: "}
 INDEX_CHECK_S = 0.35  # `search` re-reads index.json at a request 0.25 s or more after its last look
 
 
+BRANDS, COLORS = ["ASICS", "Yeti", "Hydro Flask", "Sony", 'Qu"ote\\d'], ["black", "red", "blue", "white"]
+RARE = (17, 333, 702)  # the only items of the brand "Rarebrand"
+
+
 def catalog_items() -> list[CatalogItem]:
-    return [CatalogItem(f"sku-{i}", title) for i, title in enumerate(corpus_lines("titles.txt"))]
+    """800 titles with catalog fields for FILTER: brands, prices, stock, attributes (every 50th item has none)."""
+    return [
+        CatalogItem(
+            f"sku-{i}",
+            title,
+            **(
+                {}
+                if i % 50 == 49
+                else {
+                    "category": ["shoes", "kitchen", "audio"][i % 3],
+                    "brand": "Rarebrand" if i in RARE else BRANDS[i % len(BRANDS)],
+                    "price": (i * 37) % 500 if i % 2 else (i * 37) % 500 + 0.99,
+                    "in_stock": i % 4 != 0,
+                    "attributes": {"color": COLORS[i % len(COLORS)], "size": i % 12, "wide": i % 5 == 0},
+                }
+            ),
+        )
+        for i, title in enumerate(corpus_lines("titles.txt"))
+    ]
 
 
 @pytest.fixture(scope="module", params=["faiss", "milvus"])
@@ -279,8 +309,8 @@ def test_catalog_files_are_read_as_jsonl_and_csv(tmp_path):
     (tmp_path / "items.jsonl").write_text(
         '{"id": "a", "title": "red shoes", "category": "shoes"}\n\n{"id": 7, "title": "mug"}\n'
     )
-    (tmp_path / "items.csv").write_text("id,title,price\na,red shoes,10\n7,mug,3\n")
-    expected = [CatalogItem("a", "red shoes"), CatalogItem("7", "mug")]
+    (tmp_path / "items.csv").write_text("id,title,category\na,red shoes,shoes\n7,mug,\n")
+    expected = [CatalogItem("a", "red shoes", category="shoes"), CatalogItem("7", "mug")]
     assert list(read_catalog(tmp_path / "items.jsonl")) == expected == list(read_catalog(tmp_path / "items.csv"))
     (tmp_path / "bad.jsonl").write_text('{"id": "a"}\n')
     with pytest.raises(CatalogError, match="bad.jsonl:1: every item needs"):
@@ -375,3 +405,330 @@ def test_the_http_api_searches_as_the_model_does_with_titles(catalog):
     np.testing.assert_allclose([r["score"] for r in results], found.scores, atol=1e-6)
     refused = requests.post(f"{server.api_url}/v1/search", json={"query": query, "top_k": 21}, timeout=30)
     assert refused.status_code == 400 and "TOP_K" in refused.json()["error"]["message"]
+
+
+@pytest.mark.integration
+def test_the_http_api_applies_the_prompt_its_input_type_names(catalog):
+    server, text = catalog["server"], f"api prompt check {uuid.uuid4().hex[:8]}"
+    client = client_for(server, "grpc")
+    answers = {}
+    for kind in (None, "query", "passage"):
+        body = {"input": [text], "model": "tiny", **({"input_type": kind} if kind else {})}
+        answer = requests.post(f"{server.api_url}/v1/embeddings", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        answers[kind] = np.array(answer.json()["data"][0]["embedding"], dtype=np.float32)
+        expected = client.embed(with_prompt(PROMPTS, kind, [text]))[0]
+        np.testing.assert_allclose(answers[kind], expected, rtol=0, atol=1e-6)
+    assert float(answers["query"] @ answers["passage"]) < 0.9999  # the prompts changed the vector
+    tei = requests.post(f"{server.api_url}/embed", json={"inputs": text, "prompt_name": "query"}, timeout=30)
+    np.testing.assert_allclose(np.array(tei.json()[0], dtype=np.float32), answers["query"], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `similar`: items like the given ones, from the same index's stored vectors, never the inputs
+
+
+def exact_similar(catalog, ids: list[str], k: int) -> tuple[list[str], np.ndarray, dict[str, float]]:
+    """The exact answer over the live index's stored vectors: ids, scores and every item's score."""
+    from ecomserve.index.history import history_profile
+
+    _, index, titles = load_index(catalog["spec"].search, catalog["index"])
+    every = sorted(titles)
+    profile = history_profile(index.vectors(ids), catalog["spec"].search.history_half_life)
+    scores = index.vectors(every) @ profile
+    ranked = [i for i in np.argsort(-scores, kind="stable") if every[i] not in set(ids)][:k]
+    return [every[i] for i in ranked], scores[ranked], dict(zip(every, scores.tolist()))
+
+
+def assert_exact_similar(catalog, ids: list[str], found, k: int) -> None:
+    """`found` is the exact top k: the same scores, each the item's own exact score (ties may swap ids)."""
+    _, expected_scores, every = exact_similar(catalog, ids, k)
+    assert len(found.ids) == k and not set(found.ids) & set(ids)
+    np.testing.assert_allclose(found.scores, expected_scores, atol=1e-5)
+    np.testing.assert_allclose(found.scores, [every[item] for item in found.ids], atol=1e-5)
+
+
+@pytest.mark.integration
+def test_similar_of_one_item_is_its_nearest_neighbours_never_itself(catalog, protocol):
+    with client_for(catalog["server"], protocol) as client:
+        for item in ("sku-7", "sku-123", "sku-640"):
+            found = client.similar([item], top_k=10)
+            assert item not in found.ids
+            assert_exact_similar(catalog, [item], found, 10)
+            assert np.all(np.diff(found.scores) <= 1e-6)  # best first
+        assert len(client.similar(["sku-7"]).ids) == 10  # the spec's default top_k
+
+
+@pytest.mark.integration
+def test_similar_of_a_history_weights_recent_items_more(catalog, protocol):
+    history = ["sku-3", "sku-250", "sku-3", "sku-511", "sku-77"]  # most recent last; sku-3 seen twice
+    with client_for(catalog["server"], protocol) as client:
+        found = client.similar(history, top_k=8)
+        assert_exact_similar(catalog, history, found, 8)
+        reordered = client.similar(history[::-1], top_k=8)
+        assert_exact_similar(catalog, history[::-1], reordered, 8)
+    assert not np.allclose(found.scores, reordered.scores, atol=1e-6), "recency made no difference"
+
+
+@pytest.mark.integration
+def test_filtered_similar_returns_min_top_k_matching_items_never_the_inputs(catalog, protocol):
+    history = ["sku-17", "sku-4"]  # sku-17 is one of the three Rarebrand items
+    _, _, every = exact_similar(catalog, history, 1)
+    with client_for(catalog["server"], protocol) as client:
+        for raw in FILTERS:
+            allowed = {item.id for item in matching(raw)} - set(history)
+            found = client.similar(history, top_k=10, filter=raw)
+            assert len(found.ids) == min(10, len(allowed)), raw
+            assert set(found.ids) <= allowed, raw
+            # The exact top among the matching items: each score its own, none better left out.
+            best = sorted((every[item] for item in allowed), reverse=True)[: len(found.ids)]
+            np.testing.assert_allclose(found.scores, best, atol=1e-5)
+            np.testing.assert_allclose(found.scores, [every[item] for item in found.ids], atol=1e-5)
+        assert set(client.similar(history, filter={"brand": "Rarebrand"}).ids) == {"sku-333", "sku-702"}
+        with pytest.raises(RequestFailed, match="FILTER field 'colour'|unknown field 'colour'"):
+            client.similar(history, filter={"colour": "black"})
+        assert len(client.similar(history, top_k=3).ids) == 3  # still answering
+
+
+def raw_similar(server, protocol: str, ids: list[bytes], top_k: int | None = None):
+    """`similar` through tritonclient itself: (ids, None) or (None, (status, message))."""
+    module, url = (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
+    client = module.InferenceServerClient(url)
+    tensor = module.InferInput("ITEM_IDS", [len(ids)], "BYTES")
+    tensor.set_data_from_numpy(np.array(ids, dtype=np.object_).reshape(len(ids)))
+    inputs = [tensor]
+    if top_k is not None:
+        count = module.InferInput("TOP_K", [1], "INT32")
+        count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
+        inputs.append(count)
+    try:
+        for _attempt in range(20):
+            try:
+                answer = client.infer("similar", inputs)
+                return [value.decode() for value in answer.as_numpy("IDS")], None
+            except InferenceServerException as exc:
+                # The front counts each id against its texts-in-flight budget (8 here): a long list meets the
+                # tail of the previous request now and then, and is refused as busy; that is not this test's point.
+                if "server busy" not in (exc.message() or ""):
+                    return None, (str(exc.status()), exc.message())
+                time.sleep(0.1)
+        raise AssertionError("the front stayed busy for 2 s")
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+def test_similar_refuses_unknown_ids_and_bad_lists_naming_them(catalog, protocol):
+    server, invalid = catalog["server"], ("400", "StatusCode.INVALID_ARGUMENT")
+    max_history = catalog["spec"].search.max_history
+    _, (status, message) = raw_similar(server, protocol, [b"sku-1", b"no-such-sku", b"sku-2", b"gone-too"])
+    assert status in invalid and "no-such-sku" in message and "gone-too" in message, message
+    assert "sku-1" not in message, message
+    bad_lists = [
+        ([], "ITEM_IDS: got 0 ids, expected 1 to"),
+        ([b"sku-1"] * (max_history + 1), f"got {max_history + 1} ids, expected 1 to {max_history}"),
+        ([b"sku-1", b""], "ITEM_IDS[1]: the id is empty"),
+        ([b"x" * 513], "ITEM_IDS[0]: the id is 513 bytes, over the limit of 512"),
+        ([b"\xff\xfe"], "ITEM_IDS[0]: not valid UTF-8"),
+    ]
+    for ids, expected in bad_lists:
+        _, (status, message) = raw_similar(server, protocol, ids)
+        assert status in invalid and expected in message, message
+    _, (status, message) = raw_similar(server, protocol, [b"sku-1"], top_k=21)
+    assert status in invalid and "TOP_K" in message and "1 to 20" in message, message
+    found, refused = raw_similar(server, protocol, [b"sku-1"] * max_history, top_k=3)  # the limit itself is fine
+    assert refused is None and len(found) == 3 and "sku-1" not in found
+    with client_for(server, protocol) as client:  # still answering
+        assert len(client.similar(["sku-1"], top_k=3).ids) == 3
+
+
+@pytest.mark.integration
+def test_similar_follows_upserts_and_deletes_within_seconds(catalog):
+    spec, repository, target = catalog["spec"], catalog["repository"], catalog["index"]
+    twin = CatalogItem("sku-twin", catalog_items()[5].title)  # the same title: the same vector as sku-5
+
+    def answer(ids: list[str]) -> list[str] | None:
+        try:
+            return client.similar(ids, top_k=5).ids
+        except RequestFailed as exc:
+            assert "unknown item ids ['sku-twin']" in str(exc) and "400" in str(exc), str(exc)
+            return None
+
+    with client_for(catalog["server"], "http") as client:
+        assert answer([twin.id]) is None and twin.id not in answer(["sku-5"])
+        upsert_items(spec, repository, [twin], target, Console(stderr=True))
+        assert wait_for(lambda: twin.id in answer(["sku-5"])), "upsert not visible to similar within 5 s"
+        time.sleep(INDEX_CHECK_S)  # both instances of `similar` have looked at the index since
+        found = client.similar([twin.id, "sku-9"], top_k=5)
+        assert twin.id not in found.ids and "sku-9" not in found.ids
+        delete_items(spec, [twin.id], target)
+        assert wait_for(lambda: answer([twin.id]) is None), "delete not visible to similar within 5 s"
+        time.sleep(INDEX_CHECK_S)
+        assert twin.id not in answer(["sku-5"]) and answer([twin.id]) is None
+
+
+@pytest.mark.integration
+def test_similar_over_the_http_api_and_the_cli(catalog):
+    import subprocess
+    import sys
+
+    server, titles = catalog["server"], {item.id: item.title for item in catalog_items()}
+    history = ["sku-40", "sku-41"]
+    found = client_for(server, "grpc").similar(history, top_k=5)
+    answer = requests.post(f"{server.api_url}/v1/similar", json={"ids": history, "top_k": 5}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [r["id"] for r in results] == found.ids
+    assert [r["title"] for r in results] == [titles[item] for item in found.ids]
+    np.testing.assert_allclose([r["score"] for r in results], found.scores, atol=1e-6)
+    body = {"ids": ["sku-17"], "filter": {"brand": "Rarebrand"}}  # the other two Rarebrand items
+    rare = requests.post(f"{server.api_url}/v1/similar", json=body, timeout=30).json()["results"]
+    assert sorted(r["id"] for r in rare) == ["sku-333", "sku-702"]
+    for body, expected in (
+        ({"ids": ["sku-40"], "filter": {"colour": "x"}}, "unknown field 'colour'"),
+        ({"ids": ["sku-40", "no-such-sku"]}, "no-such-sku"),
+        ({"ids": []}, "ids"),
+        ({"ids": ["sku-40"], "top_k": 21}, "TOP_K"),
+    ):
+        refused = requests.post(f"{server.api_url}/v1/similar", json=body, timeout=30)
+        assert refused.status_code == 400 and expected in refused.json()["error"]["message"], refused.text
+    printed = subprocess.run(
+        [sys.executable, "-m", "ecomserve", "query", "similar", *history, "--top-k", "5", "--url", server.http_url],
+        capture_output=True,
+        text=True,
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout)["ids"] == found.ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FILTER: catalog fields filtered inside the index search
+
+FILTERS = [
+    {"brand": "ASICS"},
+    {"brand": {"in": ["Yeti", 'Qu"ote\\d']}},
+    {"price": {"gte": 50, "lte": 300}},
+    {"price": {"gt": 450}, "in_stock": True},
+    {"category": "audio", "attributes.color": "black", "attributes.size": {"lt": 6}},
+    {"attributes.wide": True, "in_stock": False},
+    {"brand": "Rarebrand"},  # 3 items
+    {"brand": "Nobody"},  # none
+]
+
+
+def matching(raw: dict, items: list[CatalogItem] | None = None) -> list[CatalogItem]:
+    where = parse_filter(raw)
+    return [item for item in items or catalog_items() if where.matches(item.filter_fields())]
+
+
+@pytest.mark.integration
+def test_filtered_search_returns_min_top_k_matching_items(catalog, protocol):
+    assert len(matching({"brand": "Rarebrand"})) == 3 and not matching({"brand": "Nobody"})
+    everything = catalog_items()
+    embed, prompts = release_embedder(catalog["repository"], 1, catalog["spec"]), catalog["spec"].prompts
+    titles = embed(with_prompt(prompts, PASSAGE_PROMPT, [item.title for item in everything]))
+    with client_for(catalog["server"], protocol) as client:
+        for query in QUERIES[:2]:
+            scores = titles @ embed(with_prompt(prompts, QUERY_PROMPT, [query]))[0]
+            for raw in FILTERS:
+                where = parse_filter(raw)
+                rows = [i for i, item in enumerate(everything) if where.matches(item.filter_fields())]
+                found = client.search(query, top_k=10, filter=raw)
+                assert len(found.ids) == min(10, len(rows)), raw
+                # The exact top within the filter (rerank keeps to it too), each result satisfying the filter.
+                best = [rows[i] for i in np.argsort(-scores[rows], kind="stable")[:10]]
+                assert found.ids == [everything[i].id for i in best], raw
+        # The result cache keys by the filter: the same query with another filter gets another answer.
+        assert client.search(QUERIES[0], top_k=10, filter=FILTERS[0]).ids != client.search(QUERIES[0], top_k=10).ids
+
+
+def raw_search(server, protocol: str, filter_value: bytes):
+    """`search` with a FILTER through tritonclient itself: (ids, None) or (None, (status, message))."""
+    module, url = (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
+    client = module.InferenceServerClient(url)
+    inputs = []
+    for name, value in (("QUERY", b"red running shoes"), ("FILTER", filter_value)):
+        tensor = module.InferInput(name, [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([value], dtype=np.object_))
+        inputs.append(tensor)
+    try:
+        return [value.decode() for value in client.infer("search", inputs).as_numpy("IDS")], None
+    except InferenceServerException as exc:
+        return None, (str(exc.status()), exc.message())
+    finally:
+        client.close()
+
+
+BAD_FILTERS = [
+    (b'{"colour": "black"}', "unknown field 'colour'"),
+    (b'{"price": {"between": [1, 2]}}', "unknown operator 'between'"),
+    (b'{"brand": 3}', "field 'brand': expected a string"),
+    (b'{"in_stock": "yes"}', "field 'in_stock': expected true or false"),
+    (b'{"price": {"gte": "cheap"}}', "'gte': expected a number"),
+    (b'{"brand": ', "malformed JSON"),
+    (b'["brand"]', "expected a JSON object"),
+    (b"[" * 3000 + b"]" * 3000, "bytes, at most"),
+]
+
+
+@pytest.mark.integration
+def test_bad_filters_are_refused_naming_them_and_the_server_stays_ready(catalog, protocol):
+    server = catalog["server"]
+    for value, expected in BAD_FILTERS:
+        _, (status, message) = raw_search(server, protocol, value)
+        assert status in ("400", "StatusCode.INVALID_ARGUMENT"), (status, message)
+        assert "FILTER" in message and expected in message, message
+    found, refused = raw_search(server, protocol, b'{"brand": "ASICS"}')
+    assert refused is None and len(found) == 10
+    with client_for(server, protocol) as client:  # still answering
+        assert client.is_ready() and len(client.search(QUERIES[0], top_k=3, filter={"brand": "Yeti"}).ids) == 3
+
+
+@pytest.mark.integration
+def test_the_http_api_and_the_cli_filter_searches(catalog):
+    import subprocess
+    import sys
+
+    server, raw = catalog["server"], {"brand": "Rarebrand"}
+    found = client_for(server, "grpc").search(QUERIES[0], top_k=10, filter=raw)
+    answer = requests.post(f"{server.api_url}/v1/search", json={"query": QUERIES[0], "filter": raw}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert [r["id"] for r in answer.json()["results"]] == found.ids and len(found.ids) == 3
+    for body, expected in (({"colour": "x"}, "unknown field 'colour'"), ({"price": "x"}, "expected a number")):
+        refused = requests.post(f"{server.api_url}/v1/search", json={"query": QUERIES[0], "filter": body}, timeout=30)
+        assert refused.status_code == 400 and expected in refused.json()["error"]["message"], refused.text
+    printed = subprocess.run(
+        [sys.executable, "-m", "ecomserve", "query", "search", QUERIES[0], "--filter", json.dumps(raw)]
+        + ["--url", server.http_url],
+        capture_output=True,
+        text=True,
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout)["ids"] == found.ids
+
+
+@pytest.mark.integration
+def test_upserts_and_deletes_change_filter_results_within_seconds(catalog):
+    spec, repository, target = catalog["spec"], catalog["repository"], catalog["index"]
+    original = catalog_items()[RARE[0]]
+    new = CatalogItem("sku-filter-new", "zebra print velvet armchair", brand="Rarebrand", price=12, in_stock=True)
+    rare = {"brand": "Rarebrand"}
+
+    def rare_ids(client) -> set[str]:
+        return set(client.search(new.title, top_k=10, filter=rare).ids)
+
+    with client_for(catalog["server"], "http") as client:
+        before = rare_ids(client)
+        assert before == {f"sku-{i}" for i in RARE}
+        upsert_items(spec, repository, [new], target, Console(stderr=True))
+        assert wait_for(lambda: rare_ids(client) == before | {new.id}), "upsert not visible to filters within 5 s"
+        assert read_items(target)[new.id] == new.extras() == {"brand": "Rarebrand", "price": 12, "in_stock": True}
+        moved = replace(original, brand="Otherbrand")
+        upsert_items(spec, repository, [moved], target, Console(stderr=True))  # its brand changed
+        assert wait_for(lambda: rare_ids(client) == before - {original.id} | {new.id}), "field change not visible"
+        other = {"brand": "Otherbrand"}  # each instance of `search` sees the change at its next look
+        assert wait_for(lambda: client.search(new.title, top_k=10, filter=other).ids == [original.id])
+        delete_items(spec, [new.id], target)
+        assert wait_for(lambda: rare_ids(client) == before - {original.id}), "delete not visible to filters"
+        upsert_items(spec, repository, [original], target, Console(stderr=True))  # as the other tests expect it
+        assert wait_for(lambda: rare_ids(client) == before)

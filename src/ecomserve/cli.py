@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from ecomserve.contract import CLASSIFY, EMBED, RANK, SEARCH
+from ecomserve.contract import CLASSIFY, EMBED, RANK, SEARCH, SIMILAR
 from ecomserve.errors import EcomserveError, ServerError, export_extra
 from ecomserve.index.catalog import WRITER_WAIT_S
 from ecomserve.paths import DEFAULT_SPEC_NAME, EXPORT_DIR, default_spec
@@ -228,7 +228,13 @@ def models(url: ControlUrlOption = "127.0.0.1:8000", key: AdminKeyOption = None)
         print(json.dumps(control.index(), indent=2))
 
 
-CatalogArgument = Annotated[Path, typer.Argument(help="JSONL or CSV with `id` and `title` per item")]
+CatalogArgument = Annotated[
+    Path,
+    typer.Argument(
+        help="JSONL or CSV with `id` and `title` per item, optionally text, category, brand, price, in_stock and "
+        "attributes (CSV: attributes.<name> columns); see the README's catalog format"
+    ),
+]
 WaitOption = Annotated[
     float, typer.Option("--wait", min=0, help="seconds to wait for another index writer (a build) to finish")
 ]
@@ -396,13 +402,34 @@ def query_rank(
 def query_search(
     query: str,
     top_k: Annotated[int | None, typer.Option("--top-k", help="items to return (default: search.top_k)")] = None,
+    filter_json: Annotated[
+        str | None,
+        typer.Option("--filter", help="""a JSON object over catalog fields, e.g. '{"brand": "ASICS"}'"""),
+    ] = None,
     url: UrlOption = None,
     protocol: ProtocolOption = ProtocolName.http,
 ) -> None:
-    """Catalog items for QUERY from the index, best first."""
+    """Catalog items for QUERY from the index, best first (only those FILTER matches, with --filter)."""
     with _client(url, protocol) as client:
-        result = client.search(query, top_k)
+        result = client.search(query, top_k, filter=filter_json)
     _print({"model": SEARCH, "ids": result.ids, "scores": result.scores.tolist()})
+
+
+@query_app.command("similar")
+def query_similar(
+    ids: Annotated[list[str], typer.Argument(help="item ids: one item, or a shopper's recent items, most recent last")],
+    top_k: Annotated[int | None, typer.Option("--top-k", help="items to return (default: search.top_k)")] = None,
+    filter_json: Annotated[
+        str | None,
+        typer.Option("--filter", help="""a JSON object over catalog fields, e.g. '{"in_stock": true}'"""),
+    ] = None,
+    url: UrlOption = None,
+    protocol: ProtocolOption = ProtocolName.http,
+) -> None:
+    """Catalog items similar to IDS from the index, best first, never one of IDS (only those FILTER matches)."""
+    with _client(url, protocol) as client:
+        result = client.similar(ids, top_k, filter=filter_json)
+    _print({"model": SIMILAR, "ids": result.ids, "scores": result.scores.tolist()})
 
 
 @query_app.command("classify")

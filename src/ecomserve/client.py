@@ -1,10 +1,11 @@
-"""A small Python API over tritonclient for the public models: embed, rank, classify.
+"""A small Python API over tritonclient for the public models: embed, rank, classify, search, similar.
 
 Safe to share between threads: each thread gets its own tritonclient connection (tritonclient's
 clients are not thread-safe), reused for every call that thread makes."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -20,13 +21,16 @@ from ecomserve.contract import (
     EMBED,
     EMBEDDING,
     ENCODER_SCORES,
+    FILTER,
     IDS,
+    ITEM_IDS,
     LABEL,
     LABELS,
     QUERY,
     RANK,
     SCORES,
     SEARCH,
+    SIMILAR,
     TEXT,
     TOP_K,
     VOTES,
@@ -143,15 +147,36 @@ class EcomClient:
         out = self._infer(CLASSIFY, inputs, [LABEL, VOTES, SCORES])
         return ClassifyResult(out[LABEL][0].decode("utf-8"), out[VOTES], out[SCORES])
 
-    def search(self, query: str, top_k: int | None = None) -> SearchResult:
-        """Catalog items for `query`, best first; `top_k` defaults to the server's search.top_k."""
+    def search(self, query: str, top_k: int | None = None, filter: dict | str | None = None) -> SearchResult:  # noqa: A002
+        """Catalog items for `query`, best first; `top_k` defaults to the server's search.top_k. `filter`: a
+        FILTER object (or its JSON text) over catalog fields, e.g. {"brand": "ASICS", "price": {"lte": 100}}."""
         inputs = [self._bytes_input(QUERY, [query], [1])]
         if top_k is not None:
-            count = self._module.InferInput(TOP_K, [1], "INT32")
-            count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
-            inputs.append(count)
+            inputs.append(self._top_k_input(top_k))
+        if filter is not None:
+            inputs.append(self._filter_input(filter))
         out = self._infer(SEARCH, inputs, [IDS, SCORES])
         return SearchResult([i.decode("utf-8") for i in out[IDS]], out[SCORES])
+
+    def similar(self, ids: list[str], top_k: int | None = None, filter: dict | str | None = None) -> SearchResult:  # noqa: A002
+        """Catalog items similar to `ids` (one item, or a shopper's recent items, most recent last), best first,
+        never one of `ids`; `top_k` defaults to the server's search.top_k; `filter` as `search`'s."""
+        inputs = [self._bytes_input(ITEM_IDS, list(ids), [len(ids)])]
+        if top_k is not None:
+            inputs.append(self._top_k_input(top_k))
+        if filter is not None:
+            inputs.append(self._filter_input(filter))
+        out = self._infer(SIMILAR, inputs, [IDS, SCORES])
+        return SearchResult([i.decode("utf-8") for i in out[IDS]], out[SCORES])
+
+    def _filter_input(self, filter: dict | str):  # noqa: A002
+        text = filter if isinstance(filter, str) else json.dumps(filter, ensure_ascii=False)
+        return self._bytes_input(FILTER, [text], [1])
+
+    def _top_k_input(self, top_k: int):
+        count = self._module.InferInput(TOP_K, [1], "INT32")
+        count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
+        return count
 
     def is_ready(self) -> bool:
         try:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 # Public models: what clients call.
-EMBED, RANK, CLASSIFY, SEARCH = "embed", "rank", "classify", "search"
+EMBED, RANK, CLASSIFY, SEARCH, SIMILAR = "embed", "rank", "classify", "search", "similar"
 # Internal models: the fused layout's one python model, and the split layout's fusion step.
 EMBEDDER, FUSION = "embedder", "fusion"
 # Reserved as well: no encoder may take it (see ecomserve.spec.RESERVED_NAMES).
@@ -37,7 +37,9 @@ def encoder_model(encoder: str) -> str:
 TEXT, EMBEDDING = "TEXT", "EMBEDDING"
 QUERY, CANDIDATES, SCORES, ENCODER_SCORES = "QUERY", "CANDIDATES", "SCORES", "ENCODER_SCORES"
 LABELS, LABEL, VOTES = "LABELS", "LABEL", "VOTES"
-TOP_K, IDS, TITLES = "TOP_K", "IDS", "TITLES"
+TOP_K, IDS, TITLES, ITEM_IDS = "TOP_K", "IDS", "TITLES", "ITEM_IDS"
+# search and similar: an optional JSON filter over catalog fields (ecomserve.index.filters).
+FILTER = "FILTER"
 # The tokenizer models' outputs (split layout, internal).
 INPUT_IDS, ATTENTION_MASK = "INPUT_IDS", "ATTENTION_MASK"
 
@@ -50,8 +52,8 @@ API_KEY_ENV = "ECOMSERVE_API_KEY"
 
 # Releases: every other model is versioned (one version per release); `embed`'s config names the
 # release each step serves. The python heads are not versioned: they follow whatever release `embed`
-# serves (search: the release its index names).
-UNVERSIONED = frozenset({RANK, CLASSIFY, SEARCH})
+# serves (search: the release its index names; similar embeds nothing, it reads the index's vectors).
+UNVERSIONED = frozenset({RANK, CLASSIFY, SEARCH, SIMILAR})
 
 
 def load_order(names: Iterable[str]) -> list[str]:

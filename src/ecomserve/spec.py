@@ -275,6 +275,13 @@ class SearchSpec(_Strict):
     faiss: FaissSpec = Field(default_factory=FaissSpec)
     milvus: MilvusSpec = Field(default_factory=MilvusSpec)
     cache: SearchCacheSpec = Field(default_factory=SearchCacheSpec)
+    # The `similar` model (similar items and recommendations): ITEM_IDS, most recent last, are combined into one
+    # profile p = Σᵢ wᵢ·vᵢ / ‖Σᵢ wᵢ·vᵢ‖ over their stored unit vectors vᵢ, with recency weights
+    # wᵢ = 0.5^(aᵢ / history_half_life), aᵢ = how many items came after item i (0 for the most recent).
+    max_history: int = Field(20, ge=1, le=1000, description="most ITEM_IDS a `similar` request may send")
+    history_half_life: float = Field(
+        5.0, gt=0, le=1000, description="`similar`: an item's weight halves every this many more recent items"
+    )
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> SearchSpec:

@@ -19,7 +19,16 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from ecomserve.index.vector_index import VectorIndexError, check_dim, checked_ids, checked_queries, checked_rows
+from ecomserve.index.filters import ItemFilter
+from ecomserve.index.vector_index import (
+    MissingIds,
+    VectorIndexError,
+    check_dim,
+    checked_fields,
+    checked_ids,
+    checked_queries,
+    checked_rows,
+)
 from ecomserve.spec import FaissSpec
 
 
@@ -66,6 +75,10 @@ class _ReadWriteLock:
 FaissKind = Literal["flat", "hnsw"]
 POINTER = "faiss.current"  # names the live save folder; replaced atomically
 SAVE_PREFIX = "faiss-"
+# HNSW: a filter matching at most this many rows is answered exactly over their vectors (cheap, and a graph walk
+# that must skip almost every node comes back short)
+EXACT_FILTERED_BELOW = 2048
+SELECTIONS_KEPT = 32  # the matching rows of this many filters are kept between writes
 FORMAT_VERSION = 1
 
 
@@ -86,21 +99,29 @@ class FaissIndex:
         self._index: faiss.Index = self._new_index("flat" if self.spec.exact_below > 0 else "hnsw")
         self._row_ids: list[str | None] = []
         self._rows: dict[str, int] = {}
+        self._fields: dict[str, dict] = {}  # each live id's filterable catalog fields (only ids that have some)
+        self._selected: dict[str, np.ndarray] = {}  # filter key → its matching rows, until the next write
         self._rw = _ReadWriteLock()  # guards the faiss index and the id maps against searches
         self._writer = threading.Lock()  # one mutation or save at a time; searches go on during rebuild and save
 
     # -- the interface
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[dict] | None = None) -> None:
+        given = checked_fields(ids, fields)
         ids, vectors = checked_rows(ids, vectors, self.dim)
         if not ids:
             return
         with self._writer:
             with self._rw.writing():
+                self._selected.clear()  # rows move or change
                 for item in ids:
                     old = self._rows.get(item)
                     if old is not None:
                         self._row_ids[old] = None
+                    if given[item]:
+                        self._fields[item] = given[item]
+                    else:
+                        self._fields.pop(item, None)
                 start = len(self._row_ids)
                 self._index.add(vectors)
                 self._row_ids.extend(ids)
@@ -111,9 +132,11 @@ class FaissIndex:
         ids = checked_ids(ids)
         with self._writer:
             with self._rw.writing():
+                self._selected.clear()  # rows move or change
                 removed = 0
                 for item in set(ids):
                     row = self._rows.pop(item, None)
+                    self._fields.pop(item, None)
                     if row is not None:
                         self._row_ids[row] = None
                         removed += 1
@@ -121,8 +144,10 @@ class FaissIndex:
                 self._maybe_rebuild()
             return removed
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    def search(self, queries: np.ndarray, k: int, where: ItemFilter | None = None) -> list[list[tuple[str, float]]]:
         queries = checked_queries(queries, k, self.dim)
+        if where is not None:
+            return self._search_filtered(queries, k, where)
         with self._rw.reading():
             live, total = len(self._rows), len(self._row_ids)
             want = min(k, live)
@@ -155,6 +180,67 @@ class FaissIndex:
     def ids(self) -> list[str]:
         with self._rw.reading():
             return list(self._rows)
+
+    def vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """Stored vectors by id, reconstructed from the faiss index (flat and HNSW-flat keep them exactly)."""
+        ids = checked_ids(ids)
+        with self._rw.reading():
+            rows = [self._rows.get(item) for item in ids]
+            missing = [item for item, row in zip(ids, rows) if row is None]
+            if missing:
+                raise MissingIds(list(dict.fromkeys(missing)))
+            if not rows:
+                return np.empty((0, self.dim), np.float32)
+            return np.asarray(self._index.reconstruct_batch(np.asarray(rows, dtype=np.int64)), dtype=np.float32)
+
+    def _search_filtered(self, queries: np.ndarray, k: int, where: ItemFilter) -> list[list[tuple[str, float]]]:
+        """Only the live rows whose fields match `where`, selected inside faiss (an IDSelectorBatch through the
+        search parameters, flat and HNSW), so a query gets min(k, matching) results. HNSW skips non-matching nodes
+        as it walks the graph and may come back short when few match: such queries, and filters matching at most
+        EXACT_FILTERED_BELOW rows, are answered exactly over the matching rows' vectors."""
+        with self._rw.reading():
+            rows = self._selected.get(where.key)
+            if rows is None:
+                fields = self._fields
+                rows = np.fromiter(
+                    (self._rows[item] for item, found in fields.items() if where.matches(found)), dtype=np.int64
+                )
+                rows.sort()
+                if len(self._selected) >= SELECTIONS_KEPT:
+                    self._selected.clear()
+                self._selected[where.key] = rows
+            want = min(k, len(rows))
+            if want == 0 or not len(queries):
+                return [[] for _ in range(len(queries))]
+            hnsw = self.kind == "hnsw"
+            if hnsw and len(rows) <= EXACT_FILTERED_BELOW:
+                return self._exact_over(queries, rows, want)
+            selector = faiss.IDSelectorBatch(rows)  # kept referenced until the search returns
+            params = faiss.SearchParametersHNSW() if hnsw else faiss.SearchParameters()
+            params.sel = selector
+            if hnsw:
+                params.efSearch = max(self.spec.ef_search, want)
+            scores, labels = self._index.search(queries, want, params=params)
+            results = [
+                [(self._row_ids[label], float(score)) for score, label in zip(scores[q], labels[q]) if label >= 0]
+                for q in range(len(queries))
+            ]
+            short = [q for q, hits in enumerate(results) if len(hits) < want]
+            if short:
+                for q, hits in zip(short, self._exact_over(queries[short], rows, want)):
+                    results[q] = hits
+            return results
+
+    def _exact_over(self, queries: np.ndarray, rows: np.ndarray, want: int) -> list[list[tuple[str, float]]]:
+        """Exact inner products with the vectors of `rows` (sorted), best first; called holding the read lock."""
+        vectors = self._index.reconstruct_batch(rows)
+        scores = queries @ vectors.T
+        results = []
+        for q in range(len(queries)):
+            top = np.argpartition(-scores[q], want - 1)[:want] if want < len(rows) else np.arange(len(rows))
+            top = top[np.lexsort((rows[top], -scores[q][top]))]  # best first; ties by row, as faiss orders them
+            results.append([(self._row_ids[rows[i]], float(scores[q][i])) for i in top])
+        return results
 
     # -- persistence
 
@@ -192,6 +278,8 @@ class FaissIndex:
             raise VectorIndexError(f"{folder}: index and ids disagree ({saved.ntotal} vs {len(row_ids)} rows): rebuild")
         index._row_ids = row_ids
         index._rows = {item: row for row, item in enumerate(row_ids) if item is not None}
+        if (folder / "fields.json").is_file():  # saves before catalog fields have none
+            index._fields = json.loads((folder / "fields.json").read_text())
         if _kind(saved) == index._wanted_kind() and _hnsw_m(saved) in (None, index.spec.hnsw_m):
             index._index = saved
             index._tune(saved)
@@ -218,6 +306,7 @@ class FaissIndex:
                 _write_faiss(self._index, staging / "index.faiss")
                 _write_npy(self._all_vectors(), staging / "vectors.npy")
                 (staging / "ids.json").write_text(json.dumps(self._row_ids, ensure_ascii=False))
+                (staging / "fields.json").write_text(json.dumps(self._fields, ensure_ascii=False))
                 meta = {"format": FORMAT_VERSION, "dim": self.dim, "kind": _kind(self._index), "live": len(self)}
                 (staging / "meta.json").write_text(json.dumps(meta) + "\n")
                 for path in staging.iterdir():
@@ -291,6 +380,7 @@ class FaissIndex:
         keep = [row for row, item in enumerate(self._row_ids) if item is not None]
         built = self._build(self._wanted_kind(), self._all_vectors()[keep])
         with self._rw.writing():
+            self._selected.clear()
             self._index = built
             self._row_ids = [self._row_ids[row] for row in keep]
             self._rows = {item: row for row, item in enumerate(self._row_ids) if item is not None}

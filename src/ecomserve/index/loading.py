@@ -1,11 +1,13 @@
 """Opening a catalog index: the backend a spec names (`open_index`), the version a manifest names
-(`open_version`), and the live version whole (`load_index`), as the `search` model reads it.
+(`open_version`), the live version whole (`load_index`), as the `search` model reads it, and the live version
+kept current (`LiveIndex`), as the `similar` model holds it.
 
-The search model imports this and not `ops.py`, which embeds (and so pulls in the repository builder, rich and
-tritonclient): keep it that way (tests/test_architecture.py)."""
+The search and similar models import this and not `ops.py`, which embeds (and so pulls in the repository
+builder, rich and tritonclient): keep it that way (tests/test_architecture.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ecomserve.index.catalog import CatalogError, Manifest, read_manifest, read_titles, version_dir
@@ -58,3 +60,37 @@ def load_index(search: SearchSpec, target: Path) -> tuple[Manifest, VectorIndex,
         if folder.is_dir():  # writers rename a version before removing it: still here means read whole
             return loaded
     raise CatalogError(f"{target} changed {LOAD_ATTEMPTS} times while it was being read: is a writer looping?")
+
+
+# How stale a serving model's index may be: well inside the 5 s the catalog promises.
+MANIFEST_CHECK_S = 0.25
+
+
+class LiveIndex:
+    """The live version of a catalog index as a serving model holds it (the `similar` model; `search` keeps the
+    same logic inline): the manifest is looked at again at most every `check_s` seconds, and when it names
+    another version that version is loaded whole (`load_index`), so every answer comes from one version."""
+
+    def __init__(self, search: SearchSpec, target: Path, check_s: float = MANIFEST_CHECK_S) -> None:
+        self.search, self.target, self.check_s = search, target, check_s
+        self.manifest: Manifest | None = None
+        self.index: VectorIndex | None = None
+        self.titles: dict[str, str] = {}
+        self._checked_at = 0.0
+
+    def refresh(self) -> bool:
+        """Look at the manifest if it is time to; True when another version was loaded. Afterwards `index` is
+        None only while there is no index at all (before the first build)."""
+        now = time.monotonic()
+        if self.index is not None and now - self._checked_at < self.check_s:
+            return False
+        self._checked_at = now
+        manifest = read_manifest(self.target)
+        if manifest is not None and manifest == self.manifest:
+            return False
+        loaded = load_index(self.search, self.target)
+        if loaded is None:
+            self.manifest, self.index, self.titles = None, None, {}
+            return False
+        self.manifest, self.index, self.titles = loaded
+        return True

@@ -17,10 +17,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ecomserve.index.filters import ItemFilter
 from ecomserve.index.vector_index import (
     ID_MAX_BYTES,
+    MissingIds,
     VectorIndexError,
     check_dim,
+    checked_fields,
     checked_ids,
     checked_queries,
     checked_rows,
@@ -29,6 +32,8 @@ from ecomserve.spec import MilvusSpec
 
 MILVUS_MAX_TOPK = 16_384  # Milvus refuses a larger limit
 MILVUS_BATCH_BYTES = 16 << 20  # rows per insert kept well under gRPC's 64 MiB message limit
+FIELDS = "fields"  # the JSON field holding each item's filterable catalog fields (FILTER → a Milvus expression)
+FIELDS_MAX_BYTES = 16 << 10  # an item's fields, JSON-encoded, at most (catalog.py bounds them well under this)
 # Milvus Lite 2.5 splices ids into SQL unescaped (a single quote breaks upsert and delete), and Milvus filter
 # literals cannot carry control characters: refuse such ids up front, on every Milvus, so a catalog that works
 # against Milvus Lite in development works against a server too.
@@ -40,7 +45,8 @@ _served: dict[Path, str] = {}  # db file → uri of the Milvus Lite servers this
 
 
 class MilvusIndex:
-    """A Milvus collection: VARCHAR primary key `id`, FLOAT_VECTOR `vector`, metric IP, AUTOINDEX (HNSW-like on
+    """A Milvus collection: VARCHAR primary key `id`, FLOAT_VECTOR `vector`, JSON `fields` (what FILTER matches),
+    metric IP, AUTOINDEX (HNSW-like on
     a server; Milvus Lite accepts only FLAT, IVF_FLAT and AUTOINDEX and searches exactly). Reads are Strong by
     default, so a search never returns an id deleted before it; `consistency="Bounded"` trades that for latency."""
 
@@ -59,12 +65,18 @@ class MilvusIndex:
         self._client = _milvus_client(self.uri, milvus_token(spec, relative_to), timeout_s)
         self._ensure_collection()
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[dict] | None = None) -> None:
+        given = checked_fields(ids, fields)
         ids, vectors = checked_rows(ids, vectors, self.dim)
         _check_milvus_ids(ids)
-        step = max(1, MILVUS_BATCH_BYTES // (self.dim * 4 + ID_MAX_BYTES))
+        if not self._filterable and any(given.values()):
+            raise VectorIndexError(self._no_fields())
+        step = max(1, MILVUS_BATCH_BYTES // (self.dim * 4 + ID_MAX_BYTES + FIELDS_MAX_BYTES))
         for start in range(0, len(ids), step):
             rows = [{"id": item, "vector": vectors[start + i]} for i, item in enumerate(ids[start : start + step])]
+            if self._filterable:
+                for row in rows:
+                    row[FIELDS] = given[row["id"]]
             self._call("upsert", self.collection, rows)
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -79,12 +91,14 @@ class MilvusIndex:
                 removed += len(found)
         return removed
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    def search(self, queries: np.ndarray, k: int, where: ItemFilter | None = None) -> list[list[tuple[str, float]]]:
         queries = checked_queries(queries, k, self.dim)
         if k > MILVUS_MAX_TOPK:
             raise VectorIndexError(f"k={k}: Milvus returns at most {MILVUS_MAX_TOPK} results per query")
         if not len(queries):
             return []
+        if where is not None and not self._filterable:
+            raise VectorIndexError(self._no_fields())
         results = self._call(
             "search",
             self.collection,
@@ -93,6 +107,8 @@ class MilvusIndex:
             output_fields=[],
             search_params={"metric_type": "IP"},
             consistency_level=self.consistency,
+            # Milvus's own filtered search over the JSON field: min(k, matching) hits.
+            **({"filter": where.milvus_expression(FIELDS)} if where is not None else {}),
         )
         return [[(str(hit["id"]), float(hit["distance"])) for hit in hits] for hits in results]
 
@@ -111,6 +127,28 @@ class MilvusIndex:
         finally:
             iterator.close()
         return found
+
+    def vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """Stored vectors by id: a query by primary key that returns the vector field."""
+        ids = checked_ids(ids)
+        _check_milvus_ids(ids)
+        wanted = list(dict.fromkeys(ids))
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(wanted), 1000):
+            rows = self._call(
+                "query",
+                self.collection,
+                filter=f"id in {_literal(wanted[start : start + 1000])}",
+                output_fields=["id", "vector"],
+                consistency_level=self.consistency,
+            )
+            found.update((str(row["id"]), np.asarray(row["vector"], dtype=np.float32)) for row in rows)
+        missing = [item for item in wanted if item not in found]
+        if missing:
+            raise MissingIds(missing)
+        if not ids:
+            return np.empty((0, self.dim), np.float32)
+        return np.stack([found[item] for item in ids])
 
     def save(self, directory: Path) -> None:
         """Nothing to write: the Milvus server already holds every upsert and delete."""
@@ -138,6 +176,9 @@ class MilvusIndex:
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+            # One JSON field, not a scalar field per catalog field: Milvus Lite 2.5 has no nullable fields, and
+            # an item may lack any of them; a missing JSON key never matches a filter, as FILTER means.
+            schema.add_field(FIELDS, DataType.JSON)
             index_params = self._client.prepare_index_params()
             index_params.add_index(field_name="vector", index_type="AUTOINDEX", metric_type="IP")
             try:
@@ -155,8 +196,16 @@ class MilvusIndex:
                 "fields): choose another search.milvus.collection"
             )
         check_dim(int(vector["params"]["dim"]), self.dim, index=f"collection {self.collection} at {self.uri}")
+        self._filterable = fields.get(FIELDS, {}).get("type") == DataType.JSON  # collections made before: no
         if str(self._call("get_load_state", self.collection).get("state")) != "Loaded":
             self._call("load_collection", self.collection)
+
+    def _no_fields(self) -> str:
+        return (
+            f"collection {self.collection} at {self.uri} was made before catalog fields (no `{FIELDS}` field), so it "
+            "cannot store or filter by them: drop it (or choose another search.milvus.collection) and rebuild the "
+            "index with `ecomserve index build CATALOG`"
+        )
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         from pymilvus import MilvusException

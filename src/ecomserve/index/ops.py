@@ -8,9 +8,10 @@ A build also checkpoints into `<index>.building`, laid out the same way, and an 
 from there. Writers exclude each other with an flock on `<index>.lock`: the kernel drops it when its holder
 dies, so it never goes stale; a writer that finds it held waits `wait_s`, then gives up naming the holder.
 
-Milvus keeps the vectors in its own server, outside the version folder: they change as a write goes
-(`search` shows only ids the committed titles have, so a new item appears only with the new version, but a
-changed or deleted one changes early), and a killed write leaves the vectors it sent."""
+Milvus keeps the vectors (and the items' filterable fields) in its own server, outside the version folder:
+they change as a write goes (`search` shows only ids the committed titles have, so a new item appears only
+with the new version, but a changed or deleted one changes early), and a killed write leaves the vectors it
+sent."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ from ecomserve.index.catalog import (
     CatalogError,
     CatalogItem,
     Manifest,
+    read_items,
     read_manifest,
     read_titles,
+    write_items,
     write_manifest,
     write_titles,
 )
@@ -80,22 +83,37 @@ def build_index(
         staging = target.with_name(target.name + ".building")
         resumed = _resumable(staging, search.backend, release, dim, prompt)
         if resumed is None:
-            index, titles = open_index(backend_spec(search, release), staging, dim, relative_to=target.parent), {}
+            index = open_index(backend_spec(search, release), staging, dim, relative_to=target.parent)
+            titles, extras = {}, {}
         else:
             index, titles = open_version(search, staging, resumed), read_titles(staging, resumed)
-        todo = [item for item in _unique(items) if titles.get(item.id) != item.title]
+            extras = read_items(staging, resumed)
+        todo = [
+            item
+            for item in _unique(items)
+            if titles.get(item.id) != item.title or extras.get(item.id, {}) != item.extras()
+        ]
         if resumed is not None:
             console.print(f"resuming {staging}: {len(titles)} items already embedded, {len(todo)} to go")
         # _commit fills in the rest
         base = Manifest(search.backend, release, dim, version=0, items=0, data="", passage_prompt=prompt)
-        _embed_into(index, titles, todo, embed, console, checkpoint=lambda: _commit(staging, index, titles, base, 0))
+        _embed_into(
+            index,
+            titles,
+            extras,
+            todo,
+            embed,
+            console,
+            checkpoint=lambda: _commit(staging, index, titles, extras, base, 0),
+        )
         # From the index, not the titles: a Milvus collection may hold items of an earlier build of this release.
         stale = set(index.ids()) - {item.id for item in items}
         if stale:
             index.delete(sorted(stale))
             titles = {k: v for k, v in titles.items() if k not in stale}
+            extras = {k: v for k, v in extras.items() if k not in stale}
         previous = read_manifest(target)
-        manifest = _commit(target, index, titles, base, (previous.version if previous else 0) + 1)
+        manifest = _commit(target, index, titles, extras, base, (previous.version if previous else 0) + 1)
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
@@ -119,8 +137,9 @@ def upsert_items(
             )
         embed = _passage_embedder(repository, live.release, spec)
         index, titles = open_version(search, target, live), read_titles(target, live)
-        _embed_into(index, titles, list(_unique(items)), embed, console)
-        return _commit(target, index, titles, live, live.version + 1)
+        extras = read_items(target, live)
+        _embed_into(index, titles, extras, list(_unique(items)), embed, console)
+        return _commit(target, index, titles, extras, live, live.version + 1)
 
 
 def delete_items(
@@ -133,7 +152,8 @@ def delete_items(
         removed = index.delete(ids)
         gone = set(ids)
         titles = {k: v for k, v in read_titles(target, live).items() if k not in gone}
-        return _commit(target, index, titles, live, live.version + 1), removed
+        extras = {k: v for k, v in read_items(target, live).items() if k not in gone}
+        return _commit(target, index, titles, extras, live, live.version + 1), removed
 
 
 def _passage_embedder(repository: Path, release: int, spec: PipelineSpec) -> Callable[[list[str]], np.ndarray]:
@@ -159,6 +179,7 @@ def _resumable(staging: Path, backend: str, release: int, dim: int, prompt: str)
 def _embed_into(
     index: VectorIndex,
     titles: dict[str, str],
+    extras: dict[str, dict],
     items: list[CatalogItem],
     embed: Callable,
     console: Console,
@@ -169,16 +190,20 @@ def _embed_into(
         task = progress.add_task("embed", total=len(items))
         for number, start in enumerate(range(0, len(items), EMBED_BATCH), start=1):
             batch = items[start : start + EMBED_BATCH]
-            index.upsert([item.id for item in batch], np.asarray(embed([item.title for item in batch]), np.float32))
+            vectors = np.asarray(embed([item.title for item in batch]), np.float32)
+            index.upsert([item.id for item in batch], vectors, [item.filter_fields() for item in batch])
             titles.update((item.id, item.title) for item in batch)
+            extras.update((item.id, item.extras()) for item in batch)
             if checkpoint is not None and number % CHECKPOINT_BATCHES == 0:
                 checkpoint()
             progress.advance(task, len(batch))
 
 
-def _commit(folder: Path, index: VectorIndex, titles: dict[str, str], like: Manifest, version: int) -> Manifest:
-    """Write `index` and `titles` as a complete new version folder, then replace the manifest to name it. On
-    a write error (a full disk) nothing is committed and the staged files are removed."""
+def _commit(
+    folder: Path, index: VectorIndex, titles: dict[str, str], extras: dict[str, dict], like: Manifest, version: int
+) -> Manifest:
+    """Write `index`, `titles` and the items' other fields as a complete new version folder, then replace the
+    manifest to name it. On a write error (a full disk) nothing is committed and the staged files are removed."""
     previous = read_manifest(folder)
     name = f"v{version}-{secrets.token_hex(4)}"
     staging = folder / f".{name}.staging"
@@ -187,6 +212,7 @@ def _commit(folder: Path, index: VectorIndex, titles: dict[str, str], like: Mani
         staging.mkdir(parents=True)
         index.save(staging)
         write_titles(staging, titles)
+        write_items(staging, extras)
         staging.rename(folder / name)
         write_manifest(folder, manifest)  # the commit point
     except OSError as exc:

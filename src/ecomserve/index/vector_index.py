@@ -16,13 +16,16 @@ input checks every backend applies.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from ecomserve.errors import EcomserveError
+
+if TYPE_CHECKING:
+    from ecomserve.index.filters import ItemFilter
 
 ID_MAX_BYTES = 512  # the Milvus VARCHAR primary key's max_length; faiss keeps the same limit so a catalog fits both
 
@@ -31,20 +34,35 @@ class VectorIndexError(EcomserveError):
     """An index cannot do what was asked: wrong dimension, bad ids, unreachable server, unreadable files."""
 
 
+class MissingIds(VectorIndexError):
+    """`vectors()` was asked for ids the index does not hold; `missing` lists them, in the order asked."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"unknown ids: {missing}")
+        self.missing = missing
+
+
 @runtime_checkable
 class VectorIndex(Protocol):
     dim: int
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Insert or replace by id; `vectors` is float32 [len(ids), dim]. A repeated id: the last row wins."""
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping] | None = None) -> None:
+        """Insert or replace by id; `vectors` is float32 [len(ids), dim]. A repeated id: the last row wins.
+        `fields`: each item's filterable catalog fields (`CatalogItem.filter_fields()`), none when omitted."""
         ...
 
     def delete(self, ids: Sequence[str]) -> int:
         """Remove these ids; unknown ids are ignored. Returns how many were actually removed."""
         ...
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """Per query: up to k (id, score) pairs, best first, never a deleted id."""
+    def search(self, queries: np.ndarray, k: int, where: ItemFilter | None = None) -> list[list[tuple[str, float]]]:
+        """Per query: up to k (id, score) pairs, best first, never a deleted id; with `where`, only items whose
+        catalog fields (given to upsert) match it, filtered inside the search: min(k, matching) pairs."""
+        ...
+
+    def vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """The stored vectors of `ids`: float32 [len(ids), dim], in the order asked (a repeated id repeats its
+        row). Raises MissingIds naming every id the index does not hold."""
         ...
 
     def __len__(self) -> int: ...
@@ -87,6 +105,16 @@ def checked_rows(ids: Sequence[str], vectors: np.ndarray, dim: int) -> tuple[lis
         rows = sorted(last.values())
         return [ids[row] for row in rows], vectors[rows]
     return ids, vectors
+
+
+def checked_fields(ids: Sequence[str], fields: Sequence[Mapping] | None) -> dict[str, dict]:
+    """Each id's filterable fields (the last occurrence of a repeated id wins), {} for each when omitted."""
+    if fields is None:
+        return {item: {} for item in ids}
+    fields = list(fields)
+    if len(fields) != len(ids):
+        raise VectorIndexError(f"fields must have one entry per id ({len(ids)}), got {len(fields)}")
+    return {item: dict(entry or {}) for item, entry in zip(ids, fields)}
 
 
 def checked_queries(queries: np.ndarray, k: int, dim: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ecomserve.contract import CLASSIFY, EMBEDDER, FUSION, RANK, SEARCH
+from ecomserve.contract import CLASSIFY, EMBEDDER, FUSION, RANK, SEARCH, SIMILAR
 from ecomserve.errors import RepositoryError, export_extra
 from ecomserve.export.tensorrt import ENGINES_FILE
 from ecomserve.repository.configs import (
@@ -50,6 +50,7 @@ _ENTRY_POINTS = {
     RANK: "ecomserve.serving_models.heads import RankModel as TritonPythonModel",
     CLASSIFY: "ecomserve.serving_models.heads import ClassifyModel as TritonPythonModel",
     SEARCH: "ecomserve.serving_models.search import TritonPythonModel",
+    SIMILAR: "ecomserve.serving_models.similar import TritonPythonModel",
 }
 
 

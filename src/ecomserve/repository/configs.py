@@ -17,15 +17,18 @@ from ecomserve.contract import (
     EMBEDDER,
     EMBEDDING,
     ENCODER_SCORES,
+    FILTER,
     FUSION,
     IDS,
     INPUT_IDS,
+    ITEM_IDS,
     LABEL,
     LABELS,
     QUERY,
     RANK,
     SCORES,
     SEARCH,
+    SIMILAR,
     TEXT,
     TITLES,
     TOP_K,
@@ -396,7 +399,7 @@ def classify_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
 
 
 def search_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
-    """QUERY (+ optional TOP_K) → IDS, SCORES, TITLES from the catalog index (serving_models/search.py)."""
+    """QUERY (+ optional TOP_K, FILTER) → IDS, SCORES, TITLES from the catalog index (serving_models/search.py)."""
     parameters = SearchParameters(
         **_fusion_parameters(spec, built), search=spec.search.model_dump(), layout=spec.serving.layout
     )
@@ -404,7 +407,35 @@ def search_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConf
         SEARCH,
         spec,
         built,
-        inputs=[_tensor(QUERY, pb.TYPE_STRING, [1]), _tensor(TOP_K, pb.TYPE_INT32, [1], optional=True)],
+        inputs=[
+            _tensor(QUERY, pb.TYPE_STRING, [1]),
+            _tensor(TOP_K, pb.TYPE_INT32, [1], optional=True),
+            _tensor(FILTER, pb.TYPE_STRING, [1], optional=True),
+        ],
+        outputs=[
+            _tensor(IDS, pb.TYPE_STRING, [-1]),
+            _tensor(SCORES, pb.TYPE_FP32, [-1]),
+            _tensor(TITLES, pb.TYPE_STRING, [-1]),
+        ],
+        parameters=parameters,
+    )
+
+
+def similar_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
+    """ITEM_IDS (+ optional TOP_K, FILTER) → IDS, SCORES, TITLES from the catalog index's stored vectors, never
+    the inputs (serving_models/similar.py). The same parameters as `search`: it reads the same index."""
+    parameters = SearchParameters(
+        **_fusion_parameters(spec, built), search=spec.search.model_dump(), layout=spec.serving.layout
+    )
+    return _head_config(
+        SIMILAR,
+        spec,
+        built,
+        inputs=[
+            _tensor(ITEM_IDS, pb.TYPE_STRING, [-1]),
+            _tensor(TOP_K, pb.TYPE_INT32, [1], optional=True),
+            _tensor(FILTER, pb.TYPE_STRING, [1], optional=True),
+        ],
         outputs=[
             _tensor(IDS, pb.TYPE_STRING, [-1]),
             _tensor(SCORES, pb.TYPE_FP32, [-1]),
@@ -418,6 +449,7 @@ def all_configs(spec: PipelineSpec, built: list[BuiltEncoder]) -> list[pb.ModelC
     heads = [rank_config(spec, built), classify_config(spec, built)]
     if spec.search is not None:
         heads.append(search_config(spec, built))
+        heads.append(similar_config(spec, built))
     if spec.serving.layout == "fused":
         return [embedder_config(spec, built), fused_embed_config(spec, built), *heads]
     configs = []

@@ -61,6 +61,14 @@ def check_compatible(live: Path, candidate: Path) -> None:
             "a release can only replace weights; build a new repository and restart (or roll out a new deployment)"
         )
     for model in sorted(live_models | UNVERSIONED):
+        present = (live / model / CONFIG).is_file(), (candidate / model / CONFIG).is_file()
+        if present == (False, False):  # an optional head neither spec builds (search and similar need `search:`)
+            continue
+        if present != (True, True):
+            raise RepositoryError(
+                f"the new spec {'adds' if present[1] else 'removes'} the model '{model}': a release can only "
+                "replace weights; build a new repository and restart"
+            )
         old, new = _unpinned(read_config(live, model)), _unpinned(read_config(candidate, model))
         if old != new:
             raise RepositoryError(

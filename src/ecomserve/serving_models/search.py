@@ -1,4 +1,5 @@
-"""search: QUERY (+ optional TOP_K) → IDS, SCORES (and the items' TITLES) from the catalog index.
+"""search: QUERY (+ optional TOP_K, FILTER) → IDS, SCORES (and the items' TITLES) from the catalog index.
+FILTER (ecomserve.index.filters) is applied inside the index search; the result cache is keyed by it too.
 
 Only the query is embedded at request time, and always by the release that embedded the index (the
 manifest says which): the query goes through BLS to that release's own model versions, never through
@@ -26,6 +27,7 @@ from ecomserve.contract import (
     ATTENTION_MASK,
     EMBEDDER,
     EMBEDDING,
+    FILTER,
     IDS,
     INPUT_IDS,
     QUERY,
@@ -39,6 +41,7 @@ from ecomserve.contract import (
 from ecomserve.errors import InvalidInput
 from ecomserve.fusion import fuse_embeddings, query_scores
 from ecomserve.index.catalog import read_manifest
+from ecomserve.index.filters import ItemFilter, parse_filter
 from ecomserve.index.loading import load_index
 from ecomserve.index.milvus_index import milvus_token
 from ecomserve.parameters import SearchParameters
@@ -93,17 +96,18 @@ class TritonPythonModel:
     async def _handle(self, request):
         (query,) = decode_texts(QUERY, input_array(request, QUERY), self.max_text_bytes)
         top_k = self._top_k(request)
+        where = self._filter(request)
         self._refresh()
         if self.manifest.passage_prompt != self.prompts.get(PASSAGE_PROMPT, ""):
             raise Unavailable(
                 f"the catalog index was embedded with the passage prompt {self.manifest.passage_prompt!r}, the "
                 f"spec's is {self.prompts.get(PASSAGE_PROMPT, '')!r}: rebuild it: `ecomserve index build CATALOG`"
             )
-        key = (self.manifest.version, self.manifest.release, query, top_k)
+        key = (self.manifest.version, self.manifest.release, query, top_k, where.key if where else None)
         found = self.cache.get(key) if self.search.cache.size else None
         if found is None:
             self.misses.increment(1)
-            found = await self._search(query, top_k)
+            found = await self._search(query, top_k, where)
             if self.search.cache.size:
                 self.cache[key] = found
         else:
@@ -131,6 +135,17 @@ class TritonPythonModel:
             )
         return top_k
 
+    @staticmethod
+    def _filter(request) -> ItemFilter | None:
+        tensor = pb_utils.get_input_tensor_by_name(request, FILTER)
+        if tensor is None:
+            return None
+        values = tensor.as_numpy().reshape(-1)
+        if values.size != 1:
+            raise InvalidInput(f"FILTER: expected one JSON object, got {values.size} values")
+        value = values[0]
+        return parse_filter(value if isinstance(value, bytes) else str(value))
+
     def _refresh(self) -> None:
         now = time.monotonic()
         if self.index is not None and now - self.checked_at < MANIFEST_CHECK_S:
@@ -145,12 +160,14 @@ class TritonPythonModel:
         self.manifest, self.index, self.titles = loaded
         self.cache.clear()
 
-    async def _search(self, query: str, top_k: int) -> tuple[list[str], list[float]]:
+    async def _search(self, query: str, top_k: int, where: ItemFilter | None) -> tuple[list[str], list[float]]:
         rerank = self.search.rerank
         wanted = max(top_k, rerank.candidates) if rerank.enabled else top_k
         # The query prompt after the checks, on the client's text; the cache is keyed by that text.
         (vector,) = await self._embed(with_prompt(self.prompts, QUERY_PROMPT, [query]))
-        hits = [(item, score) for item, score in self.index.search(vector[None, :], wanted)[0] if item in self.titles]
+        # The filter applies inside the index search (min(wanted, matching) hits); rerank reorders only those.
+        found = self.index.search(vector[None, :], wanted, where)[0]
+        hits = [(item, score) for item, score in found if item in self.titles]
         if not rerank.enabled or not hits:
             return [item for item, _ in hits[:top_k]], [score for _, score in hits[:top_k]]
         # The rank fusion of every encoder over the retrieved titles, embedded by the index's release as

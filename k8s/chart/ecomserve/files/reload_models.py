@@ -43,7 +43,7 @@ import urllib.request
 # --- begin generated from ecomserve.contract (python -m ecomserve.contract --write FILE); do not edit ---
 ADMIN_HEADER = "ecomserve-admin-key"
 EMBED = "embed"
-UNVERSIONED = ("classify", "rank", "search")
+UNVERSIONED = ("classify", "rank", "search", "similar")
 
 
 def load_order(names: list[str]) -> list[str]:

@@ -31,6 +31,7 @@ ROUTES: dict[str, tuple[str, Handler, Dialect]] = {
     "/v1/embeddings": ("POST", openai_api.embeddings, Dialect.OPENAI),
     "/v1/models": ("GET", openai_api.models, Dialect.OPENAI),
     "/v1/search": ("POST", openai_api.search, Dialect.OPENAI),
+    "/v1/similar": ("POST", openai_api.similar, Dialect.OPENAI),
     "/v1/classify": ("POST", openai_api.classify, Dialect.OPENAI),
     "/v1/rerank": ("POST", rerank_api.cohere_v1, Dialect.COHERE),
     "/v2/rerank": ("POST", rerank_api.cohere_v2, Dialect.COHERE),

@@ -1,10 +1,17 @@
 """OpenAI's embeddings API (`POST /v1/embeddings`, `GET /v1/models`) and ecomserve's own JSON endpoints
-(`POST /v1/search`, `POST /v1/classify`), which share its error shape."""
+(`POST /v1/search`, `POST /v1/similar`, `POST /v1/classify`), which share its error shape."""
 
 from __future__ import annotations
 
 from ecomserve.front.api.context import ApiContext
-from ecomserve.front.api.schemas import ClassifyRequest, EmbeddingsRequest, SearchRequest, as_list, parse
+from ecomserve.front.api.schemas import (
+    ClassifyRequest,
+    EmbeddingsRequest,
+    SearchRequest,
+    SimilarRequest,
+    as_list,
+    parse,
+)
 from ecomserve.front.api.texts import as_base64, shorten
 
 
@@ -44,7 +51,19 @@ async def search(ctx: ApiContext, body: bytes) -> dict:
     ctx.check_model(request.model)
     # The search model adds the query prompt itself.
     ctx.rules.prepare([request.query], "query")
-    found = await ctx.models.search(request.query, request.top_k)
+    found = await ctx.models.search(request.query, request.top_k, request.filter)
+    results = [
+        {"id": item, "score": float(score), "title": title}
+        for item, score, title in zip(found.ids, found.scores, found.titles, strict=True)
+    ]
+    return {"object": "list", "model": ctx.model_id, "results": results}
+
+
+async def similar(ctx: ApiContext, body: bytes) -> dict:
+    """Items similar to `ids`, never one of them; the `similar` model checks the ids (count, length, known)."""
+    request = parse(SimilarRequest, body)
+    ctx.check_model(request.model)
+    found = await ctx.models.similar(request.ids, request.top_k, request.filter)
     results = [
         {"id": item, "score": float(score), "title": title}
         for item, score, title in zip(found.ids, found.scores, found.titles, strict=True)

@@ -94,6 +94,16 @@ class TeiTokenizeRequest(_Ignoring):
 class SearchRequest(_Strict):
     query: str
     top_k: int | None = Field(None, ge=1)
+    filter: dict | None = None  # FILTER: the search model checks it (ecomserve.index.filters)
+    model: str | None = None
+
+
+class SimilarRequest(_Strict):
+    """`POST /v1/similar`: one item, or a shopper's recent items, most recent last."""
+
+    ids: list[str] = Field(min_length=1)
+    top_k: int | None = Field(None, ge=1)
+    filter: dict | None = None  # FILTER: the similar model checks it (ecomserve.index.filters)
     model: str | None = None
 
 

@@ -5,6 +5,7 @@ status codes mapped to API reasons (UNAVAILABLE, a full queue, is 429 with Retry
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,13 +17,16 @@ from ecomserve.contract import (
     CLASSIFY,
     EMBED,
     EMBEDDING,
+    FILTER,
     IDS,
+    ITEM_IDS,
     LABEL,
     LABELS,
     QUERY,
     RANK,
     SCORES,
     SEARCH,
+    SIMILAR,
     TEXT,
     TITLES,
     TOP_K,
@@ -110,14 +114,29 @@ class TritonModels:
             result = await self._infer(CLASSIFY, inputs, [LABEL, VOTES, SCORES])
         return Classified(result.as_numpy(LABEL)[0].decode(), result.as_numpy(VOTES), result.as_numpy(SCORES))
 
-    async def search(self, query: str, top_k: int | None) -> Found:
+    async def search(self, query: str, top_k: int | None, where: dict | None = None) -> Found:
         inputs = [_texts(QUERY, [query], [1])]
         if top_k is not None:
             count = grpcclient.InferInput(TOP_K, [1], "INT32")
             count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
             inputs.append(count)
+        if where is not None:
+            inputs.append(_texts(FILTER, [json.dumps(where, ensure_ascii=False)], [1]))
         with self._admission.admit(1):
             result = await self._infer(SEARCH, inputs, [IDS, SCORES, TITLES])
+        decode = [value.decode() for value in result.as_numpy(IDS)], [v.decode() for v in result.as_numpy(TITLES)]
+        return Found(decode[0], result.as_numpy(SCORES), decode[1])
+
+    async def similar(self, ids: list[str], top_k: int | None, where: dict | None = None) -> Found:
+        inputs = [_texts(ITEM_IDS, ids, [len(ids)])]
+        if top_k is not None:
+            count = grpcclient.InferInput(TOP_K, [1], "INT32")
+            count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
+            inputs.append(count)
+        if where is not None:
+            inputs.append(_texts(FILTER, [json.dumps(where, ensure_ascii=False)], [1]))
+        with self._admission.admit(len(ids)):  # as the KServe front counts it: one per BYTES element
+            result = await self._infer(SIMILAR, inputs, [IDS, SCORES, TITLES])
         decode = [value.decode() for value in result.as_numpy(IDS)], [v.decode() for v in result.as_numpy(TITLES)]
         return Found(decode[0], result.as_numpy(SCORES), decode[1])
 

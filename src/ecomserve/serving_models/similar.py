@@ -1,0 +1,129 @@
+"""similar: ITEM_IDS (+ optional TOP_K, FILTER) → IDS, SCORES (and the items' TITLES): similar items and
+recommendations from the catalog index, best first, never one of the ITEM_IDS. FILTER is `search`'s
+(ecomserve.index.filters), applied inside the index search.
+
+Nothing is embedded at request time: the items' stored vectors are read from the index (`VectorIndex.vectors`)
+and combined with recency weights into one profile (ecomserve.index.history: wᵢ = 0.5^(aᵢ / half_life), aᵢ =
+how many items came after item i, renormalised), which the index is searched with. The inputs are excluded by
+asking for TOP_K + their count and dropping them. The index is the live version the `search` model answers from:
+its manifest is looked at every 0.25 s and the version it names loaded whole (ecomserve.index.loading.LiveIndex).
+An id the live version does not hold is refused (INVALID_ARGUMENT) naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ecomserve.contract import FILTER, IDS, ITEM_IDS, SCORES, TITLES, TOP_K
+from ecomserve.errors import InvalidInput
+from ecomserve.index.filters import ItemFilter, parse_filter
+from ecomserve.index.history import history_profile
+from ecomserve.index.loading import LiveIndex
+from ecomserve.index.milvus_index import milvus_token
+from ecomserve.index.vector_index import ID_MAX_BYTES, MissingIds
+from ecomserve.parameters import SearchParameters
+from ecomserve.serving_models.base import (
+    Unavailable,
+    bytes_array,
+    input_array,
+    model_config,
+    output,
+    respond_each,
+)
+from ecomserve.spec import SearchSpec
+
+_SHOWN_UNKNOWN = 20  # unknown ids named in one error message
+
+
+def item_ids(values: np.ndarray, max_history: int) -> list[str]:
+    """ITEM_IDS as strings: 1 to `max_history` of them, each valid UTF-8 of 1 to ID_MAX_BYTES bytes."""
+    values = np.asarray(values, dtype=np.object_).reshape(-1)
+    if not 1 <= values.size <= max_history:
+        raise InvalidInput(f"ITEM_IDS: got {values.size} ids, expected 1 to {max_history} (search.max_history)")
+    ids = []
+    for position, value in enumerate(values):
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        if not raw:
+            raise InvalidInput(f"ITEM_IDS[{position}]: the id is empty")
+        if len(raw) > ID_MAX_BYTES:
+            raise InvalidInput(f"ITEM_IDS[{position}]: the id is {len(raw)} bytes, over the limit of {ID_MAX_BYTES}")
+        try:
+            ids.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"ITEM_IDS[{position}]: not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+    return ids
+
+
+def unknown_ids_error(unknown: list[str]) -> InvalidInput:
+    more = f" and {len(unknown) - _SHOWN_UNKNOWN} more" if len(unknown) > _SHOWN_UNKNOWN else ""
+    return InvalidInput(f"ITEM_IDS: unknown item ids {unknown[:_SHOWN_UNKNOWN]}{more}: not in the catalog index")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = SearchParameters.from_config(model_config(args))
+        self.search = SearchSpec.model_validate(parameters.search)
+        folder = Path(self.search.index_dir)
+        index_dir = folder if folder.is_absolute() else Path(args["model_repository"]).parents[1] / folder
+        if self.search.backend == "milvus":
+            milvus_token(self.search.milvus, index_dir.parent)  # a missing token fails the load, not a request
+        self.live = LiveIndex(self.search, index_dir)
+
+    def execute(self, requests):
+        return respond_each(requests, self._handle)
+
+    def _handle(self, request):
+        ids = item_ids(input_array(request, ITEM_IDS), self.search.max_history)
+        top_k = self._top_k(request)
+        where = self._filter(request)
+        self.live.refresh()
+        index, titles = self.live.index, self.live.titles
+        if index is None:
+            raise Unavailable(f"no catalog index at {self.live.target}: run `ecomserve index build CATALOG`")
+        inputs = list(dict.fromkeys(ids))
+        unknown = [item for item in inputs if item not in titles]
+        if unknown:
+            raise unknown_ids_error(unknown)
+        try:
+            vectors = index.vectors(ids)
+        except MissingIds as exc:  # Milvus: deleted from the collection ahead of the next version's titles
+            raise unknown_ids_error(exc.missing) from None
+        profile = history_profile(vectors, self.search.history_half_life)
+        excluded = set(inputs)
+        hits = index.search(profile[None, :], top_k + len(excluded), where=where)[0]
+        found = [(item, score) for item, score in hits if item not in excluded and item in titles][:top_k]
+        found_ids = [item for item, _ in found]
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                output(IDS, bytes_array(found_ids)),
+                output(SCORES, np.asarray([score for _, score in found], np.float32)),
+                output(TITLES, bytes_array([titles[item] for item in found_ids])),
+            ]
+        )
+
+    def _top_k(self, request) -> int:
+        """TOP_K as `search` takes it: default search.top_k, 1 to search.max_top_k."""
+        tensor = pb_utils.get_input_tensor_by_name(request, TOP_K)
+        if tensor is None:
+            return self.search.top_k
+        values = tensor.as_numpy().reshape(-1)
+        top_k = int(values[0]) if values.size == 1 else -1
+        if not 1 <= top_k <= self.search.max_top_k:
+            raise InvalidInput(
+                f"TOP_K: got {values.tolist()}, expected one value from 1 to {self.search.max_top_k} (search.max_top_k)"
+            )
+        return top_k
+
+    @staticmethod
+    def _filter(request) -> ItemFilter | None:
+        """FILTER as `search` takes it: one JSON object over catalog fields."""
+        tensor = pb_utils.get_input_tensor_by_name(request, FILTER)
+        if tensor is None:
+            return None
+        values = tensor.as_numpy().reshape(-1)
+        if values.size != 1:
+            raise InvalidInput(f"FILTER: expected one JSON object, got {values.size} values")
+        value = values[0]
+        return parse_filter(value if isinstance(value, bytes) else str(value))
