@@ -62,6 +62,14 @@ def test_search_and_similar_come_with_the_specs_search_section():
         "FILTER": ("TYPE_STRING", [1]),
     }
     assert [t.optional for t in similar.input] == [False, True, True]
+    # search: MODE (hybrid | dense | lexical) overrides search.mode per request.
+    assert tensors(search.input) == {
+        "QUERY": ("TYPE_STRING", [1]),
+        "TOP_K": ("TYPE_INT32", [1]),
+        "FILTER": ("TYPE_STRING", [1]),
+        "MODE": ("TYPE_STRING", [1]),
+    }
+    assert [t.optional for t in search.input] == [False, True, True, True]
     outputs = {"IDS": ("TYPE_STRING", [-1]), "SCORES": ("TYPE_FP32", [-1]), "TITLES": ("TYPE_STRING", [-1])}
     assert tensors(similar.output) == tensors(search.output) == outputs
     assert similar.backend == "python" and similar.max_batch_size == 0

@@ -250,8 +250,9 @@ def test_milvus_writes_go_through_the_same_staging_and_lock(index, tmp_path):
         assert removed == 1 and manifest.version == 3 and manifest.items == len(items)
         assert top_id(milvus_index, new.title) == new.id
         (version,) = [path for path in index.target.iterdir() if path.name == manifest.data]
-        # The vectors (and the filterable fields) live in Milvus; titles and the items' other fields here.
-        assert sorted(path.name for path in version.iterdir()) == ["items.json", "titles.json"]
+        # The vectors (and the filterable fields) live in Milvus; titles, the items' other fields and their BM25
+        # index (lexical search is the same files on both backends) here.
+        assert sorted(path.name for path in version.iterdir()) == ["items.json", "lexical", "titles.json"]
         # A build of fewer items for the same release also clears the collection of the ones it drops.
         rebuilt = build_index(spec, index.repository, items[:100], index.target, Console(quiet=True))
         collection = MilvusIndex(spec.search.milvus.model_copy(update={"collection": "ecomserve_catalog_r1"}), DIM)
@@ -279,3 +280,29 @@ def test_a_catalog_with_a_bad_row_writes_nothing_and_a_good_one_commits_its_fiel
     _, vectors, _ = load_index(index.spec.search, index.target)
     query = release_embedder(index.repository, 1, index.spec)(["armchair"])
     assert [item for item, _ in vectors.search(query, 5, parse_filter({"brand": "Acme"}))[0]] == ["new-1"]
+
+
+def test_every_commit_carries_the_bm25_index_of_its_own_items(index):
+    """Build, upsert and delete each commit a BM25 index (over title, brand, text, attribute values) into the
+    version folder their manifest names, so `search` reads lexical and dense data of one version."""
+    from ecomserve.index.catalog import read_manifest, version_dir
+    from ecomserve.index.lexical import LEXICAL
+    from ecomserve.index.loading import load_search_index
+
+    def lexical_ids(query: str) -> list[str]:
+        manifest, vectors, titles, lexical = load_search_index(index.spec.search, index.target)
+        assert sorted(lexical.ids) == sorted(titles) == sorted(vectors.ids())
+        assert (version_dir(index.target, manifest) / LEXICAL).is_dir()
+        return [item for item, _ in lexical.search(query, 5)]
+
+    build_index(index.spec, index.repository, catalog_items(20), index.target, Console(quiet=True))
+    assert lexical_ids("WH-1000XM4") == []
+    twins = [
+        CatalogItem("xm4", "Sony WH-1000XM4 wireless headphones", brand="Sony"),
+        CatalogItem("xm5", "Sony WH-1000XM5 wireless headphones", brand="Sony", attributes={"color": "zebrastripe"}),
+    ]
+    upsert_items(index.spec, index.repository, twins, index.target, Console(quiet=True))
+    assert lexical_ids("WH-1000XM4")[0] == "xm4" and lexical_ids("wh1000xm5") == ["xm5"]
+    assert lexical_ids("zebrastripe") == ["xm5"]  # attribute values are indexed
+    delete_items(index.spec, ["xm4"], index.target)
+    assert "xm4" not in lexical_ids("WH-1000XM4") and read_manifest(index.target).items == 21

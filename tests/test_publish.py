@@ -307,12 +307,12 @@ def test_search_never_mixes_releases(live, control, sources):
     indexed = live_release(repository)
     build_index(spec, repository, items, target, Console(stderr=True))
     with client_for(live, "grpc") as client:
-        before = client.search(TEXTS[0], top_k=5).scores
+        before = client.search(TEXTS[0], top_k=5, mode="dense").scores
         np.testing.assert_allclose(before, expected_scores(indexed, TEXTS[0]), atol=1e-5)
         newer = publish(tiny_spec(sources["new"]), None, repository, control, Console(stderr=True))
         # `embed` now serves the new release; search still compares old vectors with old vectors
         np.testing.assert_allclose(client.embed(TEXTS[:1]), references_for(sources, "new")[:1], atol=1e-4)
-        np.testing.assert_allclose(client.search(TEXTS[0], top_k=5).scores, before, atol=1e-5)
+        np.testing.assert_allclose(client.search(TEXTS[0], top_k=5, mode="dense").scores, before, atol=1e-5)
         newest = publish(tiny_spec(sources["old"]), None, repository, control, Console(stderr=True))
         assert indexed not in (newer, newest)
         # (a query answered before may still come from the result cache: old vectors against old vectors)
@@ -321,7 +321,7 @@ def test_search_never_mixes_releases(live, control, sources):
         build_index(spec, repository, items, target, Console(stderr=True))
         assert wait_for(lambda: _search_ok(client))
         np.testing.assert_allclose(
-            client.search(TEXTS[0], top_k=5).scores, expected_scores(newest, TEXTS[0]), atol=1e-5
+            client.search(TEXTS[0], top_k=5, mode="dense").scores, expected_scores(newest, TEXTS[0]), atol=1e-5
         )
 
 

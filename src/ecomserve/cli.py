@@ -406,12 +406,15 @@ def query_search(
         str | None,
         typer.Option("--filter", help="""a JSON object over catalog fields, e.g. '{"brand": "ASICS"}'"""),
     ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="hybrid | dense | lexical (default: the spec's search.mode)")
+    ] = None,
     url: UrlOption = None,
     protocol: ProtocolOption = ProtocolName.http,
 ) -> None:
     """Catalog items for QUERY from the index, best first (only those FILTER matches, with --filter)."""
     with _client(url, protocol) as client:
-        result = client.search(query, top_k, filter=filter_json)
+        result = client.search(query, top_k, filter=filter_json, mode=mode)
     _print({"model": SEARCH, "ids": result.ids, "scores": result.scores.tolist()})
 
 

@@ -26,6 +26,7 @@ from ecomserve.contract import (
     ITEM_IDS,
     LABEL,
     LABELS,
+    MODE,
     QUERY,
     RANK,
     SCORES,
@@ -147,14 +148,23 @@ class EcomClient:
         out = self._infer(CLASSIFY, inputs, [LABEL, VOTES, SCORES])
         return ClassifyResult(out[LABEL][0].decode("utf-8"), out[VOTES], out[SCORES])
 
-    def search(self, query: str, top_k: int | None = None, filter: dict | str | None = None) -> SearchResult:  # noqa: A002
+    def search(
+        self,
+        query: str,
+        top_k: int | None = None,
+        filter: dict | str | None = None,  # noqa: A002
+        mode: str | None = None,
+    ) -> SearchResult:
         """Catalog items for `query`, best first; `top_k` defaults to the server's search.top_k. `filter`: a
-        FILTER object (or its JSON text) over catalog fields, e.g. {"brand": "ASICS", "price": {"lte": 100}}."""
+        FILTER object (or its JSON text) over catalog fields, e.g. {"brand": "ASICS", "price": {"lte": 100}}.
+        `mode`: hybrid, dense or lexical (default: the server's search.mode)."""
         inputs = [self._bytes_input(QUERY, [query], [1])]
         if top_k is not None:
             inputs.append(self._top_k_input(top_k))
         if filter is not None:
             inputs.append(self._filter_input(filter))
+        if mode is not None:
+            inputs.append(self._bytes_input(MODE, [mode], [1]))
         out = self._infer(SEARCH, inputs, [IDS, SCORES])
         return SearchResult([i.decode("utf-8") for i in out[IDS]], out[SCORES])
 

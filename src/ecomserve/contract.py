@@ -40,6 +40,8 @@ LABELS, LABEL, VOTES = "LABELS", "LABEL", "VOTES"
 TOP_K, IDS, TITLES, ITEM_IDS = "TOP_K", "IDS", "TITLES", "ITEM_IDS"
 # search and similar: an optional JSON filter over catalog fields (ecomserve.index.filters).
 FILTER = "FILTER"
+# search: an optional retrieval mode (hybrid | dense | lexical) overriding the spec's search.mode.
+MODE = "MODE"
 # The tokenizer models' outputs (split layout, internal).
 INPUT_IDS, ATTENTION_MASK = "INPUT_IDS", "ATTENTION_MASK"
 

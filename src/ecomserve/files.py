@@ -20,3 +20,12 @@ def write_text_atomically(path: Path, text: str) -> None:
     staged = path.with_name(path.name + ".tmp")
     staged.write_text(text, encoding="utf-8")
     os.replace(staged, path)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's data to disk (a folder: its entries, after a rename into it)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

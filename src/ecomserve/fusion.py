@@ -75,3 +75,29 @@ def vote(scores: np.ndarray, slices: list[EncoderSlice], mode: str, fused: np.nd
     tied = np.flatnonzero(np.isclose(tally, tally.max()))
     winner = int(tied[np.argmax(fused[tied])])
     return winner, votes
+
+
+def fuse_rankings(
+    rankings: list[list[tuple[str, float]]], weights: list[float], mode: str, rrf_k: int
+) -> list[tuple[str, float]]:
+    """Several retrievers' (id, score) lists, each best first → one list of (id, fused score), best first.
+
+    `rrf`: Σᵢ wᵢ / (rrf_k + rankᵢ) over the lists an id is in (rank 1 is a list's best), so only positions count.
+    `weighted`: Σᵢ wᵢ·sᵢ / Σᵢ wᵢ, sᵢ the id's score min-max normalised within list i (1 its best, 0 its worst or
+    absent; a list of equal scores gives 1 to each). Ties keep the order of first appearance (list 0 first)."""
+    fused: dict[str, float] = {}
+    total = sum(weights) or 1.0
+    for hits, weight in zip(rankings, weights):
+        if mode == "rrf":
+            for rank, (item, _) in enumerate(hits, start=1):
+                fused[item] = fused.get(item, 0.0) + weight / (rrf_k + rank)
+        elif mode == "weighted":
+            scores = np.array([score for _, score in hits], dtype=np.float64)
+            low, span = (scores.min(), np.ptp(scores)) if len(hits) else (0.0, 0.0)
+            for (item, _), score in zip(hits, scores):
+                normalised = (score - low) / span if span > 0 else 1.0
+                fused[item] = fused.get(item, 0.0) + weight * normalised / total
+        else:
+            raise ValueError(f"unknown fusion mode {mode!r}")
+    order = sorted(fused, key=lambda item: -fused[item])  # stable: first appearance breaks ties
+    return [(item, fused[item]) for item in order]

@@ -19,6 +19,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from ecomserve.files import fsync_path
 from ecomserve.index.filters import ItemFilter
 from ecomserve.index.vector_index import (
     MissingIds,
@@ -310,8 +311,8 @@ class FaissIndex:
                 meta = {"format": FORMAT_VERSION, "dim": self.dim, "kind": _kind(self._index), "live": len(self)}
                 (staging / "meta.json").write_text(json.dumps(meta) + "\n")
                 for path in staging.iterdir():
-                    _fsync(path)
-                _fsync(staging)
+                    fsync_path(path)
+                fsync_path(staging)
                 staging.rename(directory / name)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -319,9 +320,9 @@ class FaissIndex:
         previous = (directory / POINTER).read_text().strip() if (directory / POINTER).is_file() else None
         pointer = directory / f".{POINTER}.{name}.tmp"
         pointer.write_text(name + "\n")
-        _fsync(pointer)
+        fsync_path(pointer)
         os.replace(pointer, directory / POINTER)
-        _fsync(directory)
+        fsync_path(directory)
         for path in directory.iterdir():
             stale = path.name.startswith(SAVE_PREFIX) and path.name not in (name, previous)
             if stale or (path.name.startswith(f".{SAVE_PREFIX}") and path != staging):
@@ -412,11 +413,3 @@ def _write_npy(array: np.ndarray, path: Path) -> None:
     with path.open("wb") as handle:
         np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(array))
         handle.write(memoryview(array.reshape(-1)).cast("B"))  # flat: a view of no rows cannot be cast
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -8,10 +8,12 @@ builder, rich and tritonclient): keep it that way (tests/test_architecture.py)."
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from ecomserve.index.catalog import CatalogError, Manifest, read_manifest, read_titles, version_dir
+from ecomserve.index.catalog import CatalogError, Manifest, read_items, read_manifest, read_titles, version_dir
 from ecomserve.index.faiss_index import FaissIndex
+from ecomserve.index.lexical import LexicalIndex
 from ecomserve.index.milvus_index import MilvusIndex
 from ecomserve.index.vector_index import VectorIndex
 from ecomserve.spec import SearchSpec
@@ -46,13 +48,34 @@ def load_index(search: SearchSpec, target: Path) -> tuple[Manifest, VectorIndex,
     """The live version of `target`, everything from the one folder its manifest names (None before the first
     build). Writers keep the version before theirs, so only two commits during one load remove the folder
     being read; then the load starts again from the newer manifest."""
+    return _load_live(target, lambda manifest: (manifest, *_dense(search, target, manifest)))
+
+
+def load_search_index(
+    search: SearchSpec, target: Path
+) -> tuple[Manifest, VectorIndex, dict[str, str], LexicalIndex | None] | None:
+    """`load_index` and the version's BM25 index (None in versions written before lexical search), all from the
+    one folder the manifest names, as the `search` model reads it."""
+
+    def read(manifest: Manifest):
+        lexical = LexicalIndex.load(version_dir(target, manifest), read_items(target, manifest))
+        return (manifest, *_dense(search, target, manifest), lexical)
+
+    return _load_live(target, read)
+
+
+def _dense(search: SearchSpec, target: Path, manifest: Manifest) -> tuple[VectorIndex, dict[str, str]]:
+    return open_version(search, target, manifest), read_titles(target, manifest)
+
+
+def _load_live(target: Path, read: Callable[[Manifest], tuple]) -> tuple | None:
     for _attempt in range(LOAD_ATTEMPTS):
         manifest = read_manifest(target)
         if manifest is None:
             return None
         folder = version_dir(target, manifest)
         try:
-            loaded = manifest, open_version(search, target, manifest), read_titles(target, manifest)
+            loaded = read(manifest)
         except Exception:  # noqa: BLE001 - whatever a half-removed folder raises (faiss, json, a missing file)
             if folder.is_dir():
                 raise

@@ -45,6 +45,7 @@ from ecomserve.index.catalog import (
     write_manifest,
     write_titles,
 )
+from ecomserve.index.lexical import LexicalIndex
 from ecomserve.index.loading import backend_spec, open_index, open_version
 from ecomserve.index.vector_index import VectorIndex
 from ecomserve.prompts import PASSAGE_PROMPT, with_prompt
@@ -104,7 +105,7 @@ def build_index(
             todo,
             embed,
             console,
-            checkpoint=lambda: _commit(staging, index, titles, extras, base, 0),
+            checkpoint=lambda: _commit(staging, index, titles, extras, base, 0, lexical=False),
         )
         # From the index, not the titles: a Milvus collection may hold items of an earlier build of this release.
         stale = set(index.ids()) - {item.id for item in items}
@@ -200,10 +201,17 @@ def _embed_into(
 
 
 def _commit(
-    folder: Path, index: VectorIndex, titles: dict[str, str], extras: dict[str, dict], like: Manifest, version: int
+    folder: Path,
+    index: VectorIndex,
+    titles: dict[str, str],
+    extras: dict[str, dict],
+    like: Manifest,
+    version: int,
+    lexical: bool = True,
 ) -> Manifest:
-    """Write `index`, `titles` and the items' other fields as a complete new version folder, then replace the
-    manifest to name it. On a write error (a full disk) nothing is committed and the staged files are removed."""
+    """Write `index`, `titles`, the items' other fields and their BM25 index (`lexical`; a build's checkpoints,
+    which nothing searches, skip it) as a complete new version folder, then replace the manifest to name it. On a
+    write error (a full disk) nothing is committed and the staged files are removed."""
     previous = read_manifest(folder)
     name = f"v{version}-{secrets.token_hex(4)}"
     staging = folder / f".{name}.staging"
@@ -213,6 +221,9 @@ def _commit(
         index.save(staging)
         write_titles(staging, titles)
         write_items(staging, extras)
+        # BM25 over the same items, rebuilt whole (bm25s has no incremental update): committed with the vectors.
+        if lexical:
+            LexicalIndex.build(titles, extras).save(staging)
         staging.rename(folder / name)
         write_manifest(folder, manifest)  # the commit point
     except OSError as exc:

@@ -24,6 +24,7 @@ from ecomserve.contract import (
     ITEM_IDS,
     LABEL,
     LABELS,
+    MODE,
     QUERY,
     RANK,
     SCORES,
@@ -399,7 +400,8 @@ def classify_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
 
 
 def search_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
-    """QUERY (+ optional TOP_K, FILTER) → IDS, SCORES, TITLES from the catalog index (serving_models/search.py)."""
+    """QUERY (+ optional TOP_K, FILTER, MODE) → IDS, SCORES, TITLES from the catalog index
+    (serving_models/search.py)."""
     parameters = SearchParameters(
         **_fusion_parameters(spec, built), search=spec.search.model_dump(), layout=spec.serving.layout
     )
@@ -411,6 +413,7 @@ def search_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConf
             _tensor(QUERY, pb.TYPE_STRING, [1]),
             _tensor(TOP_K, pb.TYPE_INT32, [1], optional=True),
             _tensor(FILTER, pb.TYPE_STRING, [1], optional=True),
+            _tensor(MODE, pb.TYPE_STRING, [1], optional=True),
         ],
         outputs=[
             _tensor(IDS, pb.TYPE_STRING, [-1]),

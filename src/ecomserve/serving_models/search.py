@@ -1,5 +1,11 @@
-"""search: QUERY (+ optional TOP_K, FILTER) → IDS, SCORES (and the items' TITLES) from the catalog index.
-FILTER (ecomserve.index.filters) is applied inside the index search; the result cache is keyed by it too.
+"""search: QUERY (+ optional TOP_K, FILTER, MODE) → IDS, SCORES (and the items' TITLES) from the catalog index.
+FILTER (ecomserve.index.filters) is applied inside the index search, dense and lexical; the result cache is keyed
+by it and by MODE too.
+
+MODE (default: the spec's search.mode) picks the retriever: `dense` (the query's vector against the items'),
+`lexical` (BM25 over title, brand, description and attribute values, ecomserve.index.lexical; SCORES are BM25
+scores) or `hybrid`: both retrievers' top `search.fusion.candidates` fused (ecomserve.fusion.fuse_rankings; RRF by
+default), SCORES the fused scores. The optional rerank stage applies to `dense` only.
 
 Only the query is embedded at request time, and always by the release that embedded the index (the
 manifest says which): the query goes through BLS to that release's own model versions, never through
@@ -27,22 +33,22 @@ from ecomserve.contract import (
     ATTENTION_MASK,
     EMBEDDER,
     EMBEDDING,
-    FILTER,
     IDS,
     INPUT_IDS,
+    MODE,
     QUERY,
     SCORES,
     TEXT,
     TITLES,
-    TOP_K,
     encoder_model,
     tokenizer_model,
 )
 from ecomserve.errors import InvalidInput
-from ecomserve.fusion import fuse_embeddings, query_scores
+from ecomserve.fusion import fuse_embeddings, fuse_rankings, query_scores
 from ecomserve.index.catalog import read_manifest
-from ecomserve.index.filters import ItemFilter, parse_filter
-from ecomserve.index.loading import load_index
+from ecomserve.index.filters import ItemFilter
+from ecomserve.index.lexical import LexicalIndex
+from ecomserve.index.loading import load_search_index
 from ecomserve.index.milvus_index import milvus_token
 from ecomserve.parameters import SearchParameters
 from ecomserve.prompts import PASSAGE_PROMPT, QUERY_PROMPT, with_prompt
@@ -56,6 +62,7 @@ from ecomserve.serving_models.base import (
     output,
     respond_each_async,
 )
+from ecomserve.serving_models.catalog_inputs import filter_input, top_k_input
 from ecomserve.spec import SearchSpec
 from ecomserve.validation import decode_texts
 
@@ -63,6 +70,7 @@ from ecomserve.validation import decode_texts
 MANIFEST_CHECK_S = 0.25
 # Triton's words for a model version that is not loaded (BLS errors all arrive as INTERNAL).
 _NOT_LOADED = re.compile(r"unknown model|no available versions|is not ready|version \d+ is not", re.IGNORECASE)
+MODES = ("hybrid", "dense", "lexical")
 
 
 class TritonPythonModel:
@@ -81,6 +89,7 @@ class TritonPythonModel:
         self.max_text_bytes = parameters.limits["max_text_bytes"]
         self.prompts = parameters.prompts
         self.manifest, self.index, self.titles, self.checked_at = None, None, {}, 0.0
+        self.lexical: LexicalIndex | None = None
         self.cache = TTLCache(maxsize=max(self.search.cache.size, 1), ttl=self.search.cache.ttl_s)
         self.cache_family = pb_utils.MetricFamily(
             name="ecomserve_search_cache_total",
@@ -95,19 +104,20 @@ class TritonPythonModel:
 
     async def _handle(self, request):
         (query,) = decode_texts(QUERY, input_array(request, QUERY), self.max_text_bytes)
-        top_k = self._top_k(request)
-        where = self._filter(request)
+        top_k = top_k_input(request, self.search)
+        where = filter_input(request)
+        mode = self._mode(request)
         self._refresh()
         if self.manifest.passage_prompt != self.prompts.get(PASSAGE_PROMPT, ""):
             raise Unavailable(
                 f"the catalog index was embedded with the passage prompt {self.manifest.passage_prompt!r}, the "
                 f"spec's is {self.prompts.get(PASSAGE_PROMPT, '')!r}: rebuild it: `ecomserve index build CATALOG`"
             )
-        key = (self.manifest.version, self.manifest.release, query, top_k, where.key if where else None)
+        key = (self.manifest.version, self.manifest.release, query, top_k, where.key if where else None, mode)
         found = self.cache.get(key) if self.search.cache.size else None
         if found is None:
             self.misses.increment(1)
-            found = await self._search(query, top_k, where)
+            found = await self._search(query, top_k, where, mode)
             if self.search.cache.size:
                 self.cache[key] = found
         else:
@@ -123,28 +133,18 @@ class TritonPythonModel:
             ]
         )
 
-    def _top_k(self, request) -> int:
-        tensor = pb_utils.get_input_tensor_by_name(request, TOP_K)
+    def _mode(self, request) -> str:
+        tensor = pb_utils.get_input_tensor_by_name(request, MODE)
         if tensor is None:
-            return self.search.top_k
-        values = tensor.as_numpy().reshape(-1)
-        top_k = int(values[0]) if values.size == 1 else -1
-        if not 1 <= top_k <= self.search.max_top_k:
-            raise InvalidInput(
-                f"TOP_K: got {values.tolist()}, expected one value from 1 to {self.search.max_top_k} (search.max_top_k)"
-            )
-        return top_k
-
-    @staticmethod
-    def _filter(request) -> ItemFilter | None:
-        tensor = pb_utils.get_input_tensor_by_name(request, FILTER)
-        if tensor is None:
-            return None
+            return self.search.mode
         values = tensor.as_numpy().reshape(-1)
         if values.size != 1:
-            raise InvalidInput(f"FILTER: expected one JSON object, got {values.size} values")
+            raise InvalidInput(f"MODE: expected one of {', '.join(MODES)}, got {values.size} values")
         value = values[0]
-        return parse_filter(value if isinstance(value, bytes) else str(value))
+        mode = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        if mode not in MODES:
+            raise InvalidInput(f"MODE: unknown mode {mode[:40]!r}; use one of {', '.join(MODES)}")
+        return mode
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -154,13 +154,37 @@ class TritonPythonModel:
         manifest = read_manifest(self.index_dir)
         if manifest is not None and manifest == self.manifest:
             return
-        loaded = load_index(self.search, self.index_dir)
+        loaded = load_search_index(self.search, self.index_dir)
         if loaded is None:
             raise Unavailable(f"no catalog index at {self.index_dir}: run `ecomserve index build CATALOG`")
-        self.manifest, self.index, self.titles = loaded
+        self.manifest, self.index, self.titles, self.lexical = loaded
         self.cache.clear()
 
-    async def _search(self, query: str, top_k: int, where: ItemFilter | None) -> tuple[list[str], list[float]]:
+    async def _search(
+        self, query: str, top_k: int, where: ItemFilter | None, mode: str
+    ) -> tuple[list[str], list[float]]:
+        if mode == "dense" or (mode == "hybrid" and self.lexical is None):  # hybrid on an index without BM25
+            return await self._dense(query, top_k, where)
+        if self.lexical is None:
+            raise Unavailable(
+                "the catalog index has no lexical (BM25) part (written before lexical search): rebuild it: "
+                "`ecomserve index build CATALOG`"
+            )
+        fusion = self.search.fusion
+        wanted = top_k if mode == "lexical" else max(top_k, fusion.candidates)
+        lexical = [
+            hit for hit in self.lexical.search(query, wanted, self.lexical.allowed_rows(where)) if hit[0] in self.titles
+        ]
+        if mode == "lexical":
+            return [item for item, _ in lexical], [score for _, score in lexical]
+        (vector,) = await self._embed(with_prompt(self.prompts, QUERY_PROMPT, [query]))
+        dense = [hit for hit in self.index.search(vector[None, :], wanted, where)[0] if hit[0] in self.titles]
+        # Lexical first: an exact tie (an item only one list has, at the same rank as another only the other list has)
+        # goes to the item whose words match the query, such as a model number the encoder cannot tell apart.
+        fused = fuse_rankings([lexical, dense], [fusion.lexical_weight, 1.0], fusion.mode, fusion.rrf_k)[:top_k]
+        return [item for item, _ in fused], [score for _, score in fused]
+
+    async def _dense(self, query: str, top_k: int, where: ItemFilter | None) -> tuple[list[str], list[float]]:
         rerank = self.search.rerank
         wanted = max(top_k, rerank.candidates) if rerank.enabled else top_k
         # The query prompt after the checks, on the client's text; the cache is keyed by that text.

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ecomserve.contract import FILTER, IDS, ITEM_IDS, SCORES, TITLES, TOP_K
+from ecomserve.contract import IDS, ITEM_IDS, SCORES, TITLES
 from ecomserve.errors import InvalidInput
-from ecomserve.index.filters import ItemFilter, parse_filter
 from ecomserve.index.history import history_profile
 from ecomserve.index.loading import LiveIndex
 from ecomserve.index.milvus_index import milvus_token
@@ -32,6 +31,7 @@ from ecomserve.serving_models.base import (
     output,
     respond_each,
 )
+from ecomserve.serving_models.catalog_inputs import filter_input, top_k_input
 from ecomserve.spec import SearchSpec
 
 _SHOWN_UNKNOWN = 20  # unknown ids named in one error message
@@ -76,8 +76,8 @@ class TritonPythonModel:
 
     def _handle(self, request):
         ids = item_ids(input_array(request, ITEM_IDS), self.search.max_history)
-        top_k = self._top_k(request)
-        where = self._filter(request)
+        top_k = top_k_input(request, self.search)
+        where = filter_input(request)
         self.live.refresh()
         index, titles = self.live.index, self.live.titles
         if index is None:
@@ -102,28 +102,3 @@ class TritonPythonModel:
                 output(TITLES, bytes_array([titles[item] for item in found_ids])),
             ]
         )
-
-    def _top_k(self, request) -> int:
-        """TOP_K as `search` takes it: default search.top_k, 1 to search.max_top_k."""
-        tensor = pb_utils.get_input_tensor_by_name(request, TOP_K)
-        if tensor is None:
-            return self.search.top_k
-        values = tensor.as_numpy().reshape(-1)
-        top_k = int(values[0]) if values.size == 1 else -1
-        if not 1 <= top_k <= self.search.max_top_k:
-            raise InvalidInput(
-                f"TOP_K: got {values.tolist()}, expected one value from 1 to {self.search.max_top_k} (search.max_top_k)"
-            )
-        return top_k
-
-    @staticmethod
-    def _filter(request) -> ItemFilter | None:
-        """FILTER as `search` takes it: one JSON object over catalog fields."""
-        tensor = pb_utils.get_input_tensor_by_name(request, FILTER)
-        if tensor is None:
-            return None
-        values = tensor.as_numpy().reshape(-1)
-        if values.size != 1:
-            raise InvalidInput(f"FILTER: expected one JSON object, got {values.size} values")
-        value = values[0]
-        return parse_filter(value if isinstance(value, bytes) else str(value))

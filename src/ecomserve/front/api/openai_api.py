@@ -13,6 +13,7 @@ from ecomserve.front.api.schemas import (
     parse,
 )
 from ecomserve.front.api.texts import as_base64, shorten
+from ecomserve.front.api.triton import Found
 
 
 async def embeddings(ctx: ApiContext, body: bytes) -> dict:
@@ -51,19 +52,17 @@ async def search(ctx: ApiContext, body: bytes) -> dict:
     ctx.check_model(request.model)
     # The search model adds the query prompt itself.
     ctx.rules.prepare([request.query], "query")
-    found = await ctx.models.search(request.query, request.top_k, request.filter)
-    results = [
-        {"id": item, "score": float(score), "title": title}
-        for item, score, title in zip(found.ids, found.scores, found.titles, strict=True)
-    ]
-    return {"object": "list", "model": ctx.model_id, "results": results}
+    return _found(ctx, await ctx.models.search(request.query, request.top_k, request.filter, request.mode))
 
 
 async def similar(ctx: ApiContext, body: bytes) -> dict:
     """Items similar to `ids`, never one of them; the `similar` model checks the ids (count, length, known)."""
     request = parse(SimilarRequest, body)
     ctx.check_model(request.model)
-    found = await ctx.models.similar(request.ids, request.top_k, request.filter)
+    return _found(ctx, await ctx.models.similar(request.ids, request.top_k, request.filter))
+
+
+def _found(ctx: ApiContext, found: Found) -> dict:
     results = [
         {"id": item, "score": float(score), "title": title}
         for item, score, title in zip(found.ids, found.scores, found.titles, strict=True)

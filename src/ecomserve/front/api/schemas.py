@@ -95,6 +95,7 @@ class SearchRequest(_Strict):
     query: str
     top_k: int | None = Field(None, ge=1)
     filter: dict | None = None  # FILTER: the search model checks it (ecomserve.index.filters)
+    mode: str | None = None  # MODE: hybrid | dense | lexical; the search model checks it
     model: str | None = None
 
 

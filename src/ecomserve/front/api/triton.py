@@ -22,6 +22,7 @@ from ecomserve.contract import (
     ITEM_IDS,
     LABEL,
     LABELS,
+    MODE,
     QUERY,
     RANK,
     SCORES,
@@ -114,31 +115,26 @@ class TritonModels:
             result = await self._infer(CLASSIFY, inputs, [LABEL, VOTES, SCORES])
         return Classified(result.as_numpy(LABEL)[0].decode(), result.as_numpy(VOTES), result.as_numpy(SCORES))
 
-    async def search(self, query: str, top_k: int | None, where: dict | None = None) -> Found:
-        inputs = [_texts(QUERY, [query], [1])]
-        if top_k is not None:
-            count = grpcclient.InferInput(TOP_K, [1], "INT32")
-            count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
-            inputs.append(count)
-        if where is not None:
-            inputs.append(_texts(FILTER, [json.dumps(where, ensure_ascii=False)], [1]))
-        with self._admission.admit(1):
-            result = await self._infer(SEARCH, inputs, [IDS, SCORES, TITLES])
-        decode = [value.decode() for value in result.as_numpy(IDS)], [v.decode() for v in result.as_numpy(TITLES)]
-        return Found(decode[0], result.as_numpy(SCORES), decode[1])
+    async def search(self, query: str, top_k: int | None, where: dict | None = None, mode: str | None = None) -> Found:
+        extra = [_texts(MODE, [mode], [1])] if mode is not None else []
+        return await self._catalog(SEARCH, [_texts(QUERY, [query], [1]), *extra], 1, top_k, where)
 
     async def similar(self, ids: list[str], top_k: int | None, where: dict | None = None) -> Found:
-        inputs = [_texts(ITEM_IDS, ids, [len(ids)])]
+        # Costs one per id, as the KServe front counts BYTES elements.
+        return await self._catalog(SIMILAR, [_texts(ITEM_IDS, ids, [len(ids)])], len(ids), top_k, where)
+
+    async def _catalog(self, model: str, inputs: list, cost: int, top_k: int | None, where: dict | None) -> Found:
+        """`search` or `similar`, with their shared optional TOP_K and FILTER."""
         if top_k is not None:
             count = grpcclient.InferInput(TOP_K, [1], "INT32")
             count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
             inputs.append(count)
         if where is not None:
             inputs.append(_texts(FILTER, [json.dumps(where, ensure_ascii=False)], [1]))
-        with self._admission.admit(len(ids)):  # as the KServe front counts it: one per BYTES element
-            result = await self._infer(SIMILAR, inputs, [IDS, SCORES, TITLES])
-        decode = [value.decode() for value in result.as_numpy(IDS)], [v.decode() for v in result.as_numpy(TITLES)]
-        return Found(decode[0], result.as_numpy(SCORES), decode[1])
+        with self._admission.admit(cost):
+            result = await self._infer(model, inputs, [IDS, SCORES, TITLES])
+        ids, titles = ([v.decode() for v in result.as_numpy(name)] for name in (IDS, TITLES))
+        return Found(ids, result.as_numpy(SCORES), titles)
 
     async def _infer(self, model: str, inputs: list, outputs: list[str]):
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
