@@ -49,6 +49,11 @@ def eval_set_text() -> str:
     return read_data_text("eval", "relevance.json")
 
 
+def typed_eval_set_text() -> str:
+    """The shipped typed eval set (JSON, issue 17): near-duplicate products, lexical and filtered queries."""
+    return read_data_text("eval", "typed.json")
+
+
 def packaged_spec(name: str = DEFAULT_SPEC_NAME) -> Path:
     """The package's copy of a shipped spec (default.yaml, ensemble.yaml), as a file on disk."""
     spec = data_file("specs", name)

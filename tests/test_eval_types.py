@@ -1,0 +1,132 @@
+"""Issue 17's typed eval set (ecomserve/data/eval/typed.json): that it is well-formed, and NDCG@5 per query type
+(semantic, lexical, filtered) × search mode (dense, lexical, hybrid) on the default MiniLM pipeline's `search`.
+
+    pytest tests/test_eval_types.py -k table -s
+
+prints the table README's "Quality so far" shows. Hybrid with other `lexical_weight`s is fused here from the same
+server's dense and lexical lists with ecomserve.fusion.fuse_rankings, as `search` fuses them (its spec's defaults are
+checked to give the server's own hybrid answers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from support import client_for, wait_for
+
+from ecomserve.errors import RequestFailed
+from ecomserve.evaluation import QUERY_TYPES, TypedQuery, format_table, load_typed_eval_set, typed_ndcg
+from ecomserve.fusion import fuse_rankings
+from ecomserve.index.catalog import CatalogItem
+from ecomserve.index.filters import parse_filter
+from ecomserve.index.ops import build_index, index_dir
+from ecomserve.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP_K = 10
+LEXICAL_WEIGHTS = (0.5, 0.3)  # hybrid's defaults (1.0) come from the server itself
+
+
+def catalog_item(product: dict) -> CatalogItem:
+    return CatalogItem.with_extras(
+        product["id"], product["title"], {k: v for k, v in product.items() if k not in ("id", "title")}
+    )
+
+
+def test_the_typed_eval_set_is_well_formed():
+    eval_set = load_typed_eval_set()
+    items = {item.id: item for item in map(catalog_item, eval_set.products)}
+    assert len(items) == len(eval_set.products), "duplicate product ids"
+    assert {q.type for q in eval_set.queries} == set(QUERY_TYPES)
+    assert len(eval_set.of_type("semantic")) == 20  # relevance.json's, unchanged
+    typed = [q for q in eval_set.queries if q.type != "semantic"]
+    assert len({(q.text, json.dumps(q.filter, sort_keys=True)) for q in typed}) == len(typed), "duplicate queries"
+    for query in eval_set.queries:
+        assert set(query.relevance) <= set(items), f"{query.text!r} judges unknown ids"
+        assert query.relevance and all(grade in (1, 2, 3) for grade in query.relevance.values()), query.text
+        assert (query.filter is not None) == (query.type == "filtered"), query.text
+        if query.type == "lexical":
+            assert sorted(set(query.relevance.values())) in ([1, 2], [2]), f"{query.text!r}: exact 2, siblings 1"
+        if query.filter is not None:
+            where = parse_filter(json.dumps(query.filter))
+            assert where is not None, query.text
+            for item_id in query.relevance:
+                assert where.matches(items[item_id].filter_fields()), f"{query.text!r}: {item_id} fails its filter"
+            # Ranking within the filter matters: not every item it matches has the best grade.
+            best = max(query.relevance.values())
+            within = [item_id for item_id, item in items.items() if where.matches(item.filter_fields())]
+            assert any(query.relevance.get(item_id, 0) < best for item_id in within), f"{query.text!r} is trivial"
+
+
+PROBE, PROBE_ID = "Sony WH-1000XM4", "d001"  # a typed.json product: tells which catalog the server answers from
+
+
+@pytest.mark.integration
+def test_the_typed_ndcg_table(default_server):
+    """The per-type NDCG@5 table (README, "Quality so far"); hybrid (defaults) beats dense on the lexical queries.
+
+    Semantic queries run over relevance.json's 60 products (as tests/test_search.py's keeps_the_ndcg), lexical and
+    filtered ones over those plus typed.json's 50 near-duplicates."""
+    spec = load_spec(ROOT / "export/default.yaml")
+    fusion = spec.search.fusion
+    repository = default_server.options.repository
+    eval_set = load_typed_eval_set()
+    semantic_ids = set(eval_set.semantic.product_ids)
+    catalogs = {
+        "semantic": [p for p in eval_set.products if p["id"] in semantic_ids],
+        "typed": eval_set.products,
+    }
+    lists: dict[tuple[str, str], list[tuple[str, float]]] = {}  # (query key, mode) → (id, score) best first
+
+    def key(query: TypedQuery) -> str:
+        return f"{query.type}|{query.text}|{json.dumps(query.filter, sort_keys=True)}"
+
+    with client_for(default_server, "grpc") as client:
+
+        def answers_from(holds: set[str]) -> bool:
+            try:
+                ids = set(client.search(PROBE, top_k=TOP_K, mode="lexical").ids)
+            except RequestFailed:  # no index loaded yet
+                return False
+            return ids <= holds and (PROBE_ID in ids) == (PROBE_ID in holds)
+
+        for catalog, queries in (
+            ("semantic", eval_set.of_type("semantic")),
+            ("typed", [q for q in eval_set.queries if q.type != "semantic"]),
+        ):
+            products = catalogs[catalog]
+            items = [catalog_item(p) for p in products]
+            build_index(spec, repository, items, index_dir(spec, repository.parent), Console(stderr=True))
+            holds = {item.id for item in items}
+            assert wait_for(lambda holds=holds: answers_from(holds), timeout_s=10), catalog
+            for query in queries:
+                # dense and lexical as hybrid retrieves them (its `candidates` each), hybrid as a shopper asks.
+                for mode, top_k in (("dense", fusion.candidates), ("lexical", fusion.candidates), ("hybrid", TOP_K)):
+                    found = client.search(query.text, top_k=top_k, filter=query.filter, mode=mode)
+                    lists[key(query), mode] = list(zip(found.ids, map(float, found.scores)))
+
+    def fused(query: TypedQuery, lexical_weight: float) -> list[str]:
+        rankings = [lists[key(query), "lexical"], lists[key(query), "dense"]]
+        return [item for item, _ in fuse_rankings(rankings, [lexical_weight, 1.0], fusion.mode, fusion.rrf_k)][:TOP_K]
+
+    # The offline fusion is the server's: with the spec's weight it gives the server's hybrid answers.
+    for query in eval_set.queries:
+        assert fused(query, fusion.lexical_weight) == [item for item, _ in lists[key(query), "hybrid"]], query.text
+
+    weighted = {f"hybrid w={w}": w for w in LEXICAL_WEIGHTS}
+
+    def ranked(query: TypedQuery, mode: str) -> list[str]:
+        if mode in weighted:
+            return fused(query, weighted[mode])
+        return [item for item, _ in lists[key(query), mode]][:TOP_K]
+
+    table = typed_ndcg(eval_set.queries, ranked, ["dense", "lexical", "hybrid", *weighted])
+    counts = {t: len(eval_set.of_type(t)) for t in QUERY_TYPES}
+    print(
+        f"\nNDCG@5, hybrid = spec defaults ({fusion.mode}, rrf_k {fusion.rrf_k}, lexical_weight "
+        f"{fusion.lexical_weight}); queries per type in ()\n{format_table(table, counts)}"
+    )
+    print(json.dumps(table))
+    assert table["lexical"]["hybrid"] > table["lexical"]["dense"] + 0.05
