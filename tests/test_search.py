@@ -421,17 +421,22 @@ def test_200_concurrent_searches_get_fast_refusals_and_exact_answers(catalog, pr
         assert ids == exact_top(catalog, query, 5, items)
 
 
-@pytest.mark.integration
-def test_the_http_api_searches_as_the_model_does_with_titles(catalog):
-    server, titles = catalog["server"], {item.id: item.title for item in catalog_items()}
-    query = QUERIES[1]
-    found = client_for(server, "grpc").search(query, top_k=5)
-    answer = requests.post(f"{server.api_url}/v1/search", json={"query": query, "top_k": 5}, timeout=30)
+def assert_the_api_finds(server, path: str, body: dict, found) -> None:
+    """The HTTP API's `path` answers `body` with the model's ids and scores, and the items' titles."""
+    titles = {item.id: item.title for item in catalog_items()}
+    answer = requests.post(f"{server.api_url}{path}", json=body, timeout=30)
     assert answer.status_code == 200, answer.text
     results = answer.json()["results"]
     assert [r["id"] for r in results] == found.ids
     assert [r["title"] for r in results] == [titles[item] for item in found.ids]
     np.testing.assert_allclose([r["score"] for r in results], found.scores, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_the_http_api_searches_as_the_model_does_with_titles(catalog):
+    server, query = catalog["server"], QUERIES[1]
+    found = client_for(server, "grpc").search(query, top_k=5)
+    assert_the_api_finds(server, "/v1/search", {"query": query, "top_k": 5}, found)
     refused = requests.post(f"{server.api_url}/v1/search", json={"query": query, "top_k": 21}, timeout=30)
     assert refused.status_code == 400 and "TOP_K" in refused.json()["error"]["message"]
 
@@ -601,15 +606,9 @@ def test_similar_over_the_http_api_and_the_cli(catalog):
     import subprocess
     import sys
 
-    server, titles = catalog["server"], {item.id: item.title for item in catalog_items()}
-    history = ["sku-40", "sku-41"]
+    server, history = catalog["server"], ["sku-40", "sku-41"]
     found = client_for(server, "grpc").similar(history, top_k=5)
-    answer = requests.post(f"{server.api_url}/v1/similar", json={"ids": history, "top_k": 5}, timeout=30)
-    assert answer.status_code == 200, answer.text
-    results = answer.json()["results"]
-    assert [r["id"] for r in results] == found.ids
-    assert [r["title"] for r in results] == [titles[item] for item in found.ids]
-    np.testing.assert_allclose([r["score"] for r in results], found.scores, atol=1e-6)
+    assert_the_api_finds(server, "/v1/similar", {"ids": history, "top_k": 5}, found)
     body = {"ids": ["sku-17"], "filter": {"brand": "Rarebrand"}}  # the other two Rarebrand items
     rare = requests.post(f"{server.api_url}/v1/similar", json=body, timeout=30).json()["results"]
     assert sorted(r["id"] for r in rare) == ["sku-333", "sku-702"]

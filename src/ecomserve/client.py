@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from ecomserve.contract import (
     API_KEY_ENV,
+    API_KEY_HEADER,
     CANDIDATES,
     CLASSIFY,
     EMBED,
@@ -75,6 +76,29 @@ def _module(protocol: Protocol):
     return module
 
 
+def bytes_input(module, name: str, texts: list[str], shape: list[int]):
+    """A BYTES tensor of UTF-8 texts for `module` (tritonclient.http, .grpc or .grpc.aio)."""
+    tensor = module.InferInput(name, shape, "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(shape))
+    return tensor
+
+
+def catalog_inputs(module, inputs: list, top_k: int | None, filter: dict | str | None, mode: str | None = None):  # noqa: A002
+    """`inputs` of `search` or `similar` followed by their optional TOP_K, FILTER (an object or its JSON text)
+    and (search) MODE; an option left None is not sent, so the server's default applies."""
+    inputs = list(inputs)
+    if top_k is not None:
+        count = module.InferInput(TOP_K, [1], "INT32")
+        count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
+        inputs.append(count)
+    if filter is not None:
+        text = filter if isinstance(filter, str) else json.dumps(filter, ensure_ascii=False)
+        inputs.append(bytes_input(module, FILTER, [text], [1]))
+    if mode is not None:
+        inputs.append(bytes_input(module, MODE, [mode], [1]))
+    return inputs
+
+
 class EcomClient:
     def __init__(
         self,
@@ -87,7 +111,7 @@ class EcomClient:
         """`api_key`: the server's inference API key, if it has one (default: $ECOMSERVE_API_KEY)."""
         self.protocol = protocol
         api_key = api_key or os.environ.get(API_KEY_ENV)
-        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self._headers = {API_KEY_HEADER: f"Bearer {api_key}"} if api_key else None
         self.max_batch = max_batch  # embed's max_batch_size: longer lists go in several requests
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
@@ -111,9 +135,7 @@ class EcomClient:
         return client
 
     def _bytes_input(self, name: str, texts: list[str], shape: list[int]):
-        tensor = self._module.InferInput(name, shape, "BYTES")
-        tensor.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(shape))
-        return tensor
+        return bytes_input(self._module, name, texts, shape)
 
     def _infer(self, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarray]:
         # HTTP's network timeout is set on the connection; gRPC takes a deadline per call.
@@ -158,35 +180,18 @@ class EcomClient:
         """Catalog items for `query`, best first; `top_k` defaults to the server's search.top_k. `filter`: a
         FILTER object (or its JSON text) over catalog fields, e.g. {"brand": "ASICS", "price": {"lte": 100}}.
         `mode`: hybrid, dense or lexical (default: the server's search.mode)."""
-        inputs = [self._bytes_input(QUERY, [query], [1])]
-        if top_k is not None:
-            inputs.append(self._top_k_input(top_k))
-        if filter is not None:
-            inputs.append(self._filter_input(filter))
-        if mode is not None:
-            inputs.append(self._bytes_input(MODE, [mode], [1]))
-        out = self._infer(SEARCH, inputs, [IDS, SCORES])
-        return SearchResult([i.decode("utf-8") for i in out[IDS]], out[SCORES])
+        inputs = catalog_inputs(self._module, [self._bytes_input(QUERY, [query], [1])], top_k, filter, mode)
+        return self._found(SEARCH, inputs)
 
     def similar(self, ids: list[str], top_k: int | None = None, filter: dict | str | None = None) -> SearchResult:  # noqa: A002
         """Catalog items similar to `ids` (one item, or a shopper's recent items, most recent last), best first,
         never one of `ids`; `top_k` defaults to the server's search.top_k; `filter` as `search`'s."""
-        inputs = [self._bytes_input(ITEM_IDS, list(ids), [len(ids)])]
-        if top_k is not None:
-            inputs.append(self._top_k_input(top_k))
-        if filter is not None:
-            inputs.append(self._filter_input(filter))
-        out = self._infer(SIMILAR, inputs, [IDS, SCORES])
+        inputs = catalog_inputs(self._module, [self._bytes_input(ITEM_IDS, list(ids), [len(ids)])], top_k, filter)
+        return self._found(SIMILAR, inputs)
+
+    def _found(self, model: str, inputs: list) -> SearchResult:
+        out = self._infer(model, inputs, [IDS, SCORES])
         return SearchResult([i.decode("utf-8") for i in out[IDS]], out[SCORES])
-
-    def _filter_input(self, filter: dict | str):  # noqa: A002
-        text = filter if isinstance(filter, str) else json.dumps(filter, ensure_ascii=False)
-        return self._bytes_input(FILTER, [text], [1])
-
-    def _top_k_input(self, top_k: int):
-        count = self._module.InferInput(TOP_K, [1], "INT32")
-        count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
-        return count
 
     def is_ready(self) -> bool:
         try:

@@ -51,6 +51,8 @@ ADMIN_HEADER = "ecomserve-admin-key"
 ADMIN_KEY_ENV = "ECOMSERVE_ADMIN_KEY"
 # The optional inference API key (`Authorization: Bearer …` on every port): where the server and clients read it.
 API_KEY_ENV = "ECOMSERVE_API_KEY"
+# The header (HTTP) or metadata key (gRPC) that carries it, as `Bearer <key>` (RFC 6750; gRPC wants lower case).
+API_KEY_HEADER = "authorization"
 
 # Releases: every other model is versioned (one version per release); `embed`'s config names the
 # release each step serves. The python heads are not versioned: they follow whatever release `embed`

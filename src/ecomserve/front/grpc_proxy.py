@@ -10,7 +10,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
-from ecomserve.contract import ADMIN_HEADER
+from ecomserve.contract import ADMIN_HEADER, API_KEY_HEADER
 from ecomserve.front.admission import Admission
 from ecomserve.front.kserve import (
     MAX_INPUTS,
@@ -25,7 +25,7 @@ from ecomserve.front.policy import GRPC_ACCESS, Access, Keys, closed_message, un
 
 # tritonclient sends restricted-protocol headers with Triton's prefix; ecomserve's client sends the plain name.
 _ADMIN_METADATA = (ADMIN_HEADER, f"triton-grpc-protocol-{ADMIN_HEADER}")
-_SECRET_METADATA = (*_ADMIN_METADATA, "authorization")
+_SECRET_METADATA = (*_ADMIN_METADATA, API_KEY_HEADER)
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
@@ -92,7 +92,7 @@ class GrpcProxy(grpc.GenericRpcHandler):
         if access is Access.CLOSED:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, closed_message(method.rsplit("/", 1)[-1]))
         admin_given = next((value for key, value in metadata if key in _ADMIN_METADATA), None)
-        if not self._keys.admits(access, next((v for k, v in metadata if k == "authorization"), None), admin_given):
+        if not self._keys.admits(access, next((v for k, v in metadata if k == API_KEY_HEADER), None), admin_given):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, unauthorized_message() + " metadata")
         if access is Access.ADMIN:
             if not self._keys.is_admin(admin_given):

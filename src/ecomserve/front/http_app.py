@@ -14,7 +14,7 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ecomserve.contract import ADMIN_HEADER
+from ecomserve.contract import ADMIN_HEADER, API_KEY_HEADER
 from ecomserve.front.admission import RETRY_AFTER_S, Admission
 from ecomserve.front.bodies import read_body
 from ecomserve.front.kserve import BadRequest, check_http_infer, check_json_document
@@ -55,7 +55,7 @@ class HttpFront:
             if access is Access.CLOSED:
                 raise BadRequest(closed_message(path), status=403)
             admin_header = request.headers.get(ADMIN_HEADER)
-            if not self.keys.admits(access, request.headers.get("authorization"), admin_header):
+            if not self.keys.admits(access, request.headers.get(API_KEY_HEADER), admin_header):
                 return error_response(unauthorized_message(), 401, {"www-authenticate": "Bearer"})
             if access is Access.ADMIN and not self.keys.is_admin(admin_header):
                 raise BadRequest(f"{path} needs the admin key in the {ADMIN_HEADER} header", status=403)

@@ -11,7 +11,7 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ecomserve.contract import ADMIN_HEADER
+from ecomserve.contract import ADMIN_HEADER, API_KEY_HEADER
 from ecomserve.front.admission import Admission
 from ecomserve.front.api import openai_api, rerank_api, tei_api
 from ecomserve.front.api.context import ApiContext
@@ -90,7 +90,7 @@ class ApiSide:
         if method != wanted:
             raise ApiError(Reason.METHOD, f"{path} takes {wanted}, not {request.method}")
         if path not in _OPEN_PATHS and not self._keys.admits(
-            Access.OPEN, request.headers.get("authorization"), request.headers.get(ADMIN_HEADER)
+            Access.OPEN, request.headers.get(API_KEY_HEADER), request.headers.get(ADMIN_HEADER)
         ):
             raise ApiError(Reason.UNAUTHORIZED, unauthorized_message())
         body = await read_body(request, self._max_body_bytes, self._timeout_s) if method == "POST" else b""

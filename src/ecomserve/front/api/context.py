@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from ecomserve.front.api.errors import ApiError, Reason
@@ -61,7 +62,7 @@ class ApiContext:
     created: int = field(default_factory=lambda: int(time.time()))
     counters: ApiCounters = field(default_factory=ApiCounters)
 
-    @property
+    @cached_property
     def model_id(self) -> str:
         return model_id(self.spec)
 

@@ -27,18 +27,14 @@ class EncoderTokens:
 
     tokenizer: Tokenizer
     max_seq_len: int
+    specials: int  # tokens the tokenizer adds to a text: [CLS] and [SEP], or the model's own
 
     @classmethod
     def load(cls, tokenizer_file: Path, max_seq_len: int) -> EncoderTokens:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        return cls(tokenizer, max_seq_len)
-
-    @property
-    def specials(self) -> int:
-        """[CLS] and [SEP], or the model's own."""
-        return self.tokenizer.num_special_tokens_to_add(False)
+        return cls(tokenizer, max_seq_len, tokenizer.num_special_tokens_to_add(False))
 
     @property
     def budget(self) -> int:

@@ -5,24 +5,22 @@ status codes mapped to API reasons (UNAVAILABLE, a full queue, is 429 with Retry
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from ecomserve.client import bytes_input, catalog_inputs
 from ecomserve.contract import (
     CANDIDATES,
     CLASSIFY,
     EMBED,
     EMBEDDING,
-    FILTER,
     IDS,
     ITEM_IDS,
     LABEL,
     LABELS,
-    MODE,
     QUERY,
     RANK,
     SCORES,
@@ -30,7 +28,6 @@ from ecomserve.contract import (
     SIMILAR,
     TEXT,
     TITLES,
-    TOP_K,
     VOTES,
 )
 from ecomserve.front.admission import Admission
@@ -60,9 +57,7 @@ class Found:
 
 
 def _texts(name: str, texts: list[str], shape: list[int]) -> grpcclient.InferInput:
-    tensor = grpcclient.InferInput(name, shape, "BYTES")
-    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_).reshape(shape))
-    return tensor
+    return bytes_input(grpcclient, name, texts, shape)
 
 
 class TritonModels:
@@ -116,21 +111,16 @@ class TritonModels:
         return Classified(result.as_numpy(LABEL)[0].decode(), result.as_numpy(VOTES), result.as_numpy(SCORES))
 
     async def search(self, query: str, top_k: int | None, where: dict | None = None, mode: str | None = None) -> Found:
-        extra = [_texts(MODE, [mode], [1])] if mode is not None else []
-        return await self._catalog(SEARCH, [_texts(QUERY, [query], [1]), *extra], 1, top_k, where)
+        inputs = catalog_inputs(grpcclient, [_texts(QUERY, [query], [1])], top_k, where, mode)
+        return await self._catalog(SEARCH, inputs, 1)
 
     async def similar(self, ids: list[str], top_k: int | None, where: dict | None = None) -> Found:
         # Costs one per id, as the KServe front counts BYTES elements.
-        return await self._catalog(SIMILAR, [_texts(ITEM_IDS, ids, [len(ids)])], len(ids), top_k, where)
+        inputs = catalog_inputs(grpcclient, [_texts(ITEM_IDS, ids, [len(ids)])], top_k, where)
+        return await self._catalog(SIMILAR, inputs, len(ids))
 
-    async def _catalog(self, model: str, inputs: list, cost: int, top_k: int | None, where: dict | None) -> Found:
-        """`search` or `similar`, with their shared optional TOP_K and FILTER."""
-        if top_k is not None:
-            count = grpcclient.InferInput(TOP_K, [1], "INT32")
-            count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
-            inputs.append(count)
-        if where is not None:
-            inputs.append(_texts(FILTER, [json.dumps(where, ensure_ascii=False)], [1]))
+    async def _catalog(self, model: str, inputs: list, cost: int) -> Found:
+        """`search` or `similar`: IDS, SCORES and TITLES."""
         with self._admission.admit(cost):
             result = await self._infer(model, inputs, [IDS, SCORES, TITLES])
         ids, titles = ([v.decode() for v in result.as_numpy(name)] for name in (IDS, TITLES))
