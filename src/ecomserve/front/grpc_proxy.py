@@ -1,8 +1,9 @@
 """The front's gRPC side: Triton's GRPCInferenceService passed through as raw messages.
 
-Each call is classified by method (policy.py); inference requests are parsed from protobuf for the
+Each call is classified by method (policy.py) and checked for the keys it needs (`authorization` metadata
+for the API key, UNAUTHENTICATED without it); inference requests are parsed from protobuf for the
 same element checks and admission as HTTP, then the original bytes go to Triton's private socket
-with the caller's metadata and deadline. Triton's status codes come back unchanged."""
+with the caller's metadata (less both keys) and deadline. Triton's status codes come back unchanged."""
 
 from __future__ import annotations
 
