@@ -118,6 +118,13 @@ def test_rrf_and_weighted_fusion():
 
 def test_search_defaults_to_hybrid_with_rrf():
     spec = SearchSpec()
-    assert spec.mode == "dense" and spec.fusion.mode == "rrf" and spec.fusion.rrf_k == 60
+    assert spec.mode == "hybrid" and spec.fusion.mode == "rrf" and spec.fusion.rrf_k == 60
+    # A digit anywhere in the query (a model number, size or capacity) gives BM25 the dense list's weight.
+    fusion = spec.fusion
+    assert fusion.number_lexical_weight == 1.0 and fusion.lexical_weight < fusion.number_lexical_weight
+    for query in ("990 pro 2tb", "WH-1000XM4", "pampers size 3", "x1"):
+        assert fusion.lexical_weight_for(query) == fusion.number_lexical_weight, query
+    for query in ("gift for coffee lover", "ASICS", ""):
+        assert fusion.lexical_weight_for(query) == fusion.lexical_weight, query
     with pytest.raises(ValueError, match="mode"):
         SearchSpec(mode="fuzzy")
