@@ -60,8 +60,9 @@ def test_search_and_similar_come_with_the_specs_search_section():
         "ITEM_IDS": ("TYPE_STRING", [-1]),
         "TOP_K": ("TYPE_INT32", [1]),
         "FILTER": ("TYPE_STRING", [1]),
+        "DIVERSITY": ("TYPE_FP32", [1]),  # MMR, overriding search.diversity per request
     }
-    assert [t.optional for t in similar.input] == [False, True, True]
+    assert [t.optional for t in similar.input] == [False, True, True, True]
     # search: MODE (hybrid | dense | lexical) overrides search.mode per request.
     assert tensors(search.input) == {
         "QUERY": ("TYPE_STRING", [1]),

@@ -32,6 +32,7 @@ from ecomserve.index.catalog import (
     write_manifest,
 )
 from ecomserve.index.filters import parse_filter
+from ecomserve.index.history import diverse_order
 from ecomserve.index.loading import load_index, load_search_index
 from ecomserve.index.ops import build_index, delete_items, index_dir, upsert_items
 from ecomserve.paths import corpus_lines
@@ -525,6 +526,36 @@ def test_filtered_similar_returns_min_top_k_matching_items_never_the_inputs(cata
         assert len(client.similar(history, top_k=3).ids) == 3  # still answering
 
 
+@pytest.mark.integration
+def test_similar_with_diversity_picks_by_maximal_marginal_relevance(catalog, protocol):
+    """DIVERSITY d > 0: MMR (history.diverse_order) over the exact top search.diversity_candidates, SCORES each
+    item's own cosine to the profile; d = 0 is the plain answer. The diverse list is less alike within itself."""
+    search, history, k = catalog["spec"].search, ["sku-40", "sku-41"], 10
+    candidates, scores, every = exact_similar(catalog, history, search.diversity_candidates)
+    _, index, _ = load_index(search, catalog["index"])
+
+    def likeness(ids: list[str]) -> float:  # mean cosine between two different items of a list
+        vectors = index.vectors(ids)
+        return float((np.sum(vectors @ vectors.T) - len(ids)) / (len(ids) * (len(ids) - 1)))
+
+    with client_for(catalog["server"], protocol) as client:
+        plain = client.similar(history, top_k=k)
+        assert client.similar(history, top_k=k, diversity=0.0).ids == plain.ids
+        for diversity in (0.3, 0.7):
+            found = client.similar(history, top_k=k, diversity=diversity)
+            expected = diverse_order(scores, index.vectors(candidates), k, diversity)
+            assert found.ids == [candidates[row] for row in expected], diversity
+            np.testing.assert_allclose(found.scores, [every[item] for item in found.ids], atol=1e-5)
+            assert not set(found.ids) & set(history) and found.ids != plain.ids
+            assert likeness(found.ids) < likeness(plain.ids), diversity
+        filtered = client.similar(history, top_k=k, filter={"in_stock": True}, diversity=0.7)
+        assert {item.id for item in matching({"in_stock": True})} >= set(filtered.ids) and len(filtered.ids) == k
+        for bad in (-0.1, 1.5, float("nan")):
+            with pytest.raises(RequestFailed, match="DIVERSITY: got .*expected one value from 0 to 1"):
+                client.similar(history, diversity=bad)
+        assert client.similar(history, top_k=k).ids == plain.ids  # still answering
+
+
 def raw_similar(server, protocol: str, ids: list[bytes], top_k: int | None = None):
     """`similar` through tritonclient itself: (ids, None) or (None, (status, message))."""
     module, url = (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
@@ -618,6 +649,7 @@ def test_similar_over_the_http_api_and_the_cli(catalog):
         ({"ids": ["sku-40", "no-such-sku"]}, "no-such-sku"),
         ({"ids": []}, "ids"),
         ({"ids": ["sku-40"], "top_k": 21}, "TOP_K"),
+        ({"ids": ["sku-40"], "diversity": 2}, "DIVERSITY"),
     ):
         refused = requests.post(f"{server.api_url}/v1/similar", json=body, timeout=30)
         assert refused.status_code == 400 and expected in refused.json()["error"]["message"], refused.text

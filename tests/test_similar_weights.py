@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from ecomserve.index.history import history_profile, recency_weights
+from ecomserve.index.history import diverse_order, history_profile, recency_weights
 from ecomserve.spec import SearchSpec
 
 
@@ -62,3 +62,24 @@ def test_the_spec_bounds_the_history():
     for bad in ({"max_history": 0}, {"max_history": 1001}, {"history_half_life": 0}):
         with pytest.raises(ValidationError):
             SearchSpec(**bad)
+
+
+def test_diversity_passes_over_near_copies_of_a_picked_item():
+    # a and its near-copy a2 lead on relevance; b is less relevant but unlike a.
+    a, a2, b = np.array([1.0, 0.0]), np.array([0.995, np.sqrt(1 - 0.995**2)]), np.array([0.0, 1.0])
+    vectors, relevance = np.stack([a, a2, b]), np.array([0.9, 0.89, 0.7])
+    assert diverse_order(relevance, vectors, 3, 0.0) == [0, 1, 2]  # d = 0: by relevance alone
+    # d = 0.5, second pick: a2 gains 0.5·0.89 - 0.5·0.995 < 0, b gains 0.5·0.7 - 0.5·0 > 0.
+    assert diverse_order(relevance, vectors, 3, 0.5) == [0, 2, 1]
+    assert diverse_order(relevance, vectors, 2, 1.0) == [0, 2]  # d = 1: least alike to what is picked
+    assert diverse_order(relevance, vectors, 5, 0.5) == [0, 2, 1]  # k beyond the candidates: all of them
+    assert diverse_order(relevance[:0], vectors[:0], 3, 0.5) == []
+
+
+def test_diversity_must_be_within_zero_and_one():
+    with pytest.raises(ValueError, match="diversity"):
+        diverse_order(np.ones(2), np.eye(2), 2, 1.5)
+    with pytest.raises(ValidationError):
+        SearchSpec(diversity=-0.1)
+    with pytest.raises(ValidationError):
+        SearchSpec(diversity_candidates=0)

@@ -426,12 +426,16 @@ def query_similar(
         str | None,
         typer.Option("--filter", help="""a JSON object over catalog fields, e.g. '{"in_stock": true}'"""),
     ] = None,
+    diversity: Annotated[
+        float | None,
+        typer.Option("--diversity", help="0 (by similarity only) to 1 (MMR; default: the spec's search.diversity)"),
+    ] = None,
     url: UrlOption = None,
     protocol: ProtocolOption = ProtocolName.http,
 ) -> None:
     """Catalog items similar to IDS from the index, best first, never one of IDS (only those FILTER matches)."""
     with _client(url, protocol) as client:
-        result = client.similar(ids, top_k, filter=filter_json)
+        result = client.similar(ids, top_k, filter=filter_json, diversity=diversity)
     _print({"model": SIMILAR, "ids": result.ids, "scores": result.scores.tolist()})
 
 

@@ -19,6 +19,7 @@ from ecomserve.contract import (
     API_KEY_HEADER,
     CANDIDATES,
     CLASSIFY,
+    DIVERSITY,
     EMBED,
     EMBEDDING,
     ENCODER_SCORES,
@@ -83,20 +84,33 @@ def bytes_input(module, name: str, texts: list[str], shape: list[int]):
     return tensor
 
 
-def catalog_inputs(module, inputs: list, top_k: int | None, filter: dict | str | None, mode: str | None = None):  # noqa: A002
-    """`inputs` of `search` or `similar` followed by their optional TOP_K, FILTER (an object or its JSON text)
-    and (search) MODE; an option left None is not sent, so the server's default applies."""
+def catalog_inputs(  # noqa: PLR0913
+    module,
+    inputs: list,
+    top_k: int | None,
+    filter: dict | str | None,  # noqa: A002
+    mode: str | None = None,
+    diversity: float | None = None,
+):
+    """`inputs` of `search` or `similar` followed by their optional TOP_K, FILTER (an object or its JSON text),
+    (search) MODE and (similar) DIVERSITY; an option left None is not sent, so the server's default applies."""
     inputs = list(inputs)
     if top_k is not None:
-        count = module.InferInput(TOP_K, [1], "INT32")
-        count.set_data_from_numpy(np.array([top_k], dtype=np.int32))
-        inputs.append(count)
+        inputs.append(_scalar_input(module, TOP_K, np.int32(top_k), "INT32"))
     if filter is not None:
         text = filter if isinstance(filter, str) else json.dumps(filter, ensure_ascii=False)
         inputs.append(bytes_input(module, FILTER, [text], [1]))
     if mode is not None:
         inputs.append(bytes_input(module, MODE, [mode], [1]))
+    if diversity is not None:
+        inputs.append(_scalar_input(module, DIVERSITY, np.float32(diversity), "FP32"))
     return inputs
+
+
+def _scalar_input(module, name: str, value: np.generic, datatype: str):
+    tensor = module.InferInput(name, [1], datatype)
+    tensor.set_data_from_numpy(np.array([value]))
+    return tensor
 
 
 class EcomClient:
@@ -183,10 +197,18 @@ class EcomClient:
         inputs = catalog_inputs(self._module, [self._bytes_input(QUERY, [query], [1])], top_k, filter, mode)
         return self._found(SEARCH, inputs)
 
-    def similar(self, ids: list[str], top_k: int | None = None, filter: dict | str | None = None) -> SearchResult:  # noqa: A002
+    def similar(
+        self,
+        ids: list[str],
+        top_k: int | None = None,
+        filter: dict | str | None = None,  # noqa: A002
+        diversity: float | None = None,
+    ) -> SearchResult:
         """Catalog items similar to `ids` (one item, or a shopper's recent items, most recent last), best first,
-        never one of `ids`; `top_k` defaults to the server's search.top_k; `filter` as `search`'s."""
-        inputs = catalog_inputs(self._module, [self._bytes_input(ITEM_IDS, list(ids), [len(ids)])], top_k, filter)
+        never one of `ids`; `top_k` defaults to the server's search.top_k; `filter` as `search`'s; `diversity`
+        (0…1, default the server's search.diversity) trades similarity for variety (MMR)."""
+        ids_input = self._bytes_input(ITEM_IDS, list(ids), [len(ids)])
+        inputs = catalog_inputs(self._module, [ids_input], top_k, filter, diversity=diversity)
         return self._found(SIMILAR, inputs)
 
     def _found(self, model: str, inputs: list) -> SearchResult:

@@ -42,6 +42,8 @@ TOP_K, IDS, TITLES, ITEM_IDS = "TOP_K", "IDS", "TITLES", "ITEM_IDS"
 FILTER = "FILTER"
 # search: an optional retrieval mode (hybrid | dense | lexical) overriding the spec's search.mode.
 MODE = "MODE"
+# similar: an optional diversity (MMR) from 0 (by similarity only) to 1, overriding the spec's search.diversity.
+DIVERSITY = "DIVERSITY"
 # The tokenizer models' outputs (split layout, internal).
 INPUT_IDS, ATTENTION_MASK = "INPUT_IDS", "ATTENTION_MASK"
 

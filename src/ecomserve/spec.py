@@ -308,6 +308,14 @@ class SearchSpec(_Strict):
     history_half_life: float = Field(
         5.0, gt=0, le=1000, description="`similar`: an item's weight halves every this many more recent items"
     )
+    # Recommendation lists full of one product's colour variants help no shopper: with diversity d > 0, `similar`
+    # picks its answer from its top `diversity_candidates` by maximal marginal relevance (ecomserve.index.history).
+    diversity: float = Field(
+        0.0, ge=0, le=1, description="`similar` when a request sends no DIVERSITY: 0 ranks by similarity only"
+    )
+    diversity_candidates: int = Field(
+        50, ge=1, le=1000, description="`similar` with diversity: the items MMR picks from (at least TOP_K)"
+    )
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> SearchSpec:

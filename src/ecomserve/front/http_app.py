@@ -2,8 +2,9 @@
 
 A request goes: route policy (health, open, inference, admin, closed) → the API key (all but health;
 401) and the admin key (admin) → body read within `max_body_bytes` and the request timeout
-(decompressed if gzip/deflate, within the same limit) → for inference, the KServe checks and admission → Triton over its unix socket → the answer as
-Triton gave it (503s gain `Retry-After`). Errors the front gives itself are KServe's `{"error": …}`."""
+(decompressed if gzip/deflate, within the same limit) → for inference, the KServe checks and admission →
+Triton over its unix socket → the answer as Triton gave it (503s gain `Retry-After`). Errors the front gives
+itself are KServe's `{"error": …}`."""
 
 from __future__ import annotations
 

@@ -3,7 +3,11 @@
 Items come oldest first, most recent last. Item i's weight is wᵢ = 0.5^(aᵢ / half_life), where aᵢ is how many
 items came after it (0 for the most recent), so the weight halves every `half_life` items back. The profile is
 p = Σᵢ wᵢ·vᵢ / ‖Σᵢ wᵢ·vᵢ‖ over the items' stored unit vectors vᵢ; an index's inner product with p is then the
-cosine to the profile. One item's profile is its own vector. An item seen twice counts twice."""
+cosine to the profile. One item's profile is its own vector. An item seen twice counts twice.
+
+`diverse_order` reorders the index's candidates by maximal marginal relevance (Carbonell & Goldstein, 1998): each
+next pick maximises (1 - d)·relevance - d·(its highest cosine to an item already picked), so with d > 0 a
+near-copy of a picked item gives way to a less similar but different one; d = 0 keeps the similarity order."""
 
 from __future__ import annotations
 
@@ -29,3 +33,24 @@ def history_profile(vectors: np.ndarray, half_life: float) -> np.ndarray:
     if norm < 1e-6:
         combined, norm = vectors[-1], float(np.linalg.norm(vectors[-1])) or 1.0
     return (combined / norm).astype(np.float32)
+
+
+def diverse_order(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> list[int]:
+    """The rows of k candidates in MMR order. `relevance`: [n] each candidate's cosine to the profile, best
+    first; `vectors`: [n, dim] their unit vectors; `diversity`: d in [0, 1]."""
+    if not 0 <= diversity <= 1:
+        raise ValueError(f"diversity must be within [0, 1], got {diversity}")
+    relevance = np.asarray(relevance, dtype=np.float64)
+    vectors = np.asarray(vectors, dtype=np.float64)
+    count = min(k, len(relevance))
+    if count == 0:
+        return []
+    picked = [int(np.argmax(relevance))]
+    closest = vectors @ vectors[picked[0]]  # each candidate's highest cosine to a picked item so far
+    while len(picked) < count:
+        gain = (1 - diversity) * relevance - diversity * closest
+        gain[picked] = -np.inf
+        row = int(np.argmax(gain))  # ties: the earlier (more similar) candidate
+        picked.append(row)
+        closest = np.maximum(closest, vectors @ vectors[row])
+    return picked

@@ -13,6 +13,7 @@ from ecomserve.contract import (
     ATTENTION_MASK,
     CANDIDATES,
     CLASSIFY,
+    DIVERSITY,
     EMBED,
     EMBEDDER,
     EMBEDDING,
@@ -425,8 +426,8 @@ def search_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConf
 
 
 def similar_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelConfig:
-    """ITEM_IDS (+ optional TOP_K, FILTER) → IDS, SCORES, TITLES from the catalog index's stored vectors, never
-    the inputs (serving_models/similar.py). The same parameters as `search`: it reads the same index."""
+    """ITEM_IDS (+ optional TOP_K, FILTER, DIVERSITY) → IDS, SCORES, TITLES from the catalog index's stored
+    vectors, never the inputs (serving_models/similar.py). The same parameters as `search`: it reads the same index."""
     parameters = SearchParameters(
         **_fusion_parameters(spec, built), search=spec.search.model_dump(), layout=spec.serving.layout
     )
@@ -438,6 +439,7 @@ def similar_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCon
             _tensor(ITEM_IDS, pb.TYPE_STRING, [-1]),
             _tensor(TOP_K, pb.TYPE_INT32, [1], optional=True),
             _tensor(FILTER, pb.TYPE_STRING, [1], optional=True),
+            _tensor(DIVERSITY, pb.TYPE_FP32, [1], optional=True),
         ],
         outputs=[
             _tensor(IDS, pb.TYPE_STRING, [-1]),

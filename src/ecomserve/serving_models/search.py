@@ -4,8 +4,9 @@ by it and by MODE too.
 
 MODE (default: the spec's search.mode) picks the retriever: `dense` (the query's vector against the items'),
 `lexical` (BM25 over title, brand, description and attribute values, ecomserve.index.lexical; SCORES are BM25
-scores) or `hybrid` (the default): both retrievers' top `search.fusion.candidates` fused (ecomserve.fusion.fuse_rankings;
-RRF by default, lexical weighted by whether the query has a number in it), SCORES the fused scores. The optional rerank stage applies to `dense` only.
+scores) or `hybrid` (the default): both retrievers' top `search.fusion.candidates` fused
+(ecomserve.fusion.fuse_rankings; RRF by default, lexical weighted by whether the query has a number in it),
+SCORES the fused scores. The optional rerank stage applies to `dense` only.
 
 Only the query is embedded at request time, and always by the release that embedded the index (the
 manifest says which): the query goes through BLS to that release's own model versions, never through
@@ -181,7 +182,8 @@ class TritonPythonModel:
         dense = [hit for hit in self.index.search(vector[None, :], wanted, where)[0] if hit[0] in self.titles]
         # Lexical first: an exact tie (an item only one list has, at the same rank as another only the other list has)
         # goes to the item whose words match the query, such as a model number the encoder cannot tell apart.
-        fused = fuse_rankings([lexical, dense], [fusion.lexical_weight_for(query), 1.0], fusion.mode, fusion.rrf_k)[:top_k]
+        weights = [fusion.lexical_weight_for(query), 1.0]
+        fused = fuse_rankings([lexical, dense], weights, fusion.mode, fusion.rrf_k)[:top_k]
         return [item for item, _ in fused], [score for _, score in fused]
 
     async def _dense(self, query: str, top_k: int, where: ItemFilter | None) -> tuple[list[str], list[float]]:

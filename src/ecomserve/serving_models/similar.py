@@ -5,7 +5,10 @@ recommendations from the catalog index, best first, never one of the ITEM_IDS. F
 Nothing is embedded at request time: the items' stored vectors are read from the index (`VectorIndex.vectors`)
 and combined with recency weights into one profile (ecomserve.index.history: wᵢ = 0.5^(aᵢ / half_life), aᵢ =
 how many items came after item i, renormalised), which the index is searched with. The inputs are excluded by
-asking for TOP_K + their count and dropping them. The index is the live version the `search` model answers from:
+asking for TOP_K + their count and dropping them. With DIVERSITY d > 0 (default: the spec's search.diversity) the
+answer is picked from the top search.diversity_candidates by maximal marginal relevance (history.diverse_order):
+SCORES stay each item's cosine to the profile, in the picked order, so they need not decrease. The index is the
+live version the `search` model answers from:
 its manifest is looked at every 0.25 s and the version it names loaded whole (ecomserve.index.loading.LiveIndex).
 An id the live version does not hold is refused (INVALID_ARGUMENT) naming it."""
 
@@ -18,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from ecomserve.contract import IDS, ITEM_IDS, SCORES, TITLES
 from ecomserve.errors import InvalidInput
-from ecomserve.index.history import history_profile
+from ecomserve.index.history import diverse_order, history_profile
 from ecomserve.index.loading import LiveIndex
 from ecomserve.index.milvus_index import milvus_token
 from ecomserve.index.vector_index import ID_MAX_BYTES, MissingIds
@@ -31,7 +34,7 @@ from ecomserve.serving_models.base import (
     output,
     respond_each,
 )
-from ecomserve.serving_models.catalog_inputs import filter_input, top_k_input
+from ecomserve.serving_models.catalog_inputs import diversity_input, filter_input, top_k_input
 from ecomserve.spec import SearchSpec
 
 _SHOWN_UNKNOWN = 20  # unknown ids named in one error message
@@ -78,6 +81,7 @@ class TritonPythonModel:
         ids = item_ids(input_array(request, ITEM_IDS), self.search.max_history)
         top_k = top_k_input(request, self.search)
         where = filter_input(request)
+        diversity = diversity_input(request, self.search)
         self.live.refresh()
         index, titles = self.live.index, self.live.titles
         if index is None:
@@ -92,8 +96,13 @@ class TritonPythonModel:
             raise unknown_ids_error(exc.missing) from None
         profile = history_profile(vectors, self.search.history_half_life)
         excluded = set(inputs)
-        hits = index.search(profile[None, :], top_k + len(excluded), where=where)[0]
-        found = [(item, score) for item, score in hits if item not in excluded and item in titles][:top_k]
+        wanted = max(top_k, self.search.diversity_candidates) if diversity > 0 else top_k
+        hits = index.search(profile[None, :], wanted + len(excluded), where=where)[0]
+        found = [(item, score) for item, score in hits if item not in excluded and item in titles][:wanted]
+        if diversity > 0 and len(found) > 1:
+            candidates = index.vectors([item for item, _ in found])
+            found = [found[row] for row in diverse_order([s for _, s in found], candidates, top_k, diversity)]
+        found = found[:top_k]
         found_ids = [item for item, _ in found]
         return pb_utils.InferenceResponse(
             output_tensors=[

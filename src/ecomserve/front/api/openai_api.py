@@ -59,7 +59,7 @@ async def similar(ctx: ApiContext, body: bytes) -> dict:
     """Items similar to `ids`, never one of them; the `similar` model checks the ids (count, length, known)."""
     request = parse(SimilarRequest, body)
     ctx.check_model(request.model)
-    return _found(ctx, await ctx.models.similar(request.ids, request.top_k, request.filter))
+    return _found(ctx, await ctx.models.similar(request.ids, request.top_k, request.filter, request.diversity))
 
 
 def _found(ctx: ApiContext, found: Found) -> dict:

@@ -105,6 +105,7 @@ class SimilarRequest(_Strict):
     ids: list[str] = Field(min_length=1)
     top_k: int | None = Field(None, ge=1)
     filter: dict | None = None  # FILTER: the similar model checks it (ecomserve.index.filters)
+    diversity: float | None = None  # DIVERSITY (MMR): the similar model checks it
     model: str | None = None
 
 

@@ -114,9 +114,11 @@ class TritonModels:
         inputs = catalog_inputs(grpcclient, [_texts(QUERY, [query], [1])], top_k, where, mode)
         return await self._catalog(SEARCH, inputs, 1)
 
-    async def similar(self, ids: list[str], top_k: int | None, where: dict | None = None) -> Found:
+    async def similar(
+        self, ids: list[str], top_k: int | None, where: dict | None = None, diversity: float | None = None
+    ) -> Found:
         # Costs one per id, as the KServe front counts BYTES elements.
-        inputs = catalog_inputs(grpcclient, [_texts(ITEM_IDS, ids, [len(ids)])], top_k, where)
+        inputs = catalog_inputs(grpcclient, [_texts(ITEM_IDS, ids, [len(ids)])], top_k, where, diversity=diversity)
         return await self._catalog(SIMILAR, inputs, len(ids))
 
     async def _catalog(self, model: str, inputs: list, cost: int) -> Found:
