@@ -235,7 +235,9 @@ def test_readers_see_whole_versions_while_writers_commit(index):
 
 
 def test_milvus_writes_go_through_the_same_staging_and_lock(index, tmp_path):
-    from ecomserve.index.milvus_index import MilvusIndex
+    from ecomserve.index.filters import parse_filter
+    from ecomserve.index.loading import load_search_index
+    from ecomserve.index.milvus_index import MilvusIndex, MilvusLexical
     from ecomserve.index.milvus_lite import start_milvus_lite
 
     with start_milvus_lite(tmp_path / "catalog.db") as milvus:
@@ -250,9 +252,14 @@ def test_milvus_writes_go_through_the_same_staging_and_lock(index, tmp_path):
         assert removed == 1 and manifest.version == 3 and manifest.items == len(items)
         assert top_id(milvus_index, new.title) == new.id
         (version,) = [path for path in index.target.iterdir() if path.name == manifest.data]
-        # The vectors (and the filterable fields) live in Milvus; titles, the items' other fields and their BM25
-        # index (lexical search is the same files on both backends) here.
-        assert sorted(path.name for path in version.iterdir()) == ["items.json", "lexical", "titles.json"]
+        # The vectors, the filterable fields and the BM25 tokens live in Milvus; titles and the items' other
+        # fields here (no bm25s files: Milvus's own BM25 answers lexical search).
+        assert sorted(path.name for path in version.iterdir()) == ["items.json", "titles.json"]
+        _, _, _, lexical = load_search_index(spec.search, index.target)
+        assert isinstance(lexical, MilvusLexical)
+        assert lexical.search("zebra velvet armchair", 3)[0][0] == new.id
+        assert lexical.search("zebra velvet", 3, parse_filter({"brand": "Nobody"})) == []
+        assert items[0].id not in {item for item, _ in lexical.search(items[0].title, 50)}  # deleted
         # A build of fewer items for the same release also clears the collection of the ones it drops.
         rebuilt = build_index(spec, index.repository, items[:100], index.target, Console(quiet=True))
         collection = MilvusIndex(spec.search.milvus.model_copy(update={"collection": "ecomserve_catalog_r1"}), DIM)

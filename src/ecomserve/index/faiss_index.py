@@ -86,7 +86,10 @@ FORMAT_VERSION = 1
 class FaissIndex:
     """In-process index. Row r of the faiss index is faiss label r; `_row_ids[r]` is its id, or None once the
     row is dead (deleted, or replaced by a later upsert of the same id): HNSW cannot remove vectors, so dead
-    rows stay until a rebuild and searches fetch enough extra neighbours to skip them."""
+    rows stay until a rebuild and searches fetch enough extra neighbours to skip them. Lexical search is the
+    version's BM25 files beside it (lexical.LexicalIndex), so upsert's `texts` are not kept."""
+
+    has_lexical = False
 
     def __init__(
         self, dim: int, spec: FaissSpec | None = None, directory: Path | None = None, compact_fraction: float = 0.2
@@ -107,7 +110,13 @@ class FaissIndex:
 
     # -- the interface
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[dict] | None = None) -> None:
+    def upsert(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        fields: Sequence[dict] | None = None,
+        texts: Sequence[str] | None = None,  # noqa: ARG002 (VectorIndex.upsert: faiss keeps no texts)
+    ) -> None:
         given = checked_fields(ids, fields)
         ids, vectors = checked_rows(ids, vectors, self.dim)
         if not ids:

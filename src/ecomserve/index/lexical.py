@@ -9,9 +9,11 @@ also yields itself without them and each of its parts; each part (or a plain wor
 followed by letters (`1000xm4` → `1000`, `xm4`; `2tb` → `2`, `tb`). The same function tokenises items and queries,
 so "wh1000xm4", "1000xm4" and "WH-1000XM4" all find the item, and the exact model number scores highest.
 
-`LexicalIndex` is built whole from a version's items at every commit (bm25s has no incremental update; 100k titles
-take seconds, README) and saved into the same version folder as the vectors, so `search` reads lexical and dense
-data of one version. `search` applies a FILTER inside retrieval by masking the scores of items that do not match."""
+`LexicalIndex` (faiss backend) is built whole from a version's items at every commit (bm25s has no incremental
+update; 100k titles take seconds, README) and saved into the same version folder as the vectors, so `search` reads
+lexical and dense data of one version. `search` applies a FILTER inside retrieval by masking the scores of items
+that do not match. The Milvus backend keeps these same tokens in its collection and uses Milvus's own BM25
+(milvus_index.MilvusLexical); both answer `LexicalRetriever.search`."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 import bm25s
 import numpy as np
@@ -59,6 +62,18 @@ def item_text(title: str, extras: Mapping | None) -> str:
         if not isinstance(value, bool):
             parts.append(str(value))
     return " ".join(part for part in parts if part)
+
+
+class LexicalRetriever(Protocol):
+    def search(self, query: str, k: int, where: ItemFilter | None = None) -> list[tuple[str, float]]:
+        """Up to k (id, BM25 score) pairs, best first, of the items that share a token with `query`; with `where`,
+        only items whose catalog fields match it (the filter applies inside retrieval)."""
+        ...
+
+
+def tokens_text(text: str) -> str:
+    """`text`'s tokens joined by spaces: what a whitespace analyzer (Milvus's) splits back into the same tokens."""
+    return " ".join(tokenize(text))
 
 
 class LexicalIndex:
@@ -114,13 +129,13 @@ class LexicalIndex:
             self._selected[where.key] = mask
         return mask
 
-    def search(self, query: str, k: int, allowed_rows: np.ndarray | None = None) -> list[tuple[str, float]]:
-        """Up to k (id, BM25 score) pairs, best first, of the items that share a token with `query`; with
-        `allowed_rows` (a mask from `allowed_rows`), only those rows: the filter applies inside retrieval."""
+    def search(self, query: str, k: int, where: ItemFilter | None = None) -> list[tuple[str, float]]:
+        """LexicalRetriever.search: the scores of rows `where` does not match are masked before the top is taken."""
         tokens = tokenize(query)
         if self.model is None or not tokens:
             return []
         scores = self.model.get_scores(tokens)
+        allowed_rows = self.allowed_rows(where)
         if allowed_rows is not None:
             scores = np.where(allowed_rows > 0, scores, 0.0)
         hits = np.flatnonzero(scores > 0)

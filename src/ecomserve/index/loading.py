@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ecomserve.index.catalog import CatalogError, Manifest, read_items, read_manifest, read_titles, version_dir
 from ecomserve.index.faiss_index import FaissIndex
-from ecomserve.index.lexical import LexicalIndex
-from ecomserve.index.milvus_index import MilvusIndex
+from ecomserve.index.lexical import LexicalIndex, LexicalRetriever
+from ecomserve.index.milvus_index import MilvusIndex, MilvusLexical
 from ecomserve.index.vector_index import VectorIndex
 from ecomserve.spec import SearchSpec
 
@@ -53,13 +53,15 @@ def load_index(search: SearchSpec, target: Path) -> tuple[Manifest, VectorIndex,
 
 def load_search_index(
     search: SearchSpec, target: Path
-) -> tuple[Manifest, VectorIndex, dict[str, str], LexicalIndex | None] | None:
-    """`load_index` and the version's BM25 index (None in versions written before lexical search), all from the
-    one folder the manifest names, as the `search` model reads it."""
+) -> tuple[Manifest, VectorIndex, dict[str, str], LexicalRetriever | None] | None:
+    """`load_index` and the version's BM25 retriever, as the `search` model reads them: the version folder's BM25
+    files (None in versions written before lexical search), or Milvus's own BM25 in the same collection."""
 
     def read(manifest: Manifest):
-        lexical = LexicalIndex.load(version_dir(target, manifest), read_items(target, manifest))
-        return (manifest, *_dense(search, target, manifest), lexical)
+        index, titles = _dense(search, target, manifest)
+        if isinstance(index, MilvusIndex) and index.has_lexical:
+            return manifest, index, titles, MilvusLexical(index)
+        return manifest, index, titles, LexicalIndex.load(version_dir(target, manifest), read_items(target, manifest))
 
     return _load_live(target, read)
 

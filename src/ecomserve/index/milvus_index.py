@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ecomserve.index.filters import ItemFilter
+from ecomserve.index.lexical import tokens_text
 from ecomserve.index.vector_index import (
     ID_MAX_BYTES,
     MissingIds,
@@ -38,6 +39,12 @@ FIELDS_MAX_BYTES = 16 << 10  # an item's fields, JSON-encoded, at most (catalog.
 # literals cannot carry control characters: refuse such ids up front, on every Milvus, so a catalog that works
 # against Milvus Lite in development works against a server too.
 MILVUS_BAD_ID = re.compile(r"['\x00-\x1f\x7f]")
+# Milvus's own BM25 (2.5+, Milvus Lite 2.5.1 too): the item's lexical tokens (lexical.tokenize) joined by spaces in
+# a VARCHAR that a whitespace analyzer splits back into them, so both backends match the same tokens; a BM25
+# Function fills the sparse vector field from it on every insert, and searches it with metric BM25.
+LEXICAL = "lexical"
+LEXICAL_BM25 = "lexical_bm25"
+LEXICAL_MAX_BYTES = 65_535  # Milvus's VARCHAR limit; a longer token text is cut at a token boundary
 
 _clients: dict[tuple[str, str], Any] = {}
 _clients_lock = threading.Lock()
@@ -46,9 +53,9 @@ _served: dict[Path, str] = {}  # db file → uri of the Milvus Lite servers this
 
 class MilvusIndex:
     """A Milvus collection: VARCHAR primary key `id`, FLOAT_VECTOR `vector`, JSON `fields` (what FILTER matches),
-    metric IP, AUTOINDEX (HNSW-like on
-    a server; Milvus Lite accepts only FLAT, IVF_FLAT and AUTOINDEX and searches exactly). Reads are Strong by
-    default, so a search never returns an id deleted before it; `consistency="Bounded"` trades that for latency."""
+    metric IP, AUTOINDEX (HNSW-like on a server; Milvus Lite accepts only FLAT, IVF_FLAT and AUTOINDEX and searches
+    exactly), and the BM25 fields `lexical` / `lexical_bm25` (`MilvusLexical`). Reads are Strong by default, so a
+    search never returns an id deleted before it; `consistency="Bounded"` trades that for latency."""
 
     def __init__(
         self,
@@ -65,8 +72,18 @@ class MilvusIndex:
         self._client = _milvus_client(self.uri, milvus_token(spec, relative_to), timeout_s)
         self._ensure_collection()
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[dict] | None = None) -> None:
+    def upsert(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        fields: Sequence[dict] | None = None,
+        texts: Sequence[str] | None = None,
+    ) -> None:
+        """VectorIndex.upsert; `texts`: each item's lexical text (lexical.item_text), "" for none."""
         given = checked_fields(ids, fields)
+        if texts is not None and len(texts) != len(ids):
+            raise VectorIndexError(f"{len(texts)} texts for {len(ids)} ids")
+        lexical = dict(zip(ids, texts or ["" for _ in ids]))
         ids, vectors = checked_rows(ids, vectors, self.dim)
         _check_milvus_ids(ids)
         if not self._filterable and any(given.values()):
@@ -74,9 +91,11 @@ class MilvusIndex:
         step = max(1, MILVUS_BATCH_BYTES // (self.dim * 4 + ID_MAX_BYTES + FIELDS_MAX_BYTES))
         for start in range(0, len(ids), step):
             rows = [{"id": item, "vector": vectors[start + i]} for i, item in enumerate(ids[start : start + step])]
-            if self._filterable:
-                for row in rows:
+            for row in rows:
+                if self._filterable:
                     row[FIELDS] = given[row["id"]]
+                if self.has_lexical:
+                    row[LEXICAL] = _bounded_tokens(lexical[row["id"]])
             self._call("upsert", self.collection, rows)
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -103,6 +122,7 @@ class MilvusIndex:
             "search",
             self.collection,
             data=list(queries),
+            anns_field="vector",  # a collection with BM25 has two vector fields
             limit=k,
             output_fields=[],
             search_params={"metric_type": "IP"},
@@ -111,6 +131,27 @@ class MilvusIndex:
             **({"filter": where.milvus_expression(FIELDS)} if where is not None else {}),
         )
         return [[(str(hit["id"]), float(hit["distance"])) for hit in hits] for hits in results]
+
+    def lexical_search(self, query: str, k: int, where: ItemFilter | None = None) -> list[tuple[str, float]]:
+        """LexicalRetriever.search by Milvus's BM25 over the items' tokens; FILTER as in `search`."""
+        text = tokens_text(query)
+        if not text:
+            return []
+        if where is not None and not self._filterable:
+            raise VectorIndexError(self._no_fields())
+        results = self._call(
+            "search",
+            self.collection,
+            data=[text],
+            anns_field=LEXICAL_BM25,
+            limit=min(k, MILVUS_MAX_TOPK),
+            output_fields=[],
+            search_params={"metric_type": "BM25"},
+            consistency_level=self.consistency,
+            **({"filter": where.milvus_expression(FIELDS)} if where is not None else {}),
+        )
+        hits = [(str(hit["id"]), float(hit["distance"])) for hit in results[0]]
+        return [hit for hit in hits if hit[1] > 0]
 
     def __len__(self) -> int:
         rows = self._call(
@@ -170,7 +211,7 @@ class MilvusIndex:
         return [row["id"] for row in rows]
 
     def _ensure_collection(self) -> None:
-        from pymilvus import DataType, MilvusClient, MilvusException
+        from pymilvus import DataType, Function, FunctionType, MilvusClient, MilvusException
 
         if not self._call("has_collection", self.collection):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -179,8 +220,25 @@ class MilvusIndex:
             # One JSON field, not a scalar field per catalog field: Milvus Lite 2.5 has no nullable fields, and
             # an item may lack any of them; a missing JSON key never matches a filter, as FILTER means.
             schema.add_field(FIELDS, DataType.JSON)
+            schema.add_field(
+                LEXICAL,
+                DataType.VARCHAR,
+                max_length=LEXICAL_MAX_BYTES,
+                enable_analyzer=True,
+                analyzer_params={"tokenizer": "whitespace"},
+            )
+            schema.add_field(LEXICAL_BM25, DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(
+                Function(
+                    name="lexical_bm25",
+                    function_type=FunctionType.BM25,
+                    input_field_names=[LEXICAL],
+                    output_field_names=[LEXICAL_BM25],
+                )
+            )
             index_params = self._client.prepare_index_params()
             index_params.add_index(field_name="vector", index_type="AUTOINDEX", metric_type="IP")
+            index_params.add_index(field_name=LEXICAL_BM25, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
             try:
                 self._client.create_collection(
                     self.collection, schema=schema, index_params=index_params, consistency_level="Strong"
@@ -197,6 +255,8 @@ class MilvusIndex:
             )
         check_dim(int(vector["params"]["dim"]), self.dim, index=f"collection {self.collection} at {self.uri}")
         self._filterable = fields.get(FIELDS, {}).get("type") == DataType.JSON  # collections made before: no
+        # Collections made before Milvus BM25 have no lexical fields: their versions keep bm25s files (ops._commit).
+        self.has_lexical = fields.get(LEXICAL_BM25, {}).get("type") == DataType.SPARSE_FLOAT_VECTOR
         if str(self._call("get_load_state", self.collection).get("state")) != "Loaded":
             self._call("load_collection", self.collection)
 
@@ -244,6 +304,24 @@ def milvus_token(spec: MilvusSpec, relative_to: Path | None = None) -> str:
             raise VectorIndexError(f"search.milvus.token_file {path} is empty: write the Milvus token into it")
         return token
     return ""
+
+
+class MilvusLexical:
+    """A LexicalRetriever over a MilvusIndex's BM25 fields."""
+
+    def __init__(self, index: MilvusIndex) -> None:
+        self.index = index
+
+    def search(self, query: str, k: int, where: ItemFilter | None = None) -> list[tuple[str, float]]:
+        return self.index.lexical_search(query, k, where)
+
+
+def _bounded_tokens(text: str) -> str:
+    tokens = tokens_text(text)
+    if len(tokens.encode("utf-8")) <= LEXICAL_MAX_BYTES:
+        return tokens
+    cut = tokens.encode("utf-8")[: LEXICAL_MAX_BYTES + 1].decode("utf-8", "ignore")
+    return cut[: cut.rfind(" ")] if " " in cut else ""
 
 
 def _check_milvus_ids(ids: list[str]) -> None:

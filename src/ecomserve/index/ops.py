@@ -45,7 +45,7 @@ from ecomserve.index.catalog import (
     write_manifest,
     write_titles,
 )
-from ecomserve.index.lexical import LexicalIndex
+from ecomserve.index.lexical import LexicalIndex, item_text
 from ecomserve.index.loading import backend_spec, open_index, open_version
 from ecomserve.index.vector_index import VectorIndex
 from ecomserve.prompts import PASSAGE_PROMPT, with_prompt
@@ -192,7 +192,9 @@ def _embed_into(
         for number, start in enumerate(range(0, len(items), EMBED_BATCH), start=1):
             batch = items[start : start + EMBED_BATCH]
             vectors = np.asarray(embed([item.title for item in batch]), np.float32)
-            index.upsert([item.id for item in batch], vectors, [item.filter_fields() for item in batch])
+            fields = [item.filter_fields() for item in batch]
+            texts = [item_text(item.title, item.extras()) for item in batch] if index.has_lexical else None
+            index.upsert([item.id for item in batch], vectors, fields, texts)
             titles.update((item.id, item.title) for item in batch)
             extras.update((item.id, item.extras()) for item in batch)
             if checkpoint is not None and number % CHECKPOINT_BATCHES == 0:
@@ -221,8 +223,9 @@ def _commit(
         index.save(staging)
         write_titles(staging, titles)
         write_items(staging, extras)
-        # BM25 over the same items, rebuilt whole (bm25s has no incremental update): committed with the vectors.
-        if lexical:
+        # BM25 over the same items, rebuilt whole (bm25s has no incremental update): committed with the vectors,
+        # unless the index keeps its own (Milvus BM25, filled by each upsert).
+        if lexical and not index.has_lexical:
             LexicalIndex.build(titles, extras).save(staging)
         staging.rename(folder / name)
         write_manifest(folder, manifest)  # the commit point

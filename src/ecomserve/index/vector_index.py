@@ -45,10 +45,20 @@ class MissingIds(VectorIndexError):
 @runtime_checkable
 class VectorIndex(Protocol):
     dim: int
+    # Whether the index also answers BM25 queries over `texts` given to upsert (Milvus: `MilvusLexical`); if not,
+    # each version gets its own BM25 files (lexical.LexicalIndex).
+    has_lexical: bool
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray, fields: Sequence[Mapping] | None = None) -> None:
+    def upsert(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        fields: Sequence[Mapping] | None = None,
+        texts: Sequence[str] | None = None,
+    ) -> None:
         """Insert or replace by id; `vectors` is float32 [len(ids), dim]. A repeated id: the last row wins.
-        `fields`: each item's filterable catalog fields (`CatalogItem.filter_fields()`), none when omitted."""
+        `fields`: each item's filterable catalog fields (`CatalogItem.filter_fields()`), none when omitted.
+        `texts`: each item's lexical text (`lexical.item_text`), kept only where `has_lexical`."""
         ...
 
     def delete(self, ids: Sequence[str]) -> int:

@@ -48,7 +48,7 @@ from ecomserve.errors import InvalidInput
 from ecomserve.fusion import fuse_embeddings, fuse_rankings, query_scores
 from ecomserve.index.catalog import read_manifest
 from ecomserve.index.filters import ItemFilter
-from ecomserve.index.lexical import LexicalIndex
+from ecomserve.index.lexical import LexicalRetriever
 from ecomserve.index.loading import load_search_index
 from ecomserve.index.milvus_index import milvus_token
 from ecomserve.parameters import SearchParameters
@@ -90,7 +90,7 @@ class TritonPythonModel:
         self.max_text_bytes = parameters.limits["max_text_bytes"]
         self.prompts = parameters.prompts
         self.manifest, self.index, self.titles, self.checked_at = None, None, {}, 0.0
-        self.lexical: LexicalIndex | None = None
+        self.lexical: LexicalRetriever | None = None
         self.cache = TTLCache(maxsize=max(self.search.cache.size, 1), ttl=self.search.cache.ttl_s)
         self.cache_family = pb_utils.MetricFamily(
             name="ecomserve_search_cache_total",
@@ -173,9 +173,7 @@ class TritonPythonModel:
             )
         fusion = self.search.fusion
         wanted = top_k if mode == "lexical" else max(top_k, fusion.candidates)
-        lexical = [
-            hit for hit in self.lexical.search(query, wanted, self.lexical.allowed_rows(where)) if hit[0] in self.titles
-        ]
+        lexical = [hit for hit in self.lexical.search(query, wanted, where) if hit[0] in self.titles]
         if mode == "lexical":
             return [item for item, _ in lexical], [score for _, score in lexical]
         (vector,) = await self._embed(with_prompt(self.prompts, QUERY_PROMPT, [query]))
