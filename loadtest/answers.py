@@ -1,7 +1,8 @@
-"""What a correct answer from embed, rank and classify looks like, from Triton and from the HTTP API.
+"""What a correct answer from embed, rank, classify, search and similar looks like, from Triton and from the HTTP API.
 
 Triton's checks take the response's outputs by name (numpy arrays, decoded the same way for HTTP and gRPC); the API's
-take the parsed JSON body (OpenAI's /v1/embeddings and /v1/models, Cohere's /v1/rerank). Each raises WrongAnswer
+take the parsed JSON body (OpenAI's /v1/embeddings and /v1/models, Cohere's /v1/rerank, ecomserve's /v1/search and
+/v1/similar). Each raises WrongAnswer
 naming the output or field and the rule it breaks; the users report that as a failed request. Plain numpy, no
 Locust, so the rules can be tested on their own."""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +39,16 @@ def _output(outputs: Mapping[str, np.ndarray], name: str, shape: Sequence[int | 
         raise WrongAnswer(f"{name}: shape {list(value.shape)}, expected {expected}")
     if value.size == 0:
         raise WrongAnswer(f"{name}: empty")
+    return value
+
+
+def _vector(outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """The output `name`, one-dimensional and possibly empty (search's IDS when nothing matches)."""
+    if name not in outputs:
+        raise WrongAnswer(f"{name}: missing from the response (got {sorted(outputs)})")
+    value = np.asarray(outputs[name])
+    if value.ndim != 1:
+        raise WrongAnswer(f"{name}: shape {list(value.shape)}, expected [k]")
     return value
 
 
@@ -83,6 +95,62 @@ def check_classification(outputs: Mapping[str, np.ndarray], labels: Sequence[str
     if np.any(votes < 0) or int(np.sum(votes)) < 1:
         raise WrongAnswer(f"VOTES: {votes.tolist()} (at least one vote, none negative, expected)")
     _cosines("SCORES", _output(outputs, "SCORES", (len(labels),)))
+
+
+@dataclass(frozen=True)
+class Hits:
+    """What a right `search` or `similar` answer holds, best first: at most top_k distinct ids of catalog items
+    that the FILTER sent selects (`matching`: the whole catalog without one), never one of `excluded` (similar's
+    ITEM_IDS); exactly min(top_k, those items) of them unless `exact` is off (lexical: only items sharing a token
+    with the query come back)."""
+
+    top_k: int
+    catalog: Mapping[str, str] = field(repr=False)  # id → title, every item of the indexed catalog
+    matching: frozenset[str] = field(repr=False)
+    excluded: frozenset[str] = frozenset()
+    exact: bool = True
+    cosines: bool = False  # dense search and similar: SCORES are cosines
+
+    @property
+    def most(self) -> int:
+        return min(self.top_k, len(self.matching - self.excluded))
+
+
+def check_hits(outputs: Mapping[str, np.ndarray], hits: Hits) -> None:
+    """search, similar: IDS and SCORES of the same length k, as `hits` describes them."""
+    ids, scores = _vector(outputs, "IDS"), _vector(outputs, "SCORES")
+    if scores.size != ids.size:
+        raise WrongAnswer(f"SCORES: {scores.size} scores for {ids.size} IDS")
+    _found([_text(item) for item in ids], scores, hits, "IDS", "SCORES")
+
+
+def _found(ids: list[str], scores: Sequence | np.ndarray, hits: Hits, name: str, score_name: str) -> None:
+    count, most = len(ids), hits.most
+    if count > hits.top_k:
+        raise WrongAnswer(f"{name}: {count} results for TOP_K {hits.top_k}")
+    if (count != most) if hits.exact else (count > most):
+        expected = most if hits.exact else f"at most {most}"
+        matching = "matching " if len(hits.matching) < len(hits.catalog) else ""
+        available = f"{len(hits.matching - hits.excluded)} {matching}items"
+        raise WrongAnswer(f"{name}: {count} results, expected {expected} (TOP_K {hits.top_k}, {available})")
+    seen: set[str] = set()
+    for position, item in enumerate(ids):
+        where = f"{name}[{position}]"
+        if item in hits.excluded:
+            raise WrongAnswer(f"{where}: {item[:40]!r} is one of the items asked about (ITEM_IDS)")
+        if item not in hits.catalog:
+            raise WrongAnswer(f"{where}: {item[:40]!r} is not an item of the catalog")
+        if item not in hits.matching:
+            raise WrongAnswer(f"{where}: {item!r} does not match the FILTER sent")
+        if item in seen:
+            raise WrongAnswer(f"{where}: {item!r} again")
+        seen.add(item)
+    if count:
+        values = _finite(score_name, np.asarray(scores))
+        if hits.cosines:
+            _cosines(score_name, values)
+        if np.any(np.diff(values) > 0):
+            raise WrongAnswer(f"{score_name}: not sorted, best first")
 
 
 # The HTTP API: parsed JSON bodies. Field paths in the messages are written as in the body: data[2].index.
@@ -213,3 +281,21 @@ def check_api_rerank(body, documents: Sequence[str], top_n: int, return_document
     if any(higher < lower for higher, lower in zip(scores, scores[1:])):
         raise WrongAnswer("results: not sorted by relevance_score, highest first")
     _field(body, "meta", dict)
+
+
+def check_api_hits(body, hits: Hits) -> None:
+    """POST /v1/search, /v1/similar (ecomserve): results of {id, score, title}, the title the catalog's, as `hits`
+    describes them; the model named."""
+    _constant(body, "object", "list")
+    _name(body, "model")
+    results = _field(body, "results", list)
+    ids, scores = [], []
+    for position, result in enumerate(results):
+        where = f"results[{position}]"
+        item = _field(result, "id", str, where)
+        scores.append(_field(result, "score", (int, float), where))
+        title = _field(result, "title", str, where)
+        if item in hits.catalog and title != hits.catalog[item]:
+            raise WrongAnswer(f"{where}.title: {title[:40]!r} is not the catalog's title of {item!r}")
+        ids.append(item)
+    _found(ids, scores, hits, "results[].id", "results[].score")

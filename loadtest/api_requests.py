@@ -1,9 +1,11 @@
 """Requests to ecomserve's HTTP API (`ecomserve serve --api-port`, default 8080): a workload Call as OpenAI's
-POST /v1/embeddings or Cohere's POST /v1/rerank, with the check its answer must pass, and how a refusal is reported.
+POST /v1/embeddings, Cohere's POST /v1/rerank or ecomserve's POST /v1/search and /v1/similar, with the check its
+answer must pass, and how a refusal is reported.
 
 The API users send the texts the Triton users send, drawn by workload.Workload: embed's calls become
 /v1/embeddings (a single query as a plain string, titles as a list), rank's become /v1/rerank (the query, the
-candidates as documents, top_n all of them). classify has no endpoint. Plain Python, no Locust."""
+candidates as documents, top_n all of them), search's /v1/search (query, top_k, filter, mode) and similar's
+/v1/similar (ids, top_k, filter). classify has no endpoint. Plain Python, no Locust."""
 
 from __future__ import annotations
 
@@ -12,15 +14,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from answers import check_api_embeddings, check_api_rerank
+from answers import check_api_embeddings, check_api_hits, check_api_rerank
 
 EMBEDDINGS_PATH = "/v1/embeddings"
 RERANK_PATH = "/v1/rerank"
 MODELS_PATH = "/v1/models"
+SEARCH_PATH = "/v1/search"
+SIMILAR_PATH = "/v1/similar"
 # The key is read from the environment only: a command-line value would show in `ps` and in shell history.
 API_KEY_ENV = "ECOMSERVE_API_KEY"
 ENCODING_FORMATS = ("float", "base64")
-API_SCENARIOS = ("search", "query_embedding", "recommendation")  # workload scenarios with an endpoint
+# Workload scenarios with an endpoint.
+API_SCENARIOS = ("search", "query_embedding", "recommendation", "catalog_search", "similar")
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,30 @@ def rerank_body(query: str, documents: Sequence[str], model: str, top_n: int, re
     }
 
 
+def catalog_body(call, model: str) -> dict:
+    """/v1/search's or /v1/similar's body for a workload.Call to search or similar: its tensors as fields (FILTER's
+    JSON text as the object it is)."""
+    inputs = {tensor.name: tensor.values for tensor in call.inputs}
+    body = {"model": model}
+    if call.model == "search":
+        (body["query"],) = inputs["QUERY"]
+    else:
+        body["ids"] = list(inputs["ITEM_IDS"])
+    if "TOP_K" in inputs:
+        (body["top_k"],) = inputs["TOP_K"]
+    if "FILTER" in inputs:
+        body["filter"] = json.loads(inputs["FILTER"][0])
+    if "MODE" in inputs:
+        (body["mode"],) = inputs["MODE"]
+    return body
+
+
 def from_call(call, model: str, encoding_format: str = "float") -> ApiRequest:
-    """The API request for a workload.Call to embed or rank."""
-    inputs = {tensor.name: tensor.texts for tensor in call.inputs}
+    """The API request for a workload.Call to embed, rank, search or similar."""
+    if call.model in ("search", "similar"):
+        path = SEARCH_PATH if call.model == "search" else SIMILAR_PATH
+        return ApiRequest(call.name, path, catalog_body(call, model), partial(check_api_hits, hits=call.hits))
+    inputs = {tensor.name: tensor.values for tensor in call.inputs}
     if call.model == "embed":
         texts = inputs["TEXT"]
         check = partial(check_api_embeddings, texts=len(texts), encoding_format=encoding_format)
@@ -66,7 +92,9 @@ def from_call(call, model: str, encoding_format: str = "float") -> ApiRequest:
         top_n = len(documents)  # every document scored, as rank scores every candidate
         check = partial(check_api_rerank, documents=documents, top_n=top_n)
         return ApiRequest(call.name, RERANK_PATH, rerank_body(query, documents, model, top_n), check)
-    raise ValueError(f"{call.name!r}: the API has no endpoint for model {call.model!r} (it serves embed and rank)")
+    raise ValueError(
+        f"{call.name!r}: the API has no endpoint for model {call.model!r} (it serves embed, rank, search and similar)"
+    )
 
 
 def auth_headers(environ: Mapping[str, str]) -> dict[str, str]:

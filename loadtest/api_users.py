@@ -1,5 +1,6 @@
-"""Abstract Locust user for ecomserve's HTTP API: ApiUser sends workload Calls to embed and rank as OpenAI's
-POST /v1/embeddings and Cohere's POST /v1/rerank (api_requests.py) through FastHttpUser, to --api-url.
+"""Abstract Locust user for ecomserve's HTTP API: ApiUser sends workload Calls to embed, rank, search and similar as
+OpenAI's POST /v1/embeddings, Cohere's POST /v1/rerank and ecomserve's POST /v1/search and /v1/similar
+(api_requests.py) through FastHttpUser, to --api-url.
 
 It reports every request through Locust's request event with the name "api <call name>" (for example
 "api embed query"), its response time, its size and, as a failure, any transport error, refusal (429 overload

@@ -18,7 +18,7 @@ from answers import WrongAnswer
 from api_requests import auth_headers
 from locust import FastHttpUser, User
 from tritonclient.utils import InferenceServerException
-from workload import SCENARIOS, Call, Workload, WorkloadSettings
+from workload import SCENARIOS, Call, Int32Tensor, TextTensor, Workload, WorkloadSettings
 
 # Without this a gRPC call blocks gevent's hub, and with it every other user in the process: the known
 # gRPC + gevent hang. It must run before the first channel exists.
@@ -62,6 +62,9 @@ def workload_settings(options) -> WorkloadSettings:
         recommend_items=getattr(options, "recommend_items", defaults.recommend_items),
         unique_texts=getattr(options, "unique_texts", defaults.unique_texts),
         data_dir=getattr(options, "data_dir", None) or defaults.data_dir,
+        top_k=getattr(options, "top_k", defaults.top_k),
+        search_modes=getattr(options, "search_modes", defaults.search_modes),
+        filter_share=getattr(options, "filter_share", defaults.filter_share),
     )
 
 
@@ -77,7 +80,7 @@ class TritonHttpUser(ScenarioUser, FastHttpUser):
     def send(self, call: Call) -> None:
         body = {
             "inputs": [
-                {"name": t.name, "datatype": "BYTES", "shape": list(t.shape), "data": list(t.texts)}
+                {"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "data": list(t.values)}
                 for t in call.inputs
             ]
         }
@@ -129,6 +132,12 @@ class _GrpcClient(grpcclient.InferenceServerClient):
         pass
 
 
+def _array(tensor: TextTensor | Int32Tensor) -> np.ndarray:
+    if tensor.datatype == "BYTES":
+        return np.array([text.encode("utf-8") for text in tensor.values], dtype=np.object_).reshape(tensor.shape)
+    return np.array(tensor.values, dtype=np.int32).reshape(tensor.shape)
+
+
 class TritonGrpcUser(ScenarioUser, User):
     """tritonclient.grpc, one channel per user; --grpc-host is the gRPC endpoint (host:8001)."""
 
@@ -148,10 +157,8 @@ class TritonGrpcUser(ScenarioUser, User):
     def send(self, call: Call) -> None:
         inputs = []
         for t in call.inputs:
-            tensor = grpcclient.InferInput(t.name, list(t.shape), "BYTES")
-            tensor.set_data_from_numpy(
-                np.array([s.encode("utf-8") for s in t.texts], dtype=np.object_).reshape(t.shape)
-            )
+            tensor = grpcclient.InferInput(t.name, list(t.shape), t.datatype)
+            tensor.set_data_from_numpy(_array(t))
             inputs.append(tensor)
         start_time, start = time.time(), time.perf_counter()
         size, exception = 0, None

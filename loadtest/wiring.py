@@ -20,15 +20,23 @@ from locust import LoadTestShape, events
 from locust.runners import WorkerRunner
 from slo import Slo, Totals, describe, violations
 from triton_users import REQUEST_TIMEOUT_S
-from workload import DATA_DIR, SCENARIOS, WorkloadSettings
+from workload import CATALOG_SCENARIOS, DATA_DIR, SCENARIOS, SEARCH_MODES, WorkloadSettings, parse_search_modes
 
 logger = logging.getLogger("loadtest")
 
 SLO_FAILED_EXIT_CODE = 3  # the gate's verdict; Locust's own problems keep their codes (1, 2)
 REPORT_FAILED_EXIT_CODE = 1
 # The default traffic mix: retrieval embeds every query, most searches re-rank, fewer pages recommend,
-# and new listings are categorised now and then.
-DEFAULT_WEIGHTS = {"search": 3, "query_embedding": 4, "recommendation": 2, "category": 1}
+# and new listings are categorised now and then. The catalog scenarios (the search and similar models) need the
+# server's index built from --data-dir's catalog, so they run only when given a weight.
+DEFAULT_WEIGHTS = {
+    "search": 3,
+    "query_embedding": 4,
+    "recommendation": 2,
+    "category": 1,
+    "catalog_search": 0,
+    "similar": 0,
+}
 PROTOCOLS = ("http", "grpc", "api")  # Triton's KServe v2 over HTTP and gRPC; ecomserve's OpenAI/Cohere HTTP API
 DEFAULT_PROTOCOLS = ("http", "grpc")
 
@@ -75,12 +83,15 @@ def add_options(parser) -> None:
         help="comma-separated protocols to run users for: http, grpc, api (ecomserve's HTTP API on --api-url)",
     )
     for scenario, weight in DEFAULT_WEIGHTS.items():
+        needs = (
+            " (needs the server's index built from --data-dir's catalog.csv)" if scenario in CATALOG_SCENARIOS else ""
+        )
         _option(
             workload,
             f"--weight-{scenario.replace('_', '-')}",
             type=int,
             default=weight,
-            help=f"share of users running the {scenario} scenario; 0 leaves it out",
+            help=f"share of users running the {scenario} scenario; 0 leaves it out{needs}",
         )
     _option(
         workload,
@@ -95,6 +106,27 @@ def add_options(parser) -> None:
         type=int,
         default=defaults.recommend_items,
         help="embed: titles per recommendation request",
+    )
+    _option(
+        workload,
+        "--top-k",
+        type=int,
+        default=defaults.top_k,
+        help="search, similar: TOP_K of every request (at most the server's search.max_top_k)",
+    )
+    _option(
+        workload,
+        "--search-modes",
+        default=defaults.search_modes,
+        help=f"catalog_search: the MODE mix, comma-separated mode:weight ({', '.join(SEARCH_MODES)}); each mode "
+        f"(and each with a FILTER) is its own request name",
+    )
+    _option(
+        workload,
+        "--filter-share",
+        type=float,
+        default=defaults.filter_share,
+        help="catalog_search, similar: share of the requests that carry a FILTER (one of the catalog's; 0 to 1)",
     )
     _option(
         workload,
@@ -114,7 +146,7 @@ def add_options(parser) -> None:
         workload,
         "--data-dir",
         default=str(DATA_DIR),
-        help="folder with catalog.csv (id,category,title) and queries.txt",
+        help="folder with catalog.csv (id,category,title[,brand,price,in_stock]) and queries.txt",
     )
 
     shape = parser.add_argument_group("load shape (with --shape, -u is the peak user count and -t a cap)")
@@ -210,8 +242,11 @@ def configure_run(environment, runner, **_kwargs) -> None:
 
 
 def _check_options(options) -> None:
-    if options.candidates < 1 or options.recommend_items < 1:
-        raise ValueError("--candidates and --recommend-items must be at least 1")
+    if options.candidates < 1 or options.recommend_items < 1 or options.top_k < 1:
+        raise ValueError("--candidates, --recommend-items and --top-k must be at least 1")
+    parse_search_modes(options.search_modes)  # raises ValueError naming what is wrong
+    if not 0 <= options.filter_share <= 1:
+        raise ValueError(f"--filter-share {options.filter_share:g}: expected a share from 0 to 1")
     if options.think_time_ms < 0:
         raise ValueError("--think-time-ms must not be negative")
     if not re.fullmatch(r"https?://[^/?#\s]+/?", options.api_url):
@@ -223,14 +258,17 @@ def _check_options(options) -> None:
 
 
 def _select_users(environment, options) -> None:
-    """Weights from --weight-*, classes of the --protocols only; 0 weight leaves a class out."""
+    """Weights from --weight-*, classes of the --protocols only; 0 weight leaves a class out, unless the class is
+    named on the command line (the catalog scenarios' weights are 0 by default)."""
     protocols = {p.strip() for p in options.protocols.split(",") if p.strip()}
     if not protocols or not protocols <= set(PROTOCOLS):
         raise ValueError(f"--protocols {options.protocols!r}: expected a comma-separated subset of {PROTOCOLS}")
+    named = set(getattr(options, "user_classes", None) or ())
     for user_class in environment.user_classes:
         scenario = getattr(user_class, "scenario", None)
         if scenario in SCENARIOS:
-            user_class.weight = getattr(options, f"weight_{scenario}")
+            weight = getattr(options, f"weight_{scenario}")
+            user_class.weight = max(weight, 1) if user_class.__name__ in named else weight
     selected = [
         u for u in environment.user_classes if getattr(u, "protocol", None) in protocols | {None} and u.weight > 0
     ]

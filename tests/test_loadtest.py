@@ -1,6 +1,7 @@
 """The Locust load test, run for real: locust as a subprocess, headless and bounded in time, against the session's
-tritonserver on loopback (HTTP and gRPC) and its HTTP API (OpenAI /v1/embeddings, Cohere /v1/rerank); those tests
-are marked integration. The rest needs no server: the load test's plain parts (answer checks, API request bodies,
+tritonserver on loopback (HTTP and gRPC) and its HTTP API (OpenAI /v1/embeddings, Cohere /v1/rerank, /v1/search,
+/v1/similar; the catalog scenarios over the load test's catalog, indexed into that server); those tests are marked
+integration. The rest needs no server: the load test's plain parts (answer checks, API request bodies,
 stage tables, SLO arithmetic), the API users against a recording HTTP server in this process, and the structure of
 the Kubernetes manifests.
 
@@ -17,6 +18,7 @@ import random
 import subprocess
 import sys
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,16 +28,23 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from support import embed_cache_counts
+from rich.console import Console
+from support import client_for, embed_cache_counts, metric_total, wait_for
 
+from ecomserve.errors import RequestFailed
+from ecomserve.index.catalog import read_catalog
+from ecomserve.index.filters import parse_filter
+from ecomserve.index.ops import build_index, index_dir
 from ecomserve.server.process import free_port
+from ecomserve.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADTEST = ROOT / "loadtest"
 LOCUSTFILE = LOADTEST / "locustfile.py"
 SCENARIO_NAMES = ["rank search", "embed query", "embed items", "classify category"]
 ALL_REQUEST_NAMES = {f"{protocol} {name}" for protocol in ("http", "grpc") for name in SCENARIO_NAMES}
-# One user per class with -u 8: every scenario over both protocols. Small requests keep 2 cores responsive.
+# One user per class with -u 8: every scenario of the default mix (not the catalog ones) over both protocols. Small
+# requests keep 2 cores responsive.
 EVERY_USER = ["-u", "8", "-r", "8", "--candidates", "8", "--recommend-items", "32"] + [
     arg for flag in ("search", "query-embedding", "recommendation", "category") for arg in (f"--weight-{flag}", "1")
 ]
@@ -47,6 +56,14 @@ SLO_FAILED_EXIT_CODE = 3
 OPTION_REFUSED_EXIT_CODE = 1
 API_REQUEST_NAMES = {"api rank search", "api embed query", "api embed items"}
 API_KEY_ENV = "ECOMSERVE_API_KEY"
+CATALOG_CSV = LOADTEST / "data" / "catalog.csv"
+MODES = ("dense", "hybrid", "lexical")
+CATALOG_NAMES = {f"search {mode}{suffix}" for mode in MODES for suffix in ("", " filtered")} | {
+    f"similar {kind}{suffix}" for kind in ("item", "history") for suffix in ("", " filtered")
+}
+CATALOG_USERS = [
+    f"{scenario}{protocol}User" for scenario in ("CatalogSearch", "Similar") for protocol in ("Http", "Grpc", "Api")
+]
 
 
 def load_module(name: str, uses: tuple[str, ...] = ()):
@@ -245,6 +262,60 @@ def test_api_step_run_with_base64_embeddings(default_server, tmp_path):
     assert int(stats["Aggregated"]["Failure Count"]) == 0, tail(result.stdout)
     with Image.open(f"{prefix}_plot.png") as image:
         assert image.format == "PNG"
+
+
+@pytest.fixture
+def indexed_catalog(default_server) -> dict[str, str]:
+    """The load test's catalog (loadtest/data/catalog.csv, as `ecomserve index build` reads it) as the session server's
+    live index; {id: title}."""
+    spec = load_spec(ROOT / "export/default.yaml")
+    repository = default_server.options.repository
+    items = list(read_catalog(CATALOG_CSV))
+    build_index(spec, repository, items, index_dir(spec, repository.parent), Console(stderr=True))
+    titles = {item.id: item.title for item in items}
+
+    def serves_it() -> bool:
+        try:  # another test's index does not hold the last id
+            return set(client.similar([items[-1].id], top_k=20).ids) <= set(titles)
+        except RequestFailed:
+            return False
+
+    with client_for(default_server, "grpc") as client:
+        assert wait_for(serves_it, timeout_s=10), "the search models did not load the load test's catalog"
+    return titles
+
+
+def search_cache_counts(server) -> tuple[float, float]:
+    """(hits, misses) of the search model's result cache so far."""
+    return tuple(metric_total(server, "ecomserve_search_cache_total", result=result) for result in ("hit", "miss"))
+
+
+@pytest.mark.integration
+def test_catalog_scenarios_pass_against_the_indexed_catalog(default_server, indexed_catalog, tmp_path):
+    """Catalog search in every mode, with and without a FILTER, and similar for one item and for a history, over
+    HTTP, gRPC and the API: every answer right (ids of the catalog that match the filter, min(TOP_K, matching) of
+    them, never an input id), none from the search result cache (every query new)."""
+    prefix = tmp_path / "catalog"
+    hits_before, misses_before = search_cache_counts(default_server)
+    result = run_locust(
+        "--headless", "-t", "20s", "-u", "6", "-r", "6", "--protocols", "http,grpc,api",
+        "--api-url", default_server.api_url, "--search-modes", "dense:1,hybrid:1,lexical:1", "--filter-share", "0.5",
+        "--top-k", "10", "--unique-texts", "--csv", str(prefix), *CATALOG_USERS,
+        server=default_server, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, tail(result.stdout)
+    assert "SLO gate passed" in result.stdout
+    stats = request_stats(prefix)
+    expected = {f"{protocol} {name}" for protocol in ("http", "grpc", "api") for name in CATALOG_NAMES}
+    assert expected <= set(stats), sorted(expected - set(stats))
+    for name in expected:
+        assert int(stats[name]["Request Count"]) > 0, name
+        assert int(stats[name]["Failure Count"]) == 0, (name, tail(result.stdout))
+    assert int(stats["Aggregated"]["Failure Count"]) == 0
+    searches = sum(int(stats[name]["Request Count"]) for name in expected if " search " in name)
+    hits_after, misses_after = search_cache_counts(default_server)
+    assert hits_after == hits_before
+    assert misses_after - misses_before >= searches
 
 
 def test_answer_checks_reject_wrong_answers():
@@ -448,6 +519,185 @@ def test_api_request_bodies_from_the_workload():
     assert len(set(bodies)) == len(bodies)
 
 
+def test_catalog_filters_are_valid_and_select_what_the_server_selects():
+    """Every FILTER the load mix can send is one ecomserve accepts (no bad FILTER in the mix) and selects, item for
+    item, what ecomserve's filter selects from the catalog as `ecomserve index build` reads it: the answer checks
+    expect exactly those items."""
+    workload = load_module("workload", uses=("answers",))
+    catalog = workload.load_catalog(workload.DATA_DIR)
+    items = list(read_catalog(CATALOG_CSV))
+    assert catalog.titles_by_id == {item.id: item.title for item in items}
+    assert {item.brand for item in items} != {None} and {item.in_stock for item in items} == {True, False}
+    assert 20 <= len(catalog.filters) <= 32  # search keeps the matching rows of 32 filters
+    fields = set()
+    for chosen in catalog.filters:
+        parsed = parse_filter(chosen.text)  # raises InvalidInput on a bad one
+        assert chosen.matching == {item.id for item in items if parsed.matches(item.filter_fields())}, chosen.text
+        assert chosen.matching, chosen.text
+        fields |= set(json.loads(chosen.text))
+    assert fields == {"category", "brand", "price", "in_stock"}
+    # Some select fewer items than TOP_K (the answer then holds all of them), most more.
+    assert any(len(chosen.matching) < 10 for chosen in catalog.filters)
+
+    # A catalog without brand, price or in_stock still gets filters, on what it has.
+    bare = [workload.Item(f"x{i}", f"thing {i}", "a" if i % 2 else "b") for i in range(6)]
+    assert [json.loads(f.text) for f in workload.catalog_filters(bare)] == [{"category": "a"}, {"category": "b"}]
+
+
+def test_catalog_requests_from_the_workload():
+    """catalog_search: QUERY (new every time), TOP_K, MODE from the mix, FILTER (one of the catalog's) in about the
+    --filter-share; similar: 1 item or 3 to 5 distinct ones of the catalog. Each kind its own request name."""
+    workload = load_module("workload", uses=("answers",))
+    catalog = workload.load_catalog(workload.DATA_DIR)
+    filters = {chosen.text: chosen.matching for chosen in catalog.filters}
+    settings = workload.WorkloadSettings(
+        unique_texts=True, top_k=7, search_modes="dense:2,hybrid:1,lexical:1", filter_share=0.5
+    )
+    draws = workload.Workload(settings, random.Random(11))
+    names, queries = [], set()
+    for _ in range(800):
+        call = draws.call("catalog_search")
+        inputs = {tensor.name: tensor for tensor in call.inputs}
+        assert call.model == "search" and set(inputs) <= {"QUERY", "TOP_K", "FILTER", "MODE"}
+        assert (inputs["TOP_K"].datatype, inputs["TOP_K"].values) == ("INT32", (7,))
+        (mode,) = inputs["MODE"].texts
+        (query,) = inputs["QUERY"].texts
+        queries.add(query)
+        if "FILTER" in inputs:
+            assert call.name == f"search {mode} filtered"
+            assert call.hits.matching == filters[inputs["FILTER"].texts[0]]
+        else:
+            assert call.name == f"search {mode}" and call.hits.matching == catalog.ids
+        assert (call.hits.top_k, call.hits.exact, call.hits.cosines) == (7, mode != "lexical", mode == "dense")
+        names.append(call.name)
+    assert len(queries) == 800
+    counts = Counter(names)
+    assert set(counts) == {f"search {m}{s}" for m in MODES for s in ("", " filtered")}
+    assert 0.4 < sum(n for name, n in counts.items() if "filtered" in name) / 800 < 0.6
+    assert 0.4 < sum(n for name, n in counts.items() if "dense" in name) / 800 < 0.6
+
+    kinds = Counter()
+    for _ in range(400):
+        call = draws.call("similar")
+        inputs = {tensor.name: tensor for tensor in call.inputs}
+        ids = inputs["ITEM_IDS"].texts
+        assert call.model == "similar" and inputs["ITEM_IDS"].shape == (len(ids),)
+        assert len(set(ids)) == len(ids) in (1, 3, 4, 5) and set(ids) <= catalog.ids
+        assert call.hits.excluded == set(ids) and call.hits.cosines and call.hits.exact
+        assert call.name.startswith("similar item" if len(ids) == 1 else "similar history")
+        assert call.name.endswith(" filtered") == ("FILTER" in inputs)
+        kinds[call.name] += 1
+    assert set(kinds) == {f"similar {k}{s}" for k in ("item", "history") for s in ("", " filtered")}
+
+    # The defaults: most catalog searches plain dense.
+    default = workload.Workload(workload.WorkloadSettings(), random.Random(5))
+    plain = Counter(default.call("catalog_search").name for _ in range(1000))
+    assert plain["search dense"] > 500
+
+    assert workload.parse_search_modes("dense:8, hybrid:1,lexical") == {"dense": 8, "hybrid": 1, "lexical": 1}
+    assert workload.parse_search_modes("hybrid:1,dense:0") == {"hybrid": 1}
+    for bad, message in {
+        "fuzzy:1": "unknown mode 'fuzzy'",
+        "dense:x": "not a whole number",
+        "dense:-1": "negative",
+        "dense:0": "no mode",
+        "dense,dense:2": "twice",
+    }.items():
+        with pytest.raises(ValueError, match=message):
+            workload.parse_search_modes(bad)
+
+
+def found_outputs(ids: list[str], scores: list[float] | None = None) -> dict[str, np.ndarray]:
+    scores = scores if scores is not None else [0.9 - i / 100 for i in range(len(ids))]
+    return {"IDS": np.array([i.encode() for i in ids], dtype=object), "SCORES": np.array(scores, np.float32)}
+
+
+def test_catalog_answer_checks_reject_wrong_answers():
+    answers = load_module("answers")
+    catalog = {f"p{i}": f"title {i}" for i in range(12)}
+    everything = frozenset(catalog)
+    shoes = frozenset({"p1", "p2", "p3"})
+    search = answers.Hits(top_k=4, catalog=catalog, matching=everything, cosines=True)
+    answers.check_hits(found_outputs(["p5", "p0", "p7", "p1"]), search)
+    filtered = answers.Hits(top_k=4, catalog=catalog, matching=shoes)
+    answers.check_hits(found_outputs(["p2", "p1", "p3"]), filtered)  # all 3 matching items, fewer than TOP_K
+    lexical = answers.Hits(top_k=4, catalog=catalog, matching=shoes, exact=False)
+    answers.check_hits(found_outputs(["p2"]), lexical)
+    answers.check_hits(found_outputs([]), lexical)  # nothing shares a token with the query
+    similar = answers.Hits(top_k=4, catalog=catalog, matching=shoes, excluded=frozenset({"p1"}), cosines=True)
+    answers.check_hits(found_outputs(["p3", "p2"]), similar)
+    wrong = {
+        "more than TOP_K": (found_outputs(["p5", "p0", "p7", "p1", "p2"]), search, "5 results for TOP_K 4"),
+        "fewer than TOP_K": (found_outputs(["p5", "p0"]), search, "2 results, expected 4"),
+        "not every matching item": (found_outputs(["p2", "p1"]), filtered, r"expected 3 \(TOP_K 4, 3 matching"),
+        "not in the catalog": (found_outputs(["p5", "p0", "sku-9", "p1"]), search, r"IDS\[2\]: 'sku-9' is not an item"),
+        "outside the filter": (found_outputs(["p2", "p1", "p9"]), filtered, r"'p9' does not match the FILTER"),
+        "twice": (found_outputs(["p2", "p1", "p2"]), filtered, r"IDS\[2\]: 'p2' again"),
+        "lexical too many": (found_outputs(["p2", "p1", "p3", "p4"]), lexical, "expected at most 3"),
+        "an input id": (found_outputs(["p1", "p2"]), similar, r"'p1' is one of the items asked about"),
+        "not sorted": (found_outputs(["p3", "p2"], [0.2, 0.5]), similar, "not sorted"),
+        "not a cosine": (found_outputs(["p3", "p2"], [3.0, 0.5]), similar, "not a cosine"),
+        "NaN": (found_outputs(["p3", "p2"], [float("nan"), 0.5]), similar, "NaN"),
+        "scores short": ({**found_outputs(["p3", "p2"]), "SCORES": np.zeros(1, np.float32)}, similar, "1 scores"),
+        "no IDS": ({"SCORES": np.zeros(0, np.float32)}, lexical, "IDS: missing"),
+    }
+    for case, (outputs, hits, message) in wrong.items():
+        with pytest.raises(answers.WrongAnswer, match=message):
+            answers.check_hits(outputs, hits)
+            pytest.fail(case)
+
+    def api_answer(ids: list[str]) -> dict:
+        results = [{"id": i, "score": 0.9 - n / 100, "title": catalog.get(i, "?")} for n, i in enumerate(ids)]
+        return {"object": "list", "model": "minilm", "results": results}
+
+    answers.check_api_hits(api_answer(["p3", "p2"]), similar)
+    retitled = api_answer(["p3", "p2"])
+    retitled["results"][1]["title"] = "title 3"
+    for case, (answer, message) in {
+        "an input id": (api_answer(["p1", "p2"]), r"results\[\]\.id\[0\]: 'p1' is one of the items"),
+        "another item's title": (retitled, r"results\[1\]\.title: 'title 3' is not the catalog's title of 'p2'"),
+        "score as text": ({**api_answer([]), "results": [{"id": "p3", "score": "1", "title": "title 3"}]}, "str"),
+        "no model": ({**api_answer(["p3", "p2"]), "model": ""}, "model: empty"),
+    }.items():
+        with pytest.raises(answers.WrongAnswer, match=message):
+            answers.check_api_hits(answer, similar)
+            pytest.fail(case)
+
+
+def test_api_catalog_bodies_from_the_workload():
+    """/v1/search and /v1/similar get the Triton users' inputs as fields: FILTER as the JSON object it is."""
+    workload = load_module("workload", uses=("answers",))
+    api = load_module("api_requests", uses=("answers",))
+    settings = workload.WorkloadSettings(unique_texts=True, top_k=5, search_modes="hybrid", filter_share=1.0)
+    draws = workload.Workload(settings, random.Random(2))
+    call = draws.call("catalog_search")
+    inputs = {tensor.name: tensor.values for tensor in call.inputs}
+    search = api.from_call(call, "minilm")
+    assert (search.name, search.path) == ("search hybrid filtered", "/v1/search")
+    assert search.body == {
+        "model": "minilm",
+        "query": inputs["QUERY"][0],
+        "top_k": 5,
+        "filter": json.loads(inputs["FILTER"][0]),
+        "mode": "hybrid",
+    }
+    assert isinstance(search.body["filter"], dict) and search.body["filter"]
+    assert json.dumps(search.body)  # plain JSON types only (no numpy scalars)
+
+    call = draws.call("similar")
+    similar = api.from_call(call, "minilm")
+    ids = list(call.inputs[0].texts)
+    assert similar.path == "/v1/similar" and similar.body["ids"] == ids and similar.body["top_k"] == 5
+    assert set(similar.body) == {"model", "ids", "top_k", "filter"}
+    right = [item for item in sorted(call.hits.matching - set(ids))][:5]
+    catalog = call.hits.catalog
+    answer = {"object": "list", "model": "m", "results": [{"id": i, "score": 0.5, "title": catalog[i]} for i in right]}
+    similar.check(answer)
+    answer["results"][0] = {"id": ids[0], "score": 0.5, "title": catalog[ids[0]]}
+    with pytest.raises(load_module("answers").WrongAnswer, match="one of the items asked about"):
+        similar.check(answer)
+
+
 def test_api_refusals_and_key():
     api = load_module("api_requests", uses=("answers",))
     assert api.auth_headers({"ECOMSERVE_API_KEY": " k-123 "}) == {"Authorization": "Bearer k-123"}
@@ -598,7 +848,7 @@ def test_triton_users_send_the_key_too(recording_api, tmp_path):
     assert metadata and set(metadata) == {"Bearer test-key-c0de"}
 
 
-def test_api_options_are_checked(tmp_path):
+def test_options_are_checked(tmp_path):
     def refused(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             locust_command("--headless", "-t", "1s", *args),
@@ -617,6 +867,14 @@ def test_api_options_are_checked(tmp_path):
     not_selected = refused("QueryEmbeddingApiUser")
     assert not_selected.returncode == OPTION_REFUSED_EXIT_CODE, tail(not_selected.stdout)
     assert "the api users need api in it" in not_selected.stdout
+    for args, message in {
+        ("--search-modes", "dense:8,fuzzy:1"): "--search-modes 'dense:8,fuzzy:1': unknown mode 'fuzzy'",
+        ("--filter-share", "1.5"): "--filter-share 1.5: expected a share from 0 to 1",
+        ("--top-k", "0"): "--top-k must be at least 1",
+    }.items():
+        bad = refused(*args)
+        assert bad.returncode == OPTION_REFUSED_EXIT_CODE, tail(bad.stdout)
+        assert message in bad.stdout, tail(bad.stdout)
 
 
 def test_stage_tables():
