@@ -277,6 +277,16 @@ def test_no_command_line_holds_the_admin_key_and_triton_listens_only_privately(d
     assert folder.stat().st_uid == os.getuid()
 
 
+def test_the_response_cache_is_as_big_as_the_spec_says(default_server):
+    """serving.response_cache_mb bounds what cached answers take (64 MiB by default, per server)."""
+    from ecomserve.repository.builder import built_spec
+
+    serving = built_spec(default_server.options.repository).serving
+    assert serving.response_cache and serving.response_cache_mb == 64
+    cmdline = psutil.Process(default_server.pid).cmdline()
+    assert [arg for arg in cmdline if arg.startswith("--cache-config")] == [f"--cache-config=local,size={64 << 20}"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
 def test_another_local_user_cannot_reach_triton_directly(default_server):
     """What a second user on the host (uid 65534) gets when it goes around the front: a forked child drops

@@ -18,6 +18,7 @@ import pytest
 from support import make_tiny_bert, spec_from, wait_for
 
 from ecomserve.errors import RepositoryError, ServerError
+from ecomserve.repository.builder import built_spec
 from ecomserve.server.environment import locate_triton
 from ecomserve.server.process import Ports, ServerOptions, TritonServer, embedded_command, free_port
 
@@ -228,6 +229,9 @@ def test_supervise_runs_tritonserver_behind_the_front_restarts_dead_stubs_and_pa
         assert wait_for(lambda: _answers(ports), timeout_s=120), "the supervised server never answered"
         (triton,) = [c for c in psutil.Process(process.pid).children() if c.name() == "tritonserver"]
         assert "supervise-key" not in " ".join(triton.cmdline())
+        # The response cache sized by the repository's spec (the chart passes no size of its own by default).
+        cache_mb = built_spec(tiny_repository).serving.response_cache_mb
+        assert f"--cache-config=local,size={cache_mb << 20}" in triton.cmdline()
         (stub,) = [c for c in triton.children() if "/embedder/" in c.cmdline()[1]]
         stub.kill()
         assert "model 'embedder' restarted" in stderr.until("restarted")

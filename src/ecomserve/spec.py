@@ -177,7 +177,18 @@ class ServingSpec(_Strict):
     front: FrontSpec = Field(default_factory=FrontSpec)
     instances: int = Field(1, ge=1, le=64, description="encoder model instances")
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per encoder instance")
+    idle_threads: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="threads an encoder instance takes for a batch while every other one is idle (cpu target; "
+        "None: always intra_op_threads); serving_models/cpu_share.py",
+    )
     response_cache: bool = True
+    # Cached answers fill this and no more: the server's memory under traffic of ever new texts stays bounded.
+    response_cache_mb: int = Field(
+        64, ge=1, le=1 << 20, description="size of Triton's response cache per server (per pod), MiB"
+    )
     versions_loaded: int = Field(
         2, ge=1, le=10, description="releases kept loaded (the live one and older ones, for instant rollback)"
     )
@@ -201,6 +212,8 @@ class ServingSpec(_Strict):
             raise ValueError(f"target {self.target} runs each encoder as its own Triton model: use layout ensemble")
         if self.gpu.opt_batch_size is not None and self.gpu.opt_batch_size > self.dynamic_batching.max_batch_size:
             raise ValueError("gpu.opt_batch_size must not exceed dynamic_batching.max_batch_size")
+        if self.idle_threads is not None and self.idle_threads < self.intra_op_threads:
+            raise ValueError("idle_threads (for a batch while the other instances idle) must be >= intra_op_threads")
         return self
 
 

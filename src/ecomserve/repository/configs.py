@@ -195,6 +195,7 @@ def _python_encoder(config: pb.ModelConfig, spec: PipelineSpec, built: BuiltEnco
             runtime=built.spec.runtime,
             model_file=MODEL_FILES[built.spec.runtime],
             intra_op_threads=spec.serving.intra_op_threads,
+            idle_threads=spec.serving.idle_threads,
             device=spec.serving.device,
         ),
     )
@@ -289,6 +290,7 @@ def embedder_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
                 for b in built
             ],
             intra_op_threads=spec.serving.intra_op_threads,
+            idle_threads=spec.serving.idle_threads,
             device=spec.serving.device,
             max_text_bytes=spec.limits.max_text_bytes,
             prompt_bytes=prompt_bytes(spec.prompts),

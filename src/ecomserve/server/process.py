@@ -77,7 +77,6 @@ class ServerOptions:
     host: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
     work_dir: Path = WORK_DIR
-    cache_bytes: int = 256 * 1024 * 1024
     exit_timeout_s: int = 30
     # Model control (load, unload, index) needs this key in the `ecomserve-admin-key` header at the front;
     # None locks it with a random key only this process holds (its stub watchdog reloads models with it).
@@ -177,6 +176,17 @@ def read_tail(path: Path, limit: int = _LOG_TAIL_BYTES) -> str:
         return handle.read().decode(errors="replace")
 
 
+def response_cache_args(repository: Path) -> list[str]:
+    """Triton's local response cache, as big as the spec the repository was built from says
+    (serving.response_cache_mb: the most memory cached answers take in one server, i.e. per pod)."""
+    from ecomserve.repository.builder import built_spec, is_built
+
+    if not repository.is_dir() or not is_built(repository):  # a remote repository: the command sizes the cache
+        return []
+    serving = built_spec(repository).serving
+    return [f"--cache-config=local,size={serving.response_cache_mb << 20}"] if serving.response_cache else []
+
+
 def embedded_command(options: ServerOptions, install: TritonInstall) -> list[str]:
     """The embedded tritonserver on `options.repository`, before the socket arguments."""
     return [
@@ -184,7 +194,6 @@ def embedded_command(options: ServerOptions, install: TritonInstall) -> list[str
         f"--model-repository={options.repository.resolve()}",
         f"--backend-directory={install.backend_dir.resolve()}",
         f"--cache-directory={install.cache_dir}",
-        f"--cache-config=local,size={options.cache_bytes}",
         f"--exit-timeout-secs={options.exit_timeout_s}",
         # Explicit control: everything loads at start, and `ecomserve publish` loads new releases.
         "--model-control-mode=explicit",
@@ -260,8 +269,11 @@ class TritonServer:
         """tritonserver's command line; it holds no secret (no admin key: Triton's ports are private)."""
         options = self.options
         base = options.triton_command if options.triton_command is not None else embedded_command(options, install)
+        # A command that sizes the cache itself (the chart's triton.responseCacheBytes) keeps its own.
+        cache = [] if any(arg.startswith("--cache-config") for arg in base) else response_cache_args(options.repository)
         return [
             *base,
+            *cache,
             *sockets.triton_args(),
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *options.extra_args,

@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 from ecomserve.contract import EMBEDDING, TEXT
 from ecomserve.fusion import fuse_embeddings
 from ecomserve.parameters import EmbedderParameters
-from ecomserve.runtime import load_runner, run_by_length
+from ecomserve.runtime import run_by_length
 from ecomserve.serving_models.base import (
     error_response,
     input_array,
@@ -20,6 +20,7 @@ from ecomserve.serving_models.base import (
     output,
     version_dir,
 )
+from ecomserve.serving_models.cpu_share import load_runners, running, server_share
 from ecomserve.serving_models.tokenizer import truncation_counter
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 from ecomserve.validation import decode_texts
@@ -36,8 +37,11 @@ class TritonPythonModel:
         for encoder in parameters.encoders:
             files = version_dir(args) / encoder.name
             tokenizer = TextTokenizer(files / TOKENIZER_FILE, encoder.max_seq_len)
-            runner = load_runner(encoder.runtime, files / encoder.model_file, threads, device)
-            self.encoders.append((tokenizer, runner))
+            runners = load_runners(
+                encoder.runtime, files / encoder.model_file, threads, parameters.idle_threads, device
+            )
+            self.encoders.append((tokenizer, runners))
+        self.share = server_share(args["model_instance_name"], [runners for _, runners in self.encoders])
         self.truncation_family, self.truncated = truncation_counter(args["model_name"])
 
     def execute(self, requests):
@@ -66,9 +70,10 @@ class TritonPythonModel:
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         vectors = []
-        for tokenizer, run in self.encoders:
-            batch = tokenizer.encode(texts)
-            if batch.truncated:
-                self.truncated.increment(batch.truncated)
-            vectors.append(run_by_length(run, batch.input_ids, batch.attention_mask))
+        with running(self.share) as others_idle:
+            for tokenizer, runners in self.encoders:
+                batch = tokenizer.encode(texts)
+                if batch.truncated:
+                    self.truncated.increment(batch.truncated)
+                vectors.append(run_by_length(runners.pick(others_idle), batch.input_ids, batch.attention_mask))
         return vectors[0] if len(vectors) == 1 else fuse_embeddings(vectors, self.slices)

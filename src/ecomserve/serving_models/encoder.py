@@ -9,8 +9,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ecomserve.parameters import EncoderParameters
-from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, load_runner, run_by_length
+from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, run_by_length
 from ecomserve.serving_models.base import error_response, input_array, model_config, output, version_dir
+from ecomserve.serving_models.cpu_share import load_runners, running, server_share
 
 
 def _pad(arrays: list[np.ndarray], length: int) -> np.ndarray:
@@ -22,14 +23,18 @@ class TritonPythonModel:
         config = model_config(args)
         parameters = EncoderParameters.from_config(config)
         path = version_dir(args) / parameters.model_file
-        self.run = load_runner(parameters.runtime, path, parameters.intra_op_threads, parameters.device)
+        self.runners = load_runners(
+            parameters.runtime, path, parameters.intra_op_threads, parameters.idle_threads, parameters.device
+        )
+        self.share = server_share(args["model_instance_name"], [self.runners])
 
     def execute(self, requests):
         try:
             ids = [input_array(r, ENCODER_INPUTS[0]) for r in requests]
             masks = [input_array(r, ENCODER_INPUTS[1]) for r in requests]
             length = max(a.shape[1] for a in ids)
-            embeddings = run_by_length(self.run, _pad(ids, length), _pad(masks, length))
+            with running(self.share) as others_idle:
+                embeddings = run_by_length(self.runners.pick(others_idle), _pad(ids, length), _pad(masks, length))
         except Exception as exc:  # noqa: BLE001 - the whole batch failed together
             return [error_response(exc) for _ in requests]
         bounds = np.cumsum([a.shape[0] for a in ids])[:-1]

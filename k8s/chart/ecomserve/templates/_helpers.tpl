@@ -331,7 +331,7 @@ private unix sockets, and the front serves the public ports. */}}
   "--allow-cpu-metrics=true"
   "--metrics-config=summary_latencies=true"
   (printf "--metrics-config=summary_quantiles=%s" $t.summaryQuantiles)) }}
-{{- if gt (int64 $t.responseCacheBytes) 0 }}
+{{- if $t.responseCacheBytes }}
 {{- $args = append $args (printf "--cache-config=local,size=%d" (int64 $t.responseCacheBytes)) }}
 {{- end }}
 {{- $args = concat $args (list

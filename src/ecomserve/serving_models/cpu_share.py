@@ -1,0 +1,96 @@
+"""Threads that adapt to load: an encoder instance runs a batch with `serving.idle_threads` threads while no other
+encoder instance of the same server is running one, and with `serving.intra_op_threads` otherwise.
+
+Several single-threaded instances give the best throughput under load (each core runs its own batch, no
+synchronisation), but leave all cores but one idle when a single request arrives: its latency is then that of one
+core. An instance that finds the others idle takes the idle cores too. Under sustained load the instances overlap,
+see each other busy and stay at one thread each; only a transient overlap (an instance starting while a wide run is
+finishing) runs more threads than cores.
+
+Every encoder instance of the server (the stub processes of one tritonserver, so the folder is named by its pid)
+holds an exclusive `flock` on its own file in a shared folder while it runs a batch; "the others are idle" means
+every other file can be locked at once. The kernel drops a dead process's locks, so a crashed stub never leaves
+the others thinking it busy."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from ecomserve.runtime import Runner, load_runner
+
+SUFFIX = ".busy"
+
+
+@dataclass(frozen=True)
+class Runners:
+    """One encoder's runner at intra_op_threads and, when idle_threads is more, one at idle_threads."""
+
+    narrow: Runner
+    wide: Runner | None
+
+    def pick(self, others_idle: bool) -> Runner:
+        return self.wide if others_idle and self.wide is not None else self.narrow
+
+
+def load_runners(runtime: str, path: Path, threads: int, idle_threads: int | None, device: str) -> Runners:
+    narrow = load_runner(runtime, path, threads, device)
+    if idle_threads is None or idle_threads <= threads or device != "cpu":
+        return Runners(narrow, None)
+    # No spinning: the wide session's extra threads must not burn a core another instance is about to use.
+    return Runners(narrow, load_runner(runtime, path, idle_threads, device, spinning=False))
+
+
+def server_share_dir() -> Path:
+    """The folder the encoder instances of this process's tritonserver (its parent) share."""
+    return Path(tempfile.gettempdir()) / f"ecomserve-cpu-{os.getppid()}"
+
+
+def server_share(instance: str, runners: list[Runners]) -> CpuShare | None:
+    """This stub's place among the server's encoder instances, if any of its runners can go wide."""
+    return CpuShare(server_share_dir(), instance) if any(r.wide is not None for r in runners) else None
+
+
+def running(share: CpuShare | None):
+    """`share.running()`, or a block that always runs narrow."""
+    return share.running() if share is not None else nullcontext(False)
+
+
+class CpuShare:
+    def __init__(self, folder: Path, instance: str) -> None:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder = folder
+        # Two loaded versions of a model have instances of the same name: the pid tells them apart.
+        self.name = f"{instance}-{os.getpid()}{SUFFIX}"
+        self._own = open(folder / self.name, "a+b")  # noqa: SIM115 - held for the instance's lifetime
+
+    @contextmanager
+    def running(self) -> Iterator[bool]:
+        """Marks this instance busy for the block; yields whether every other instance was idle at its start."""
+        fcntl.flock(self._own, fcntl.LOCK_EX)
+        try:
+            yield self._others_idle()
+        finally:
+            fcntl.flock(self._own, fcntl.LOCK_UN)
+
+    def _others_idle(self) -> bool:
+        for path in self.folder.glob(f"*{SUFFIX}"):
+            if path.name == self.name:
+                continue
+            try:
+                with path.open("rb") as other:  # closing releases the probe's lock
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except FileNotFoundError:  # an instance that went away
+                continue
+        return True
+
+    def close(self) -> None:
+        self._own.close()
+        (self.folder / self.name).unlink(missing_ok=True)
