@@ -305,6 +305,7 @@ class WorkloadName(StrEnum):
     serving = "serving"
     search = "search"
     front = "front"
+    latency = "latency"
 
 
 @app.command()
@@ -321,7 +322,8 @@ def bench(
         WorkloadName,
         typer.Option(
             help="serving: the encoders and server; search: the catalog index backends; "
-            "front: the front process against straight-to-Triton calls"
+            "front: the front process against straight-to-Triton calls; latency: where one query's time goes, "
+            "per serving setting"
         ),
     ] = WorkloadName.serving,
     scales: Annotated[
@@ -335,6 +337,12 @@ def bench(
 
         found = bench_front(load_spec(spec), spec.parent, out, duration, console)
         console.print(front_markdown(found), highlight=False, soft_wrap=True)
+        return
+    if workload == WorkloadName.latency:
+        from ecomserve.bench.latency import latency_markdown, run_latency_bench
+
+        found = run_latency_bench(load_spec(spec), spec.parent, out, duration, console, Path(".ecomserve/bench"))
+        console.print(latency_markdown(found), highlight=False, soft_wrap=True)
         return
     if workload == WorkloadName.search:
         from ecomserve.bench.search import MAX_SCALE, bench_search

@@ -1,0 +1,277 @@
+"""`ecomserve bench --workload latency`: where one query's time goes, and what each serving setting does to it.
+
+Per serving setting (the spec's own, then each change in SETTINGS), one server on the spec's model with the
+response cache off, measured on texts never sent before:
+
+- one query per request from 1 client: through the front (gRPC), straight to Triton's private socket to `embed`
+  (the public ensemble) and to its `embedder` (the python model that tokenizes and runs the encoders), so the
+  differences are the front's and the ensemble's cost; Triton's own statistics over the direct `embedder` run
+  split the server's time into queue (the dynamic-batching delay and waiting for an instance), input, the
+  python model's execute (tokenizer, ONNX Runtime, the stub's IPC) and output;
+- one query per request from 16 clients and 32 titles per request from 4 clients, through the front (gRPC);
+- the same tokenizer and runner in this process, at 1 and 2 threads (the in-process limit).
+
+Settings are measured one after another on one machine: compare within a run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ecomserve.bench.front import cpu_description
+from ecomserve.bench.load import measure
+from ecomserve.bench.report import plt, write_csv
+from ecomserve.contract import EMBED, EMBEDDER, TEXT
+from ecomserve.paths import corpus_texts
+from ecomserve.repository.builder import build_repository
+from ecomserve.runtime import load_runner, run_by_length
+from ecomserve.spec import PipelineSpec, resolve_source
+from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
+
+# Each is applied to the spec's serving section on its own; "spec" is the spec unchanged.
+SETTINGS: dict[str, dict] = {
+    "spec": {},
+    "no batching delay": {"max_queue_delay_us": 0},
+    "idle threads 2": {"idle_threads": 2},
+    "no delay + idle threads 2": {"max_queue_delay_us": 0, "idle_threads": 2},
+}
+BATCH = 32
+TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def setting_spec(spec: PipelineSpec, change: dict) -> PipelineSpec:
+    """The spec with one serving change, and the response cache off (a cached answer measures nothing)."""
+    serving = spec.serving
+    batching = serving.dynamic_batching.model_copy(
+        update={k: v for k, v in change.items() if k in type(serving.dynamic_batching).model_fields}
+    )
+    rest = {k: v for k, v in change.items() if k in type(serving).model_fields}
+    serving = serving.model_copy(update=rest | {"dynamic_batching": batching, "response_cache": False})
+    return spec.model_copy(update={"serving": serving})
+
+
+class FreshTexts:
+    """Texts no request carried before: a shipped text and a number never used in this run."""
+
+    def __init__(self) -> None:
+        self.queries = corpus_texts()[:400]
+        self._fresh = itertools.count()
+
+    def query(self, i: int) -> str:
+        return f"{self.queries[i % len(self.queries)]} {next(self._fresh)}"
+
+    def titles(self, i: int) -> list[str]:
+        return [self.query(i * BATCH + j) for j in range(BATCH)]
+
+
+def _grpc_embed(url: str, model: str) -> Callable[[list[str]], object]:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+
+    def call(texts: list[str]) -> object:
+        tensor = grpcclient.InferInput(TEXT, [len(texts), 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
+        return client.infer(model, [tensor])
+
+    return call
+
+
+def triton_phases(url: str, model: str) -> dict[str, int]:
+    """Cumulative success count and nanoseconds per phase of `model`'s newest version, from Triton's statistics."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
+    finally:
+        client.close()
+    newest = max(stats, key=lambda s: int(s.get("version") or 0))["inference_stats"]
+    totals = {"count": int(newest.get("success", {}).get("count", 0))}
+    for phase in ("success", *TRITON_PHASES):
+        totals[phase] = int(newest.get(phase, {}).get("ns", 0))
+    return totals
+
+
+def phase_breakdown(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """Mean milliseconds per request in each phase between two `triton_phases` readings."""
+    count = after["count"] - before["count"]
+    if count <= 0:
+        return {}
+    phases = ("success", *TRITON_PHASES)
+    return {"requests": count} | {f"{p}_ms": (after[p] - before[p]) / count / 1e6 for p in phases}
+
+
+def _served_rows(server, name: str, texts: FreshTexts, duration_s: float) -> tuple[list[dict], dict]:
+    direct = server.sockets.grpc_target
+    points = [
+        ("front", server.grpc_url, EMBED, 1, 1),
+        ("direct embed", direct, EMBED, 1, 1),
+        ("direct embedder", direct, EMBEDDER, 1, 1),  # the fused layout's python model (the default)
+        ("front", server.grpc_url, EMBED, 16, 1),
+        ("front", server.grpc_url, EMBED, 4, BATCH),
+    ]
+    rows, phases = [], {}
+    for route, url, model, clients, size in points:
+
+        def make_call(_worker: int, url=url, model=model, size=size) -> Callable[[int], object]:
+            call = _grpc_embed(url, model)
+            return lambda i: call([texts.query(i)] if size == 1 else texts.titles(i))
+
+        watched = route == "direct embedder"
+        before = triton_phases(direct, EMBEDDER) if watched else None
+        workload = "query embed" if size == 1 else f"batch embed {size}"
+        point = measure(f"{name} / {route}", workload, "grpc", clients, make_call, size, duration_s)
+        if watched:
+            phases = phase_breakdown(before, triton_phases(direct, EMBEDDER))
+        rows.append(point.row() | {"setting": name, "route": route})
+    return rows, phases
+
+
+def _in_process_rows(spec: PipelineSpec, spec_dir: Path, model_file: Path, texts: FreshTexts, duration_s: float):
+    encoder = spec.encoders[0]
+    tokenizer = TextTokenizer(resolve_source(encoder.source, spec_dir) / TOKENIZER_FILE, encoder.max_seq_len)
+    rows = []
+    for threads in (1, 2):
+        run = load_runner(encoder.runtime, model_file, threads)
+
+        def embed(batch: list[str], run=run) -> np.ndarray:
+            tokens = tokenizer.encode(batch)
+            return run_by_length(run, tokens.input_ids, tokens.attention_mask)
+
+        for workload, size in (("query embed", 1), (f"batch embed {BATCH}", BATCH)):
+            call = (lambda i, embed=embed: embed([texts.query(i)])) if size == 1 else (lambda i: embed(texts.titles(i)))
+            point = measure(
+                f"in-process {threads} thread", workload, "in-process", 1, lambda _w, c=call: c, size, duration_s
+            )
+            rows.append(point.row() | {"setting": f"in-process {threads} thread", "route": "in-process"})
+    return rows
+
+
+def run_latency_bench(
+    spec: PipelineSpec, spec_dir: Path, out_dir: Path, duration_s: float, console: Console, work_dir: Path
+) -> dict:
+    from ecomserve.bench.run import _served_model_file, start_bench_server
+
+    if spec.serving.layout != "fused":
+        raise ValueError("--workload latency measures the fused layout (serving.layout: fused, the cpu default)")
+    texts = FreshTexts()
+    results: dict = {"cpu": cpu_description(), "duration_s": duration_s, "settings": SETTINGS, "rows": [], "phases": {}}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("latency", total=len(SETTINGS) + 1)
+        for name, change in SETTINGS.items():
+            progress.update(task, description=f"latency: {name}")
+            repository = work_dir / "latency" / name.replace(" ", "_").replace("+", "and")
+            build_repository(setting_spec(spec, change), repository, spec_dir, console)
+            server = start_bench_server(repository, work_dir)
+            try:
+                rows, phases = _served_rows(server, name, texts, duration_s)
+            finally:
+                server.stop()
+            results["rows"] += rows
+            results["phases"][name] = phases
+            progress.advance(task)
+        progress.update(task, description="latency: in-process")
+        model_file = _served_model_file(repository, spec.encoders[0], spec)
+        results["rows"] += _in_process_rows(spec, spec_dir, model_file, texts, duration_s)
+        progress.advance(task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latency.json").write_text(json.dumps(results, indent=2))
+    write_csv(out_dir / "latency.csv", results["rows"])
+    plot_latency(results, out_dir / "latency.png")
+    (out_dir / "latency.md").write_text(latency_markdown(results) + "\n")
+    return results
+
+
+def _pick(rows: list[dict], setting: str, route: str, concurrency: int, workload: str) -> dict | None:
+    match = (setting, route, concurrency, workload)
+    return next((r for r in rows if (r["setting"], r["route"], r["concurrency"], r["workload"]) == match), None)
+
+
+def summary(results: dict) -> list[dict]:
+    """Per serving setting: the 1-client p50 by route, throughput at 16 clients and of 32-title batches at 4,
+    and the same against the best in-process runtime."""
+    rows, batch = results["rows"], f"batch embed {BATCH}"
+    in_process = [r for r in rows if r["route"] == "in-process"]
+    best_query = min(r["p50_ms"] for r in in_process if r["workload"] == "query embed")
+    best_batch = max(r["throughput_items"] for r in in_process if r["workload"] == batch)
+    table = []
+    for name in results["settings"]:
+        one = {
+            route: _pick(rows, name, route, 1, "query embed") for route in ("front", "direct embed", "direct embedder")
+        }
+        many, titles = _pick(rows, name, "front", 16, "query embed"), _pick(rows, name, "front", 4, batch)
+        table.append(
+            {
+                "setting": name,
+                "p50_front_ms": one["front"]["p50_ms"],
+                "p50_direct_embed_ms": one["direct embed"]["p50_ms"],
+                "p50_direct_embedder_ms": one["direct embedder"]["p50_ms"],
+                "p50_over_in_process_ms": one["front"]["p50_ms"] - best_query,
+                "query_c16_texts_per_s": many["throughput_items"],
+                "batch32_c4_texts_per_s": titles["throughput_items"],
+                "batch32_vs_in_process": titles["throughput_items"] / best_batch,
+            }
+            | {f"triton_{k}": v for k, v in results["phases"].get(name, {}).items()}
+        )
+    return table
+
+
+def latency_markdown(results: dict) -> str:
+    rows, batch = results["rows"], f"batch embed {BATCH}"
+    in_process = {r["setting"]: r for r in rows if r["route"] == "in-process" and r["workload"] == "query embed"}
+    in_batch = {r["setting"]: r for r in rows if r["route"] == "in-process" and r["workload"] == batch}
+    lines = [
+        f"Latency ({results['cpu']}; {results['duration_s']:.0f} s per point; texts never sent before, cache off)",
+        "",
+        "| setting | 1 client p50 (ms): front | direct `embed` | direct `embedder` | − in-process | "
+        "Triton `embedder`: queue / execute (ms) | 16 clients (texts/s) | 32 titles, 4 clients (texts/s) "
+        "| ÷ in-process |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary(results):
+        lines.append(
+            f"| {s['setting']} | {s['p50_front_ms']:.2f} | {s['p50_direct_embed_ms']:.2f} | "
+            f"{s['p50_direct_embedder_ms']:.2f} | {s['p50_over_in_process_ms']:+.2f} | "
+            f"{s.get('triton_queue_ms', float('nan')):.2f} / {s.get('triton_compute_infer_ms', float('nan')):.2f} | "
+            f"{s['query_c16_texts_per_s']:.0f} | {s['batch32_c4_texts_per_s']:.0f} | {s['batch32_vs_in_process']:.2f} |"
+        )
+    lines += ["", "| in-process | 1 query p50 (ms) | 32 titles (texts/s) |", "|---|---|---|"]
+    for name, row in in_process.items():
+        lines.append(f"| {name} | {row['p50_ms']:.2f} | {in_batch[name]['throughput_items']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_latency(results: dict, path: Path) -> None:
+    table = summary(results)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(len(table))
+    for offset, (key, label) in zip(
+        (-0.27, 0, 0.27),
+        (
+            ("p50_front_ms", "front"),
+            ("p50_direct_embed_ms", "direct embed"),
+            ("p50_direct_embedder_ms", "direct embedder"),
+        ),
+    ):
+        axes[0].bar(x + offset, [s[key] for s in table], 0.27, label=label)
+    axes[0].set(title="one query, 1 client: p50", ylabel="ms", xticks=x, xticklabels=[s["setting"] for s in table])
+    axes[0].tick_params(axis="x", labelrotation=20, labelsize=7)
+    axes[0].legend(fontsize=7)
+    axes[1].bar(x - 0.2, [s["query_c16_texts_per_s"] for s in table], 0.4, label="1 query, 16 clients")
+    axes[1].bar(x + 0.2, [s["batch32_c4_texts_per_s"] for s in table], 0.4, label="32 titles, 4 clients")
+    axes[1].set(
+        title="throughput through the front", ylabel="texts / s", xticks=x, xticklabels=[s["setting"] for s in table]
+    )
+    axes[1].tick_params(axis="x", labelrotation=20, labelsize=7)
+    axes[1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
