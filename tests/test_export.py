@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 from support import make_tiny_bert, spec_from
 
+from ecomserve.cpu import has_int8_dot_product
 from ecomserve.errors import ExportError
 from ecomserve.export.onnx_export import export_onnx
 from ecomserve.export.parity import check_parity
@@ -80,6 +81,8 @@ def test_failed_build_leaves_the_repository_untouched(tiny, tmp_path):
 VARIANTS = {
     "onnxruntime fp32 optimized": {"optimize": True},
     "onnxruntime int8 static": {"precision": "int8"},
+    # 7-bit weights: what `auto` picks on a CPU without VNNI (AVX2's U8S8 kernels could saturate otherwise)
+    "onnxruntime int8 static, reduced range": {"precision": "int8", "int8_recipe": "reduced_range"},
     "openvino fp32": {"runtime": "openvino"},
     "openvino int8": {"runtime": "openvino", "precision": "int8"},
 }
@@ -93,7 +96,10 @@ def test_each_variant_builds_and_passes_its_parity_check(tiny, tmp_path, variant
     encoder = EncoderSpec(name="tiny", source=str(tiny), max_seq_len=32, **VARIANTS[variant])
     report = export_encoder(encoder, tiny, tmp_path)
     stages = [stage["stage"] for stage in report["stages"]]
-    assert stages == ["onnx fp32", variant]
+    assert stages == ["onnx fp32", variant.split(",")[0]]
+    if encoder.precision == "int8" and encoder.runtime == "onnxruntime":
+        expected = "full_range" if has_int8_dot_product() else "reduced_range"
+        assert report["int8_recipe"] == (expected if encoder.int8_recipe == "auto" else encoder.int8_recipe)
     bar = 0.97 if "int8" in variant else 0.9999
     assert report["stages"][-1]["min_cosine"] >= bar
     model_file = MODEL_FILES[encoder.runtime]
@@ -132,3 +138,19 @@ def test_running_by_length_gives_the_same_answers(tiny, tmp_path):
     together = run(batch.input_ids, batch.attention_mask)
     by_length = run_by_length(run, batch.input_ids, batch.attention_mask)
     assert np.abs(together - by_length).max() <= 1e-5
+
+
+def test_int8_recipe_follows_the_cpus_dot_product_instructions(tmp_path):
+    from ecomserve.cpu import cpu_flags
+    from ecomserve.export.pipeline import int8_recipe
+    from ecomserve.spec import EncoderSpec
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert has_int8_dot_product(cpu_flags(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert not has_int8_dot_product(cpu_flags(info)) and not has_int8_dot_product(cpu_flags(tmp_path / "none"))
+    encoder = EncoderSpec(name="e", source="x", precision="int8")
+    assert int8_recipe(encoder) == ("full_range" if has_int8_dot_product() else "reduced_range")
+    for fixed in ("full_range", "reduced_range"):
+        assert int8_recipe(encoder.model_copy(update={"int8_recipe": fixed})) == fixed

@@ -63,6 +63,12 @@ class EncoderSpec(_Strict):
     pooling: Literal["mean", "cls"] = "mean"
     max_seq_len: int = Field(128, ge=8, le=512, description="longer input is truncated and counted")
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    # ONNX Runtime's U8S8 kernels saturate 16-bit sums on AVX2 without VNNI; 7-bit weights keep them exact there.
+    int8_recipe: Literal["auto", "full_range", "reduced_range"] = Field(
+        "auto",
+        description="static INT8 on onnxruntime: auto takes full_range where the build machine's CPU has VNNI/AMX "
+        "(ecomserve.cpu), reduced_range (7-bit weights) where it has not",
+    )
     keep_layers: int | None = Field(None, ge=1, description="layer pruning: keep the first N layers")
     distill: DistillSpec | None = Field(None, description="after pruning, distil from the full model")
     runtime: Literal["onnxruntime", "openvino", "torch"] = Field(

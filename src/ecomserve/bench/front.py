@@ -12,9 +12,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-import platform
 import socket
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from rich.console import Console
 from ecomserve.bench.load import measure
 from ecomserve.bench.report import plt, write_csv
 from ecomserve.contract import EMBED, TEXT
+from ecomserve.cpu import cpu_description
 from ecomserve.front.api.context import model_id
 from ecomserve.paths import corpus_texts
 from ecomserve.repository.builder import build_repository, built_spec
@@ -45,18 +44,6 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(self._path)
-
-
-def cpu_description() -> str:
-    """The processor and the vector extensions that decide INT8 speed, as lscpu reports them."""
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    wanted = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
-    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, {' '.join(wanted)}"
 
 
 def _kserve_body(text: str) -> dict:

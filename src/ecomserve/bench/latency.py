@@ -24,10 +24,10 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ecomserve.bench.front import cpu_description
 from ecomserve.bench.load import measure
 from ecomserve.bench.report import plt, write_csv
 from ecomserve.contract import EMBED, EMBEDDER, TEXT
+from ecomserve.cpu import cpu_description
 from ecomserve.paths import corpus_texts
 from ecomserve.repository.builder import build_repository
 from ecomserve.runtime import load_runner, run_by_length

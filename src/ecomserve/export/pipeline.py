@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from ecomserve.cpu import has_int8_dot_product
 from ecomserve.errors import ExportError
 from ecomserve.export import compress, tensorrt
 from ecomserve.export.onnx_export import export_onnx
@@ -58,6 +59,8 @@ def export_encoder(
                 result["engine"] = _engine_inputs(spec, encoder, reference.model, tokenizer, target_dir)
             return _as_dicts(result)
         final = _compress(encoder, fp32, work_dir, tokenizer, source, verify)
+        if encoder.precision == "int8" and encoder.runtime == "onnxruntime":
+            result["int8_recipe"] = int8_recipe(encoder)  # the build report says which CPU class it suits
         # The runtime loads MODEL_FILES[runtime]; OpenVINO's weights sit beside it with the same stem.
         stem = Path(MODEL_FILES[encoder.runtime]).stem
         for produced in final:
@@ -121,6 +124,13 @@ def _reference(encoder: EncoderSpec, source: Path, tokenizer: TextTokenizer, pro
     return _Reference(model, losses)
 
 
+def int8_recipe(encoder: EncoderSpec) -> str:
+    """The spec's int8_recipe, `auto` resolved for the CPU this build runs on (serve on the same CPU class)."""
+    if encoder.int8_recipe != "auto":
+        return encoder.int8_recipe
+    return "full_range" if has_int8_dot_product() else "reduced_range"
+
+
 def _compress(encoder: EncoderSpec, fp32: Path, work_dir: Path, tokenizer, source: Path, verify) -> list[Path]:
     """The files the runtime loads, after the stages the spec asks for."""
     calibration = None
@@ -131,7 +141,8 @@ def _compress(encoder: EncoderSpec, fp32: Path, work_dir: Path, tokenizer, sourc
         verify(f"openvino {encoder.precision}", load_runner("openvino", xml, threads=2), encoder.precision)
         return [xml, xml.with_suffix(".bin")]
     if encoder.precision == "int8":
-        quantized = compress.quantize_static_onnx(fp32, work_dir / "int8.onnx", calibration)
+        reduce = int8_recipe(encoder) == "reduced_range"
+        quantized = compress.quantize_static_onnx(fp32, work_dir / "int8.onnx", calibration, reduce_range=reduce)
         verify("onnxruntime int8 static", load_runner("onnxruntime", quantized, threads=2), "int8")
         return [quantized]
     if encoder.optimize:
