@@ -39,3 +39,24 @@ def test_phase_breakdown_is_the_mean_per_request_between_two_readings():
     assert found["requests"] == 4
     assert found["success_ms"] == 5.0 and found["queue_ms"] == 0.25 and found["compute_infer_ms"] == 4.5
     assert phase_breakdown(before, before) == {}
+
+
+def test_a_setting_reuses_the_built_encoders_with_its_own_configs(tmp_path):
+    from support import make_tiny_bert, spec_from
+
+    from ecomserve.bench.latency import respecified
+    from ecomserve.repository.builder import build_repository, built_spec
+
+    spec = spec_from({"encoders": [{"name": "tiny", "source": str(make_tiny_bert(tmp_path / "tiny", 4))}]})
+    built = tmp_path / "built"
+    build_repository(spec, built)
+    change = {"max_queue_delay_us": 0, "idle_threads": 2}
+    target = respecified(built, setting_spec(spec, change), tmp_path, tmp_path / "copy")
+    assert built_spec(target) == setting_spec(spec, change) and built_spec(built) == spec
+    before, after = ((folder / "embedder" / "config.pbtxt").read_text() for folder in (built, target))
+    assert "max_queue_delay_microseconds: 500" in before and "max_queue_delay_microseconds" not in after  # 0
+    assert 'key: "idle_threads"\n  value {\n    string_value: "2"' in after
+    caches = [(folder / "embed" / "config.pbtxt").read_text() for folder in (built, target)]
+    assert "enable: true" in caches[0] and "enable: true" not in caches[1]  # the response cache is off
+    files = sorted(p.relative_to(built) for p in built.rglob("*.onnx"))
+    assert files and files == sorted(p.relative_to(target) for p in target.rglob("*.onnx"))

@@ -329,6 +329,9 @@ def bench(
     scales: Annotated[
         list[int] | None, typer.Option(help="search: catalog sizes, repeat for each (default 10000, 100000)")
     ] = None,
+    soak: Annotated[
+        float, typer.Option(help="latency: seconds of fresh texts with the response cache on, for the server's RSS")
+    ] = 120.0,
 ) -> None:
     """PyTorch, the in-process runtime, every compression variant and the served pipeline, in one run
     (--workload search: faiss exact / HNSW and Milvus Lite on synthetic catalogs)."""
@@ -341,7 +344,9 @@ def bench(
     if workload == WorkloadName.latency:
         from ecomserve.bench.latency import latency_markdown, run_latency_bench
 
-        found = run_latency_bench(load_spec(spec), spec.parent, out, duration, console, Path(".ecomserve/bench"))
+        found = run_latency_bench(
+            load_spec(spec), spec.parent, out, duration, console, Path(".ecomserve/bench"), soak_s=soak
+        )
         console.print(latency_markdown(found), highlight=False, soft_wrap=True)
         return
     if workload == WorkloadName.search:

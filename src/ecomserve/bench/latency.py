@@ -9,7 +9,10 @@ response cache off, measured on texts never sent before:
   split the server's time into queue (the dynamic-batching delay and waiting for an instance), input, the
   python model's execute (tokenizer, ONNX Runtime, the stub's IPC) and output;
 - one query per request from 16 clients and 32 titles per request from 4 clients, through the front (gRPC);
-- the same tokenizer and runner in this process, at 1 and 2 threads (the in-process limit).
+- the same tokenizer and runner in this process, at 1 and 2 threads (the in-process limit);
+- memory: the spec's own server, response cache on (serving.response_cache_mb), under `soak_s` seconds of 16
+  clients sending texts never sent before (every answer a new cache entry), its RSS (tritonserver, the stubs and
+  the front) sampled every few seconds: it must level off once the cache is full.
 
 Settings are measured one after another on one machine: compare within a run."""
 
@@ -17,6 +20,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +35,7 @@ from ecomserve.bench.report import plt, write_csv
 from ecomserve.contract import EMBED, EMBEDDER, TEXT
 from ecomserve.cpu import cpu_description
 from ecomserve.paths import corpus_texts
-from ecomserve.repository.builder import build_repository
+from ecomserve.repository.builder import BUILD_INFO, build_repository, plan, write_configs
 from ecomserve.runtime import load_runner, run_by_length
 from ecomserve.spec import PipelineSpec, resolve_source
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
@@ -42,7 +48,20 @@ SETTINGS: dict[str, dict] = {
     "no delay + idle threads 2": {"max_queue_delay_us": 0, "idle_threads": 2},
 }
 BATCH = 32
+SOAK_CLIENTS = 16
+RSS_EVERY_S = 5.0
 TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def respecified(built: Path, spec: PipelineSpec, spec_dir: Path, target: Path) -> Path:
+    """A copy of the repository `built` with the configs (and build info) of `spec`, which differs from the one it
+    was built from in serving settings only: the encoders are exported and verified once, not per setting."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(built, target)
+    write_configs(spec, [encoder for encoder, _ in plan(spec, spec_dir)], target)
+    info = json.loads((target / BUILD_INFO).read_text())
+    (target / BUILD_INFO).write_text(json.dumps(info | {"spec": spec.model_dump()}, indent=2) + "\n")
+    return target
 
 
 def setting_spec(spec: PipelineSpec, change: dict) -> PipelineSpec:
@@ -154,8 +173,53 @@ def _in_process_rows(spec: PipelineSpec, spec_dir: Path, model_file: Path, texts
     return rows
 
 
+def served_rss_mb(server) -> float:
+    """Resident memory of tritonserver, its python-backend stubs and the front."""
+    from ecomserve.bench.run import server_rss_mb
+
+    return server_rss_mb(server.pid) + server_rss_mb(server.front_pid)
+
+
+def memory_soak(server, texts: FreshTexts, soak_s: float) -> list[dict]:
+    """RSS every RSS_EVERY_S seconds while SOAK_CLIENTS clients send fresh queries for `soak_s` seconds."""
+    answered = [0] * SOAK_CLIENTS  # per worker: only its own thread writes its slot
+    samples = [{"t_s": 0.0, "rss_mb": served_rss_mb(server), "requests": 0}]
+    done = threading.Event()
+
+    def sample() -> None:
+        began = time.perf_counter()
+        while not done.wait(RSS_EVERY_S):
+            elapsed = time.perf_counter() - began
+            samples.append({"t_s": elapsed, "rss_mb": served_rss_mb(server), "requests": sum(answered)})
+
+    def make_call(worker: int) -> Callable[[int], object]:
+        call = _grpc_embed(server.grpc_url, EMBED)
+
+        def send(i: int) -> None:
+            call([texts.query(i)])
+            answered[worker] += 1
+
+        return send
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        measure("memory soak", "query embed", "grpc", SOAK_CLIENTS, make_call, 1, soak_s)
+    finally:
+        done.set()
+        sampler.join()
+    samples.append({"t_s": soak_s, "rss_mb": served_rss_mb(server), "requests": sum(answered)})
+    return samples
+
+
 def run_latency_bench(
-    spec: PipelineSpec, spec_dir: Path, out_dir: Path, duration_s: float, console: Console, work_dir: Path
+    spec: PipelineSpec,
+    spec_dir: Path,
+    out_dir: Path,
+    duration_s: float,
+    console: Console,
+    work_dir: Path,
+    soak_s: float = 120.0,
 ) -> dict:
     from ecomserve.bench.run import _served_model_file, start_bench_server
 
@@ -165,11 +229,13 @@ def run_latency_bench(
     results: dict = {"cpu": cpu_description(), "duration_s": duration_s, "settings": SETTINGS, "rows": [], "phases": {}}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("latency", total=len(SETTINGS) + 1)
+        task = progress.add_task("latency", total=len(SETTINGS) + 1 + (soak_s > 0))
+        built = work_dir / "latency" / "built"
+        build_repository(spec, built, spec_dir, console)
         for name, change in SETTINGS.items():
             progress.update(task, description=f"latency: {name}")
             repository = work_dir / "latency" / name.replace(" ", "_").replace("+", "and")
-            build_repository(setting_spec(spec, change), repository, spec_dir, console)
+            respecified(built, setting_spec(spec, change), spec_dir, repository)
             server = start_bench_server(repository, work_dir)
             try:
                 rows, phases = _served_rows(server, name, texts, duration_s)
@@ -182,6 +248,17 @@ def run_latency_bench(
         model_file = _served_model_file(repository, spec.encoders[0], spec)
         results["rows"] += _in_process_rows(spec, spec_dir, model_file, texts, duration_s)
         progress.advance(task)
+        if soak_s > 0:
+            progress.update(task, description=f"memory: {soak_s:.0f} s of fresh texts, response cache on")
+            server = start_bench_server(built, work_dir)  # the spec as it is: the response cache on
+            try:
+                results["memory"] = {
+                    "response_cache_mb": spec.serving.response_cache_mb if spec.serving.response_cache else 0,
+                    "samples": memory_soak(server, texts, soak_s),
+                }
+            finally:
+                server.stop()
+            progress.advance(task)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latency.json").write_text(json.dumps(results, indent=2))
     write_csv(out_dir / "latency.csv", results["rows"])
@@ -246,6 +323,15 @@ def latency_markdown(results: dict) -> str:
     lines += ["", "| in-process | 1 query p50 (ms) | 32 titles (texts/s) |", "|---|---|---|"]
     for name, row in in_process.items():
         lines.append(f"| {name} | {row['p50_ms']:.2f} | {in_batch[name]['throughput_items']:.0f} |")
+    memory = results.get("memory")
+    if memory:
+        first, middle, last = (memory["samples"][i] for i in (0, len(memory["samples"]) // 2, -1))
+        lines += [
+            "",
+            f"Memory (response cache {memory['response_cache_mb']} MiB): server RSS {first['rss_mb']:.0f} MB at "
+            f"start, {middle['rss_mb']:.0f} MB after {middle['t_s']:.0f} s, {last['rss_mb']:.0f} MB after "
+            f"{last['t_s']:.0f} s and {last['requests']} fresh queries",
+        ]
     return "\n".join(lines)
 
 
