@@ -1,5 +1,6 @@
-"""Issue 17's typed eval set (ecomserve/data/eval/typed.json): that it is well-formed, and NDCG@5 per query type
-(semantic, lexical, filtered) × search mode (dense, lexical, hybrid) on the default MiniLM pipeline's `search`.
+"""Issue 17's typed eval set (ecomserve/data/eval/typed.json): that it is well-formed, NDCG@5 per query type
+(semantic, lexical, filtered) × search mode (dense, lexical, hybrid) on the default MiniLM pipeline's `search`, and
+of `similar` on its similar-item judgments (plain and with DIVERSITY).
 
     pytest tests/test_eval_types.py -k table -s
 
@@ -17,7 +18,14 @@ from rich.console import Console
 from support import client_for, wait_for
 
 from ecomserve.errors import RequestFailed
-from ecomserve.evaluation import QUERY_TYPES, TypedQuery, format_table, load_typed_eval_set, typed_ndcg
+from ecomserve.evaluation import (
+    QUERY_TYPES,
+    TypedQuery,
+    format_table,
+    load_typed_eval_set,
+    ranked_ndcg,
+    typed_ndcg,
+)
 from ecomserve.fusion import fuse_rankings
 from ecomserve.index.catalog import CatalogItem
 from ecomserve.index.filters import parse_filter
@@ -28,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOP_K = 10
 # Hybrid with one lexical weight for every query (words only, or with a number), beside the spec's two.
 ONE_WEIGHT = (1.0, 0.3, 0.1)
+SIMILAR_DIVERSITY = (0.0, 0.3)
 
 
 def catalog_item(product: dict) -> CatalogItem:
@@ -59,6 +68,12 @@ def test_the_typed_eval_set_is_well_formed():
             best = max(query.relevance.values())
             within = [item_id for item_id, item in items.items() if where.matches(item.filter_fields())]
             assert any(query.relevance.get(item_id, 0) < best for item_id in within), f"{query.text!r} is trivial"
+    assert len(eval_set.similar) >= 10
+    for judgment in eval_set.similar:
+        assert judgment.item_ids and set(judgment.item_ids) <= set(items), judgment
+        assert not set(judgment.relevance) & set(judgment.item_ids), f"{judgment.item_ids}: an input is judged"
+        assert set(judgment.relevance) <= set(items) and 2 in judgment.relevance.values(), judgment
+        assert all(grade in (1, 2) for grade in judgment.relevance.values()), judgment
 
 
 PROBE, PROBE_ID = "Sony WH-1000XM4", "d001"  # a typed.json product: tells which catalog the server answers from
@@ -80,6 +95,7 @@ def test_the_typed_ndcg_table(default_server):
         "typed": eval_set.products,
     }
     lists: dict[tuple[str, str], list[tuple[str, float]]] = {}  # (query key, mode) → (id, score) best first
+    similar: dict[str, list[float]] = {f"diversity {d}": [] for d in SIMILAR_DIVERSITY}  # NDCG@5 per judgment
 
     def key(query: TypedQuery) -> str:
         return f"{query.type}|{query.text}|{json.dumps(query.filter, sort_keys=True)}"
@@ -107,6 +123,10 @@ def test_the_typed_ndcg_table(default_server):
                 for mode, top_k in (("dense", fusion.candidates), ("lexical", fusion.candidates), ("hybrid", TOP_K)):
                     found = client.search(query.text, top_k=top_k, filter=query.filter, mode=mode)
                     lists[key(query), mode] = list(zip(found.ids, map(float, found.scores)))
+        for judgment in eval_set.similar:  # the typed catalog is the live one now
+            for diversity in SIMILAR_DIVERSITY:
+                found = client.similar(judgment.item_ids, top_k=TOP_K, diversity=diversity)
+                similar[f"diversity {diversity}"].append(ranked_ndcg(found.ids, judgment.relevance))
 
     def fused(query: TypedQuery, lexical_weight: float) -> list[str]:
         rankings = [lists[key(query), "lexical"], lists[key(query), "dense"]]
@@ -132,6 +152,9 @@ def test_the_typed_ndcg_table(default_server):
         f"{format_table(table, counts)}"
     )
     print(json.dumps(table))
+    similar_ndcg = {name: float(sum(scores) / len(scores)) for name, scores in similar.items()}
+    print(f"similar ({len(eval_set.similar)} judgments), NDCG@5: {json.dumps(similar_ndcg)}")
+    assert similar_ndcg["diversity 0.0"] >= 0.7  # the same kind of product first, for items and histories
     # Issue 17's bar for the default mode: no more than 0.01 lost on semantic queries, a clear win on lexical ones.
     assert spec.search.mode == "hybrid"
     assert table["semantic"]["hybrid"] >= table["semantic"]["dense"] - 0.01

@@ -77,10 +77,19 @@ class TypedQuery:
 
 
 @dataclass(frozen=True)
+class SimilarJudgment:
+    """What a shopper would want shown next to `item_ids` (one item or a history, most recent last)."""
+
+    item_ids: list[str]
+    relevance: dict[str, int]  # product id → grade (never one of item_ids); unlisted products are 0
+
+
+@dataclass(frozen=True)
 class TypedEvalSet:
     semantic: EvalSet  # relevance.json: its queries run over its own 60 products
     products: list[dict]  # the typed queries' catalog: relevance.json's products (id, title, category) + typed.json's
     queries: list[TypedQuery]  # every query, semantic ones first
+    similar: list[SimilarJudgment]  # over the same catalog as the lexical and filtered queries
 
     def of_type(self, query_type: str) -> list[TypedQuery]:
         return [q for q in self.queries if q.type == query_type]
@@ -98,7 +107,10 @@ def load_typed_eval_set() -> TypedEvalSet:
     for q in data["queries"]:
         relevance = {k: int(v) for k, v in q["relevance"].items()}
         queries.append(TypedQuery(q["text"], q["type"], relevance, q.get("filter")))
-    return TypedEvalSet(semantic, base + list(data["products"]), queries)
+    similar = [
+        SimilarJudgment(list(j["item_ids"]), {k: int(v) for k, v in j["relevance"].items()}) for j in data["similar"]
+    ]
+    return TypedEvalSet(semantic, base + list(data["products"]), queries, similar)
 
 
 def ranked_ndcg(ids: Sequence[str], relevance: dict[str, int], k: int = 5) -> float:
