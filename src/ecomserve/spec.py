@@ -30,7 +30,25 @@ class DistillSpec(_Strict):
     epochs: int = Field(3, ge=1, le=50)
     batch_size: int = Field(32, ge=2, le=256)
     learning_rate: float = Field(5e-5, gt=0, le=1e-2)
-    seed: int = 0
+    seed: int = Field(0, description="shuffling, and the generated corpus when corpus_size > 0")
+    corpus_size: int = Field(
+        0,
+        ge=0,
+        le=200_000,
+        description="texts to train on: 0 = the shipped corpus; N = N texts generated from its vocabulary "
+        "(export/distill_corpus.py); held-out eval and parity texts never enter either",
+    )
+    ranking_weight: float = Field(
+        0.0, ge=0, le=100, description="weight of the in-batch ranking term (0: embedding MSE and cosine only)"
+    )
+    ranking_temperature: float = Field(
+        0.05, gt=0, le=1, description="softmax temperature of the in-batch similarities the ranking term compares"
+    )
+    checkpoint_dir: str | None = Field(
+        None,
+        description="folder (relative to the working folder) for per-epoch checkpoints and the teacher's vectors; "
+        "a rerun of the same student, spec and corpus resumes from them",
+    )
 
 
 # Long enough for instruction prompts ("Instruct: Given a product search query, retrieve … \nQuery: ");
@@ -70,6 +88,11 @@ class EncoderSpec(_Strict):
         "(ecomserve.cpu), reduced_range (7-bit weights) where it has not",
     )
     keep_layers: int | None = Field(None, ge=1, description="layer pruning: keep the first N layers")
+    layer_indices: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="layer pruning: keep these layers (0-based, increasing), e.g. [0, 2, 5]; instead of keep_layers",
+    )
     distill: DistillSpec | None = Field(None, description="after pruning, distil from the full model")
     runtime: Literal["onnxruntime", "openvino", "torch"] = Field(
         "onnxruntime",
@@ -82,10 +105,26 @@ class EncoderSpec(_Strict):
         description="query and passage prompts; every encoder of a pipeline must have the same (one text feeds all)",
     )
 
+    @property
+    def pruned(self) -> bool:
+        return self.keep_layers is not None or self.layer_indices is not None
+
+    @field_validator("layer_indices")
+    @classmethod
+    def _increasing_layers(cls, indices: list[int] | None) -> list[int] | None:
+        # Increasing and distinct: a layer order other than the model's own is no pruning the loader should guess at.
+        if indices is not None and (indices[0] < 0 or any(b <= a for a, b in zip(indices, indices[1:]))):
+            raise ValueError("layer_indices must be distinct, non-negative and increasing")
+        return indices
+
     @model_validator(mode="after")
     def _distill_needs_pruning(self) -> EncoderSpec:
-        if self.distill is not None and self.keep_layers is None:
-            raise ValueError("distill needs keep_layers: only a pruned encoder has a full model to learn from")
+        if self.keep_layers is not None and self.layer_indices is not None:
+            raise ValueError("keep_layers and layer_indices both choose the kept layers: set one")
+        if self.distill is not None and not self.pruned:
+            raise ValueError(
+                "distill needs keep_layers or layer_indices: only a pruned encoder has a full model to learn from"
+            )
         if self.optimize and (self.runtime != "onnxruntime" or self.precision != "fp32"):
             raise ValueError("optimize applies to fp32 encoders on runtime onnxruntime only")
         if self.runtime == "torch" and self.precision == "int8":

@@ -109,19 +109,18 @@ class _Reference:
 def _reference(encoder: EncoderSpec, source: Path, tokenizer: TextTokenizer, progress: Progress | None) -> _Reference:
     """The PyTorch model every stage is checked against: pruned and, if asked, distilled."""
     try:
-        model = PooledEncoder(load_encoder(source, encoder.keep_layers), encoder.pooling)
+        model = PooledEncoder(load_encoder(source, encoder.keep_layers, encoder.layer_indices), encoder.pooling)
     except Exception as exc:  # noqa: BLE001 - unreadable weights raise whatever their format's reader raises
         raise ExportError(f"encoders[{encoder.name}]: cannot load {source}: {exc}") from exc
     if encoder.distill is None:
         return _Reference(model, None)
     from ecomserve.export.distill import distill
+    from ecomserve.export.distill_corpus import training_texts
 
     teacher = PooledEncoder(load_encoder(source, None), encoder.pooling)
-    # The parity texts stay out of training, so the checks see text the student never fitted.
-    held_out = set(parity_texts())
-    texts = [t for t in corpus_texts() if t not in held_out]
-    losses = distill(model, teacher, tokenizer, texts, encoder.distill, progress)
-    return _Reference(model, losses)
+    # Parity and eval texts stay out of training: the checks and the quality numbers see text the student never fitted.
+    result = distill(model, teacher, tokenizer, training_texts(encoder.distill), encoder.distill, progress)
+    return _Reference(model, result.losses)
 
 
 def int8_recipe(encoder: EncoderSpec) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -11,16 +12,24 @@ from torch.nn import functional as F
 from transformers import AutoModel
 
 
-def load_encoder(model_dir: Path, keep_layers: int | None) -> nn.Module:
-    """Load an HF encoder for export; `keep_layers` prunes to the first N transformer layers."""
+def load_encoder(model_dir: Path, keep_layers: int | None, layer_indices: Sequence[int] | None = None) -> nn.Module:
+    """Load an HF encoder for export, pruned to its first `keep_layers` layers or to the layers in
+    `layer_indices` (0-based, e.g. [0, 4, 5]: keeping the last layer keeps the output space, the first N do not)."""
     # transformers 5 picks SDPA by default, which the TorchScript ONNX exporter cannot trace.
     model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")
+    layers = model.encoder.layer
+    if keep_layers is not None and layer_indices is not None:
+        raise ValueError("keep_layers and layer_indices both choose the kept layers: pass one")
     if keep_layers is not None:
-        layers = model.encoder.layer
         if keep_layers > len(layers):
             raise ValueError(f"keep_layers={keep_layers} but the model has only {len(layers)} layers")
-        model.encoder.layer = layers[:keep_layers]
-        model.config.num_hidden_layers = keep_layers
+        layer_indices = range(keep_layers)
+    if layer_indices is not None:
+        missing = [i for i in layer_indices if not 0 <= i < len(layers)]
+        if missing:
+            raise ValueError(f"layer_indices {missing} but the model has only {len(layers)} layers")
+        model.encoder.layer = nn.ModuleList(layers[i] for i in layer_indices)
+        model.config.num_hidden_layers = len(model.encoder.layer)
     return model.eval()
 
 
