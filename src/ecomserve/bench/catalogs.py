@@ -1,5 +1,6 @@
 """The synthetic catalogs of `ecomserve bench --workload search`: titles grown from the shipped ones, item ids,
-noisy copies of embedded vectors for scales beyond EMBED_MAX, exact neighbours by brute force, and recall@k."""
+each item's filterable fields and the FILTERs of the filtered rows, noisy copies of embedded vectors for scales
+beyond EMBED_MAX, exact neighbours by brute force (over every item or only the matching ones), and recall@k."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ BRANDS = ("Norvik", "Alderlane", "Quillon", "Brightmoor", "Tessaro", "Kelvra", "
 BRANDS += ("Lumora", "Paxton Goods", "Verdant Co.", "Haldor", "Ziva", "Corvell", "Sunnet", "Marlowe Home")
 BRANDS += ("Trekka", "Ivoria", "Bellhaven", "Rusk & Co.", "Nordley", "Calyx", "Ondine", "Vantor")
 PACKS = (2, 3, 4, 5, 6, 8, 10, 12, 24)
+# Ten categories drawn uniformly and independently of the title: a category filter keeps ~10 % of any query's
+# neighbours, the uncorrelated case of filtered-ANN benchmarks (a correlated filter would be easier for HNSW).
+CATEGORIES = ("Electronics", "Home & Kitchen", "Sports", "Clothing", "Beauty", "Toys", "Garden", "Office")
+CATEGORIES += ("Automotive", "Books")
+PRICE_RANGE = (1.0, 1000.0)  # uniform: a price bound selects its share of the range
+FIELDS_STREAM = 1  # the fields' random stream, apart from the titles' (seed) and the noise's
+# The FILTERs of the filtered rows, by target selectivity under item_fields' distributions: a category and a
+# price range (1/10 × 99/999 ≈ 1 %), one category (10 %), in stock (50 %). Each row reports the actual share.
+BENCH_FILTERS = {
+    "1%": {"category": CATEGORIES[0], "price": {"lt": 100}},
+    "10%": {"category": CATEGORIES[1]},
+    "50%": {"in_stock": True},
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,6 +86,38 @@ def item_ids(n: int) -> list[str]:
     return [f"sku-{row}" for row in range(n)]
 
 
+def item_row(item_id: str) -> int:
+    """The row of an `item_ids` id."""
+    return int(item_id.removeprefix("sku-"))
+
+
+def catalog_titles(titles: Sequence[str], n: int) -> list[str]:
+    """n items' titles: beyond the embedded titles, row r is a noisy copy of row r % len(titles) (expand_vectors)
+    and takes its title, so BM25 and the vectors describe the same item."""
+    return [titles[row % len(titles)] for row in range(n)]
+
+
+def title_brand(title: str) -> str:
+    """The brand _compose put first in a synthetic title."""
+    return next(brand for brand in BRANDS if title.startswith(brand + " "))
+
+
+def item_fields(titles: Sequence[str], seed: int = 0) -> list[dict]:
+    """Each item's filterable catalog fields (what `CatalogItem.filter_fields()` gives the index): the brand of its
+    title, and a category, price and stock flag drawn from a seeded stream. Plain Python values, as a parsed
+    catalog has them (the filter compares kinds: a numpy bool is not a JSON boolean)."""
+    rng = np.random.default_rng([seed, FIELDS_STREAM])
+    n = len(titles)
+    categories = rng.integers(0, len(CATEGORIES), n).tolist()
+    prices = np.round(rng.uniform(*PRICE_RANGE, n), 2).tolist()
+    in_stock = (rng.random(n) < 0.5).tolist()
+    brands = {title: title_brand(title) for title in set(titles)}
+    return [
+        {"category": CATEGORIES[c], "brand": brands[t], "price": p, "in_stock": s}
+        for c, t, p, s in zip(categories, titles, prices, in_stock)
+    ]
+
+
 def expand_vectors(real: np.ndarray, n: int, sigma: float = NOISE_SIGMA, seed: int = 0) -> np.ndarray:
     """n unit vectors: the real ones first, then copies of them (cycling) with gaussian noise, re-normalised."""
     out = np.empty((n, real.shape[1]), np.float32)
@@ -90,18 +136,27 @@ def expand_vectors(real: np.ndarray, n: int, sigma: float = NOISE_SIGMA, seed: i
 # Ground truth and recall
 
 
-def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 100_000) -> np.ndarray:
+def exact_neighbours(
+    vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 100_000, rows: np.ndarray | None = None
+) -> np.ndarray:
     """Rows of the k best inner products per query, best first, by brute force in numpy: an answer that owes
-    nothing to faiss, so faiss exact is checked too. Chunked so 1M rows never make a [queries, 1M] matrix."""
-    k = min(k, len(vectors))
+    nothing to faiss, so faiss exact is checked too. `rows`: only these rows are candidates (the items a filter
+    matches). Chunked so 1M rows never make a [queries, 1M] matrix."""
+    candidates = np.arange(len(vectors)) if rows is None else np.asarray(rows, np.int64)
+    k = min(k, len(candidates))
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
     best_rows = np.empty((len(queries), 0), np.int64)
-    for start in range(0, len(vectors), chunk):
-        scores = queries @ np.asarray(vectors[start : start + chunk], np.float32).T
+    if k == 0:
+        return best_rows
+    for start in range(0, len(candidates), chunk):
+        block = candidates[start : start + chunk]
+        # A plain slice when every row is a candidate: no copy of a memory-mapped or 1.5 GB array.
+        picked = vectors[start : start + chunk] if rows is None else vectors[block]
+        scores = queries @ np.asarray(picked, np.float32).T
         top = min(k, scores.shape[1])
         part = np.argpartition(-scores, top - 1, axis=1)[:, :top]
         best_scores = np.concatenate([best_scores, np.take_along_axis(scores, part, 1)], axis=1)
-        best_rows = np.concatenate([best_rows, part + start], axis=1)
+        best_rows = np.concatenate([best_rows, block[part]], axis=1)
         keep = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
         best_scores, best_rows = np.take_along_axis(best_scores, keep, 1), np.take_along_axis(best_rows, keep, 1)
     return best_rows
