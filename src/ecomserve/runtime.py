@@ -28,13 +28,9 @@ TORCH_FP16_FILE = "model_fp16.pt"
 log = logging.getLogger("ecomserve.runtime")
 
 
-def load_runner(
-    runtime: Runtime, path: Path, threads: int = 1, device: Device = "cpu", spinning: bool = True
-) -> Runner:
-    """`spinning` (ONNX Runtime): idle pool threads busy-wait for the next parallel section (lower latency, but they
-    keep a core busy for a while after each run)."""
+def load_runner(runtime: Runtime, path: Path, threads: int = 1, device: Device = "cpu") -> Runner:
     if runtime == "onnxruntime":
-        return _onnxruntime_runner(path, threads, spinning)
+        return _onnxruntime_runner(path, threads)
     if runtime == "openvino":
         return _openvino_runner(path, threads)
     if runtime == "torch":
@@ -82,14 +78,12 @@ def torch_runner(path: Path, device: str, threads: int = 1) -> Runner:
     return run
 
 
-def _onnxruntime_runner(path: Path, threads: int, spinning: bool = True) -> Runner:
+def _onnxruntime_runner(path: Path, threads: int) -> Runner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
