@@ -305,6 +305,7 @@ class WorkloadName(StrEnum):
     serving = "serving"
     search = "search"
     front = "front"
+    peers = "peers"
     latency = "latency"
 
 
@@ -323,7 +324,7 @@ def bench(
         typer.Option(
             help="serving: the encoders and server; search: the catalog index backends; "
             "front: the front process against straight-to-Triton calls; latency: where one query's time goes, "
-            "per serving setting"
+            "per serving setting; peers: only the embed workloads, served and in-process, against each --peer"
         ),
     ] = WorkloadName.serving,
     scales: Annotated[
@@ -332,9 +333,21 @@ def bench(
     soak: Annotated[
         float, typer.Option(help="latency: seconds of fresh texts with the response cache on, for the server's RSS")
     ] = 120.0,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KIND=VENV, repeat for each: measure a peer (infinity, fastembed) from its own venv in the same "
+            "run (scripts/setup_peers.sh creates them)"
+        ),
+    ] = None,
 ) -> None:
     """PyTorch, the in-process runtime, every compression variant and the served pipeline, in one run
-    (--workload search: faiss exact / HNSW and Milvus Lite on synthetic catalogs)."""
+    (--workload search: faiss exact / HNSW and Milvus Lite on synthetic catalogs; --peer: Infinity and
+    fastembed beside them, --workload peers: only that comparison)."""
+    if peer and workload not in (WorkloadName.serving, WorkloadName.peers):
+        raise typer.BadParameter("peers are measured with --workload serving or peers", param_hint="--peer")
+    if workload == WorkloadName.peers and not peer:
+        raise typer.BadParameter("--workload peers needs at least one --peer KIND=VENV", param_hint="--peer")
     if workload == WorkloadName.front:
         from ecomserve.bench.front import bench_front, front_markdown
 
@@ -359,13 +372,26 @@ def bench(
         console.print(search_markdown(found), highlight=False, soft_wrap=True)
         return
     with export_extra("ecomserve bench (PyTorch is its baseline)", alternative=""):
+        from ecomserve.bench.peers import PeerError, parse_peers
         from ecomserve.bench.run import BenchOptions, run_bench
         from ecomserve.bench.variants import VARIANTS
 
     unknown = sorted(set(variant or []) - set(VARIANTS))
     if unknown:
         raise typer.BadParameter(f"unknown variants {unknown}; known: {list(VARIANTS)}", param_hint="--variant")
-    options = BenchOptions(spec=load_spec(spec), spec_dir=spec.parent, out_dir=out, duration_s=duration, tune=tune)
+    try:
+        peers = parse_peers(peer or [])
+    except PeerError as error:
+        raise typer.BadParameter(str(error), param_hint="--peer") from None
+    options = BenchOptions(
+        spec=load_spec(spec),
+        spec_dir=spec.parent,
+        out_dir=out,
+        duration_s=duration,
+        tune=tune,
+        peers=peers,
+        peers_only=workload == WorkloadName.peers,
+    )
     if concurrency:
         options.concurrency = concurrency
     if variant:

@@ -3,12 +3,16 @@
 1. variants of the spec's first encoder, built by the export pipeline and measured in-process;
 2. PyTorch eager as sentence-transformers users run it (one query at a time, batches of 32);
 3. the served variant in-process, through the same runner the server uses;
-4. the served pipeline over gRPC and HTTP at several concurrencies.
+4. the served pipeline over gRPC and HTTP at several concurrencies;
+5. with `--peer KIND=VENV` (issue 18): Infinity and fastembed from their own venvs, beside the served pipeline
+   and the in-process runtime, on texts no request carried before (`--workload peers`: only this stage).
 The server runs on this machine too, so its numbers include sharing the CPU with the load generator."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,11 +22,14 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ecomserve.bench import peers as peer_lib
 from ecomserve.bench import variants as variant_lib
 from ecomserve.bench.load import Measurement, measure
 from ecomserve.bench.report import write_report
+from ecomserve.bench.texts import UniqueTexts
+from ecomserve.cpu import cpu_description
 from ecomserve.evaluation import load_eval_set, mean_ndcg
-from ecomserve.paths import corpus_texts
+from ecomserve.paths import corpus_texts, parity_texts
 from ecomserve.repository.builder import build_repository
 from ecomserve.runtime import MODEL_FILES, load_runner, run_by_length
 from ecomserve.spec import PipelineSpec, resolve_source
@@ -36,6 +43,10 @@ TUNING = [
     {"layout": "ensemble", "instances": 2, "intra_op_threads": 1},
     {"layout": "fused", "instances": 2, "intra_op_threads": 1, "max_queue_delay_us": 2000},
 ]
+# The peers comparison (issue 18): embed workloads only, at these client counts, on unique texts.
+PEER_WORKLOADS = {"query embed": 1, "batch embed 32": 32}
+PEER_POINTS = {"query embed": (1, 16), "batch embed 32": (1, 4)}
+PEER_PARITY_TEXTS = 16
 
 
 @dataclass
@@ -49,6 +60,9 @@ class BenchOptions:
     protocols: list[str] = field(default_factory=lambda: ["grpc", "http"])
     variants: list[str] = field(default_factory=lambda: list(variant_lib.VARIANTS))
     tune: bool = True
+    peers: list[peer_lib.Peer] = field(default_factory=list)
+    # `--workload peers`: only the peers stage (no variants, no PyTorch rows, no tuning, no rank workload).
+    peers_only: bool = False
 
 
 def _texts(tokenizer: TextTokenizer):
@@ -149,21 +163,55 @@ def server_rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in [server, *server.children()]) / 2**20
 
 
-def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
+def _reference(source: Path):
+    """fp32 PyTorch through sentence-transformers, as its users run it: texts → normalised vectors."""
     import torch
     from sentence_transformers import SentenceTransformer
 
-    console = console or Console(stderr=True)
-    spec = options.spec
-    base = spec.encoders[0]
-    source = resolve_source(base.source, options.spec_dir)
-    tokenizer = TextTokenizer(source / TOKENIZER_FILE, base.max_seq_len)
-    work = _texts(tokenizer)
     torch.set_num_threads(2)
     reference_model = SentenceTransformer(str(source), device="cpu")
 
     def reference(texts: list[str]) -> np.ndarray:
         return reference_model.encode(texts, batch_size=32, normalize_embeddings=True)
+
+    return reference
+
+
+def _bench_repository(options: BenchOptions, console: Console) -> tuple[Path, Path]:
+    """The served repository (response cache off) and the served encoder's model file in it."""
+    spec = options.spec
+    served_dir = options.work_dir / "repository"
+    # The response cache would answer repeated texts without running the model: off for the benchmark.
+    bench_spec = spec.model_copy(update={"serving": spec.serving.model_copy(update={"response_cache": False})})
+    build_repository(bench_spec, served_dir, options.spec_dir, console)
+    return served_dir, _served_model_file(served_dir, spec.encoders[0], spec)
+
+
+def _runner_embedders(encoder, runner_path: Path, tokenizer: TextTokenizer) -> dict[str, object]:
+    """contender name → embed(texts) through the served model file, in-process, on 1 and 2 threads."""
+    embedders = {}
+    # INT8 kernels scale differently with threads than fp32 ones: both are measured, the better one counts.
+    for threads in (1, 2):
+        runner = load_runner(encoder.runtime, runner_path, threads=threads)
+
+        def in_process_embed(texts: list[str], runner=runner) -> np.ndarray:
+            batch = tokenizer.encode(texts)
+            return run_by_length(runner, batch.input_ids, batch.attention_mask)
+
+        embedders[f"({threads} thread{'s' if threads > 1 else ''})"] = in_process_embed
+    return embedders
+
+
+def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    if options.peers_only:
+        return run_peer_bench(options, console)
+    spec = options.spec
+    base = spec.encoders[0]
+    source = resolve_source(base.source, options.spec_dir)
+    tokenizer = TextTokenizer(source / TOKENIZER_FILE, base.max_seq_len)
+    work = _texts(tokenizer)
+    reference = _reference(source)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     results: dict = {
@@ -189,42 +237,215 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
         measurements += _in_process("pytorch eager", reference, work, options.duration_s)
         progress.advance(task)
         served_encoder = spec.encoders[0]
-        served_dir = options.work_dir / "repository"
-        # The response cache would answer repeated texts without running the model: off for the benchmark.
-        bench_spec = spec.model_copy(update={"serving": spec.serving.model_copy(update={"response_cache": False})})
-        build_repository(bench_spec, served_dir, options.spec_dir, console)
-        runner_path = _served_model_file(served_dir, served_encoder, spec)
-        # INT8 kernels scale differently with threads than fp32 ones: both are measured, the better one counts.
-        for threads in (1, 2):
-            runner = load_runner(served_encoder.runtime, runner_path, threads=threads)
-
-            def in_process_embed(texts: list[str], runner=runner) -> np.ndarray:
-                batch = tokenizer.encode(texts)
-                return run_by_length(runner, batch.input_ids, batch.attention_mask)
-
-            contender = f"in-process served variant ({threads} thread{'s' if threads > 1 else ''})"
-            measurements += _in_process(contender, in_process_embed, work, options.duration_s)
+        served_dir, runner_path = _bench_repository(options, console)
+        embedders = _runner_embedders(served_encoder, runner_path, tokenizer)
+        for suffix, in_process_embed in embedders.items():
+            measurements += _in_process(
+                f"in-process served variant {suffix}", in_process_embed, work, options.duration_s
+            )
         progress.advance(task)
 
         points = [(p, c) for p in options.protocols for c in options.concurrency]
         task = progress.add_task("served", total=len(points))
         server = start_bench_server(served_dir, options.work_dir)
+        peer_rows: list[dict] = []
         try:
             for protocol, concurrency in points:
                 progress.update(task, description=f"served {protocol} c={concurrency}")
                 measurements += _served(server, protocol, concurrency, work, options.duration_s)
                 progress.advance(task)
             results["server_rss_mb"] = server_rss_mb(server.pid)
+            if options.peers:
+                peer_rows, results["peers"] = peer_stage(
+                    options, server, embedders, runner_path, tokenizer, source, reference, progress
+                )
         finally:
             server.stop()
         results["tuning"] = tune(options, work, console, progress) if options.tune else []
-    results["measurements"] = [m.row() for m in measurements]
+    results["measurements"] = [m.row() for m in measurements] + peer_rows
     results["served_variant"] = _served_variant_name(served_encoder)
-    results["checks"] = done_checks(results)
+    results["checks"] = done_checks(results) | (peer_checks(peer_rows, results["peers"]) if options.peers else {})
     options.out_dir.mkdir(parents=True, exist_ok=True)
     (options.out_dir / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, options.out_dir)
     return results
+
+
+def run_peer_bench(options: BenchOptions, console: Console) -> dict:
+    """`--workload peers`: the served pipeline, the in-process runtime and the peers, embed workloads only."""
+    spec = options.spec
+    base = spec.encoders[0]
+    source = resolve_source(base.source, options.spec_dir)
+    tokenizer = TextTokenizer(source / TOKENIZER_FILE, base.max_seq_len)
+    reference = _reference(source)
+    results: dict = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": cpu_description(),
+        "load_average_before": list(os.getloadavg()),
+        "spec": spec.model_dump(),
+        "variants": [],
+        "tuning": [],
+    }
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        served_dir, runner_path = _bench_repository(options, console)
+        embedders = _runner_embedders(base, runner_path, tokenizer)
+        server = start_bench_server(served_dir, options.work_dir)
+        try:
+            rows, results["peers"] = peer_stage(
+                options, server, embedders, runner_path, tokenizer, source, reference, progress
+            )
+            results["server_rss_mb"] = server_rss_mb(server.pid)
+        finally:
+            server.stop()
+    results["load_average_after"] = list(os.getloadavg())
+    results["measurements"] = rows
+    results["served_variant"] = _served_variant_name(base)
+    results["checks"] = peer_checks(rows, results["peers"])
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    (options.out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, options.out_dir)
+    return results
+
+
+def _unique_calls(embed, texts: UniqueTexts) -> dict:
+    """workload → call(i) that sends texts no request carried before (i is ignored)."""
+    return {
+        "query embed": lambda _i: embed([texts.next_query()]),
+        "batch embed 32": lambda _i: embed(texts.next_titles(PEER_WORKLOADS["batch embed 32"])),
+    }
+
+
+def _peer_points(contender: str, protocol: str, make_embed, texts: UniqueTexts, duration_s: float) -> list[dict]:
+    """Every PEER_POINTS point; `make_embed(worker)` gives that worker's own embed (own connection)."""
+    rows = []
+    for name, clients in PEER_POINTS.items():
+        for concurrency in clients if protocol != "in-process" else (1,):
+
+            def make_call(w: int, name=name):
+                return _unique_calls(make_embed(w), texts)[name]
+
+            measured = measure(contender, name, protocol, concurrency, make_call, PEER_WORKLOADS[name], duration_s)
+            rows.append(measured.row() | {"texts": "unique"})
+    return rows
+
+
+def peer_stage(options: BenchOptions, server, embedders, runner_path, tokenizer, source, reference, progress):
+    """The served pipeline (gRPC, HTTP), the in-process runtime and each peer on the same unique texts;
+    returns the measurement rows and what each peer ran (engine, files, versions, parity)."""
+    from ecomserve.client import EcomClient
+
+    texts = UniqueTexts(tokenizer)
+    duration = options.duration_s
+    checks_texts = parity_texts()[:PEER_PARITY_TEXTS]
+    rows: list[dict] = []
+    info: dict = {"unique_texts": True, "points": {k: list(v) for k, v in PEER_POINTS.items()}}
+    task = progress.add_task("peers stage", total=len(options.protocols) + 1 + len(options.peers))
+    for protocol in options.protocols:
+        progress.update(task, description=f"ecomserve served {protocol}")
+        url = server.http_url if protocol == "http" else server.grpc_url
+        clients: list = []
+
+        def client_embed(_w: int, url=url, protocol=protocol, clients=clients):
+            clients.append(EcomClient(url, protocol))
+            return clients[-1].embed
+
+        try:
+            rows += _peer_points("ecomserve served", protocol, client_embed, texts, duration)
+        finally:
+            for client in clients:
+                client.close()
+        progress.advance(task)
+    progress.update(task, description="ecomserve in-process")
+    for suffix, embed in embedders.items():
+        rows += _peer_points(f"ecomserve in-process {suffix}", "in-process", lambda _w, e=embed: e, texts, duration)
+    progress.advance(task)
+    # ecomserve's own served model against PyTorch fp32 on the parity texts: the bar an INT8 peer must meet.
+    served = peer_lib.parity(embedders["(1 thread)"](checks_texts), reference(checks_texts), "pytorch fp32")
+    info["ecomserve_served_parity"] = served
+    peers_dir = options.work_dir / "peers"
+    for peer in options.peers:
+        progress.update(task, description=f"peer {peer.kind}")
+        if peer.kind == "infinity":
+            found, info[peer.kind] = _infinity(
+                peer, peers_dir / "infinity", source, texts, checks_texts, reference, duration, served["min_cosine"]
+            )
+        else:
+            same_file = embedders["(2 threads)"]
+            found, info[peer.kind] = _fastembed(
+                peer, peers_dir / "fastembed", runner_path, source, texts, checks_texts, same_file, duration
+            )
+        rows += found
+        progress.advance(task)
+    return rows, info
+
+
+def _infinity(peer, work_dir: Path, source: Path, texts: UniqueTexts, checks_texts, reference, duration, served_min):
+    """Each Infinity configuration in turn: start, check parity, measure, stop. One that fails is recorded
+    with its error, and the others still run."""
+    from ecomserve.server.process import free_port
+
+    folders = peer_lib.prepare_infinity_folders(peer, source, work_dir / "onnx")
+    info: dict = {
+        "how": "served over HTTP (OpenAI-style /embeddings), a child process on 127.0.0.1",
+        "versions": peer_lib.peer_versions(peer),
+        "engines": {},
+    }
+    rows: list[dict] = []
+    for config, (_engine, folder_name) in peer_lib.INFINITY_CONFIGS.items():
+        hf_home = work_dir / f"hf_home-{config.replace(' ', '_')}"
+        shutil.rmtree(hf_home, ignore_errors=True)  # no optimised graph of an earlier run is reused
+        folder = folders[folder_name] if folder_name else None
+        launch = peer_lib.infinity_launch(peer, config, free_port(), folder, source, hf_home)
+        record: dict = {"command": launch.command, "cwd": str(launch.cwd)}
+        if folder is not None:
+            record["model_file"] = str(next(folder.glob("*.onnx")))
+        server = peer_lib.InfinityServer(launch, work_dir / f"infinity-{config.replace(' ', '_')}.log")
+        try:
+            with server:
+                probe = peer_lib.infinity_embedder(launch.port)
+                vectors = probe(checks_texts)
+                record["parity"] = peer_lib.parity(vectors, reference(checks_texts), "pytorch fp32", served_min)
+                probe.close()
+                contender = f"infinity {config}"
+                rows += _peer_points(
+                    contender, "http", lambda _w, port=launch.port: peer_lib.infinity_embedder(port), texts, duration
+                )
+                record["rss_mb"] = server.rss_mb
+                record["contender"] = contender
+        except Exception as error:  # noqa: BLE001 - one configuration failing leaves the others measured
+            record["error"] = f"{type(error).__name__}: {error}"[:2000]
+        # Infinity logs and carries on when its own graph optimisation fails (optimum 2.x): say so.
+        record["own_optimization_failed"] = "Optimization failed" in server.log_text()
+        info["engines"][config] = record
+    return rows, info
+
+
+def _fastembed(peer, work_dir: Path, runner_path: Path, source, texts: UniqueTexts, checks_texts, same_file, duration):
+    """fastembed in its own interpreter on the served ONNX file, on the next unique texts."""
+    folder = peer_lib.prepare_fastembed_folder(runner_path, source, work_dir / "model")
+    threads = (1, 2)
+    needed = peer_lib.fastembed_texts_needed(duration, len(threads))
+    request = peer_lib.fastembed_request(
+        folder,
+        "int8",
+        texts.take_queries(needed),
+        texts.take_titles(needed),
+        checks_texts,
+        duration,
+        threads,
+    )
+    result = peer_lib.run_fastembed(peer, request, work_dir)
+    vectors = np.array(result["parity_vectors"], dtype=np.float32)
+    info = {
+        "how": "in-process in its own interpreter (no serving cost): compare with ecomserve in-process",
+        "versions": result["versions"],
+        "model_file": str(runner_path),
+        "pooling": request["pooling"],
+        "exhausted": result["exhausted"],
+        "parity": peer_lib.parity(vectors, same_file(checks_texts), "ecomserve in-process, same ONNX file"),
+    }
+    return [row | {"texts": "unique"} for row in result["measurements"]], info
 
 
 def _served_model_file(repository: Path, encoder, spec: PipelineSpec) -> Path:
@@ -273,3 +494,64 @@ def done_checks(results: dict) -> dict:
         "served_variant_ndcg5": served.get("ndcg5"),
         "pytorch_fp32_ndcg5": results["reference_ndcg5"],
     }
+
+
+def _best(rows: list[dict], workload: str, concurrency: int, prefix: str, protocol: str | None = None) -> dict | None:
+    found = [
+        r
+        for r in rows
+        if r["workload"] == workload
+        and r["contender"].startswith(prefix)
+        and r["concurrency"] == concurrency
+        and (protocol is None or r["protocol"] == protocol)
+        and r["requests"]
+    ]
+    return max(found, key=lambda r: r["throughput_items"], default=None)
+
+
+PEER_MAIN_POINT = {"query embed": ("query", 16), "batch embed 32": ("batch32", 4)}
+
+
+def _failed_parity(info: dict) -> set[str]:
+    """Contenders whose vectors are not the same model's (parity not ok): left out of the ratios."""
+    engines = info.get("infinity", {}).get("engines", {})
+    return {f"infinity {c}" for c, r in engines.items() if not r.get("parity", {}).get("ok", False)}
+
+
+def peer_checks(rows: list[dict], info: dict) -> dict:
+    """ecomserve ÷ each peer, per embed workload: served gRPC and HTTP texts/s at the workload's main client
+    count (16 queries, 4 title batches) over the peer's at the same count (Infinity's best engine) or its
+    in-process figure (fastembed, one caller; set beside ecomserve's in-process too); and at 1 client the
+    p50 ratio (ecomserve ÷ peer: below 1 is faster). Plus each peer's parity cosine. A configuration that
+    failed its parity check is left out."""
+    checks: dict = {}
+    failed = _failed_parity(info)
+    rows = [r for r in rows if r["contender"] not in failed]
+    for workload, (short, clients) in PEER_MAIN_POINT.items():
+        for peer in ("infinity", "fastembed"):
+            if peer not in info:
+                continue
+            main_clients = clients if peer == "infinity" else 1
+            theirs, theirs_c1 = _best(rows, workload, main_clients, peer), _best(rows, workload, 1, peer)
+            if theirs is None:
+                continue
+            for protocol in ("grpc", "http"):
+                ours = _best(rows, workload, clients, "ecomserve served", protocol)
+                ours_c1 = _best(rows, workload, 1, "ecomserve served", protocol)
+                if ours is not None:
+                    checks[f"{short}_c{clients}_{protocol}_vs_{peer}"] = (
+                        ours["throughput_items"] / theirs["throughput_items"]
+                    )
+                if ours_c1 is not None and theirs_c1 is not None:
+                    checks[f"{short}_c1_p50_{protocol}_vs_{peer}"] = ours_c1["p50_ms"] / theirs_c1["p50_ms"]
+            if peer == "fastembed":
+                ours = _best(rows, workload, 1, "ecomserve in-process")
+                if ours is not None:
+                    checks[f"{short}_in_process_vs_fastembed"] = ours["throughput_items"] / theirs["throughput_items"]
+    if "infinity" in info:
+        for engine, record in info["infinity"]["engines"].items():
+            if "parity" in record:
+                checks[f"infinity_{engine}_parity_min_cosine"] = record["parity"]["min_cosine"]
+    if "fastembed" in info:
+        checks["fastembed_parity_min_cosine"] = info["fastembed"]["parity"]["min_cosine"]
+    return checks
