@@ -116,42 +116,34 @@ class MilvusIndex:
             raise VectorIndexError(f"k={k}: Milvus returns at most {MILVUS_MAX_TOPK} results per query")
         if not len(queries):
             return []
-        if where is not None and not self._filterable:
-            raise VectorIndexError(self._no_fields())
-        results = self._call(
-            "search",
-            self.collection,
-            data=list(queries),
-            anns_field="vector",  # a collection with BM25 has two vector fields
-            limit=k,
-            output_fields=[],
-            search_params={"metric_type": "IP"},
-            consistency_level=self.consistency,
-            # Milvus's own filtered search over the JSON field: min(k, matching) hits.
-            **({"filter": where.milvus_expression(FIELDS)} if where is not None else {}),
-        )
-        return [[(str(hit["id"]), float(hit["distance"])) for hit in hits] for hits in results]
+        return [
+            [(str(hit["id"]), float(hit["distance"])) for hit in hits]
+            for hits in self._search(list(queries), "vector", "IP", k, where)
+        ]
 
     def lexical_search(self, query: str, k: int, where: ItemFilter | None = None) -> list[tuple[str, float]]:
         """LexicalRetriever.search by Milvus's BM25 over the items' tokens; FILTER as in `search`."""
         text = tokens_text(query)
         if not text:
             return []
+        (hits,) = self._search([text], LEXICAL_BM25, "BM25", min(k, MILVUS_MAX_TOPK), where)
+        return [(str(hit["id"]), float(hit["distance"])) for hit in hits if hit["distance"] > 0]
+
+    def _search(self, data: list, field: str, metric: str, k: int, where: ItemFilter | None) -> list:
         if where is not None and not self._filterable:
             raise VectorIndexError(self._no_fields())
-        results = self._call(
+        return self._call(
             "search",
             self.collection,
-            data=[text],
-            anns_field=LEXICAL_BM25,
-            limit=min(k, MILVUS_MAX_TOPK),
+            data=data,
+            anns_field=field,  # a collection with BM25 has two vector fields
+            limit=k,
             output_fields=[],
-            search_params={"metric_type": "BM25"},
+            search_params={"metric_type": metric},
             consistency_level=self.consistency,
+            # Milvus's own filtered search over the JSON field: min(k, matching) hits.
             **({"filter": where.milvus_expression(FIELDS)} if where is not None else {}),
         )
-        hits = [(str(hit["id"]), float(hit["distance"])) for hit in results[0]]
-        return [hit for hit in hits if hit[1] > 0]
 
     def __len__(self) -> int:
         rows = self._call(
