@@ -60,6 +60,11 @@ class ProtocolName(StrEnum):
 
 
 ProtocolOption = Annotated[ProtocolName, typer.Option("--protocol", help="KServe v2 over HTTP or gRPC")]
+# search and similar
+TopKOption = Annotated[int | None, typer.Option("--top-k", help="items to return (default: search.top_k)")]
+FilterOption = Annotated[
+    str | None, typer.Option("--filter", help="""a JSON object over catalog fields, e.g. '{"in_stock": true}'""")
+]
 
 
 class TargetName(StrEnum):
@@ -440,11 +445,8 @@ def query_rank(
 @query_app.command("search")
 def query_search(
     query: str,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="items to return (default: search.top_k)")] = None,
-    filter_json: Annotated[
-        str | None,
-        typer.Option("--filter", help="""a JSON object over catalog fields, e.g. '{"brand": "ASICS"}'"""),
-    ] = None,
+    top_k: TopKOption = None,
+    filter_json: FilterOption = None,
     mode: Annotated[
         str | None, typer.Option("--mode", help="hybrid | dense | lexical (default: the spec's search.mode)")
     ] = None,
@@ -460,11 +462,8 @@ def query_search(
 @query_app.command("similar")
 def query_similar(
     ids: Annotated[list[str], typer.Argument(help="item ids: one item, or a shopper's recent items, most recent last")],
-    top_k: Annotated[int | None, typer.Option("--top-k", help="items to return (default: search.top_k)")] = None,
-    filter_json: Annotated[
-        str | None,
-        typer.Option("--filter", help="""a JSON object over catalog fields, e.g. '{"in_stock": true}'"""),
-    ] = None,
+    top_k: TopKOption = None,
+    filter_json: FilterOption = None,
     diversity: Annotated[
         float | None,
         typer.Option("--diversity", help="0 (by similarity only) to 1 (MMR; default: the spec's search.diversity)"),

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ecomserve.spec import SearchFusionSpec
+
 
 @dataclass(frozen=True)
 class EncoderSlice:
@@ -101,3 +103,17 @@ def fuse_rankings(
             raise ValueError(f"unknown fusion mode {mode!r}")
     order = sorted(fused, key=lambda item: -fused[item])  # stable: first appearance breaks ties
     return [(item, fused[item]) for item in order]
+
+
+def fuse_hybrid(
+    query: str,
+    lexical: list[tuple[str, float]],
+    dense: list[tuple[str, float]],
+    fusion: SearchFusionSpec,
+    top_k: int,
+) -> list[tuple[str, float]]:
+    """`search`'s hybrid mode: the BM25 and dense lists fused, BM25 weighted by the query (a digit in it or not).
+    Lexical first: an exact tie (an item only one list has, at the same rank as another only the other list has)
+    goes to the item whose words match the query, such as a model number the encoder cannot tell apart."""
+    weights = [fusion.lexical_weight_for(query), 1.0]
+    return fuse_rankings([lexical, dense], weights, fusion.mode, fusion.rrf_k)[:top_k]

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 
 from ecomserve.bench.catalogs import BENCH_FILTERS, K, exact_neighbours, item_row, recall_at_k
-from ecomserve.fusion import fuse_rankings
+from ecomserve.fusion import fuse_hybrid
 from ecomserve.index.filters import ItemFilter, parse_filter
 from ecomserve.index.lexical import LexicalIndex
 from ecomserve.index.vector_index import VectorIndex
@@ -110,7 +110,7 @@ def build_lexical(ids: Sequence[str], titles: Sequence[str], fields: Sequence[di
 
 def lexical_call(lexical: LexicalIndex, texts: Sequence[str]) -> Callable[[int], object]:
     """The `search` model's lexical mode, unfiltered: tokenising and scoring the query is in the call."""
-    return lambda i: lexical.search(texts[i % len(texts)], K, lexical.allowed_rows(None))
+    return lambda i: lexical.search(texts[i % len(texts)], K)
 
 
 def hybrid_call(
@@ -118,15 +118,14 @@ def hybrid_call(
 ) -> Callable[[int], object]:
     """The `search` model's hybrid mode (serving_models/search.py `_search`), unfiltered, with the query vector
     precomputed as the dense rows have it: each retriever's top max(K, candidates), the lexical list first,
-    fused by fuse_rankings with weights [the query's lexical weight, 1]. (The model's check that each id still has
+    fused by fusion.fuse_hybrid. (The model's check that each id still has
     a title is left out: every id here has one.)"""
     wanted = max(K, fusion.candidates)
 
     def call(i: int) -> list[tuple[str, float]]:
         text = texts[i % len(texts)]
-        lexical_hits = lexical.search(text, wanted, lexical.allowed_rows(None))
+        lexical_hits = lexical.search(text, wanted)
         dense_hits = index.search(vectors[i % len(vectors)][None, :], wanted)[0]
-        weights = [fusion.lexical_weight_for(text), 1.0]
-        return fuse_rankings([lexical_hits, dense_hits], weights, fusion.mode, fusion.rrf_k)[:K]
+        return fuse_hybrid(text, lexical_hits, dense_hits, fusion, K)
 
     return call

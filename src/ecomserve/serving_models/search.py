@@ -45,7 +45,7 @@ from ecomserve.contract import (
     tokenizer_model,
 )
 from ecomserve.errors import InvalidInput
-from ecomserve.fusion import fuse_embeddings, fuse_rankings, query_scores
+from ecomserve.fusion import fuse_embeddings, fuse_hybrid, query_scores
 from ecomserve.index.catalog import read_manifest
 from ecomserve.index.filters import ItemFilter
 from ecomserve.index.lexical import LexicalRetriever
@@ -178,10 +178,7 @@ class TritonPythonModel:
             return [item for item, _ in lexical], [score for _, score in lexical]
         (vector,) = await self._embed(with_prompt(self.prompts, QUERY_PROMPT, [query]))
         dense = [hit for hit in self.index.search(vector[None, :], wanted, where)[0] if hit[0] in self.titles]
-        # Lexical first: an exact tie (an item only one list has, at the same rank as another only the other list has)
-        # goes to the item whose words match the query, such as a model number the encoder cannot tell apart.
-        weights = [fusion.lexical_weight_for(query), 1.0]
-        fused = fuse_rankings([lexical, dense], weights, fusion.mode, fusion.rrf_k)[:top_k]
+        fused = fuse_hybrid(query, lexical, dense, fusion, top_k)
         return [item for item, _ in fused], [score for _, score in fused]
 
     async def _dense(self, query: str, top_k: int, where: ItemFilter | None) -> tuple[list[str], list[float]]:
