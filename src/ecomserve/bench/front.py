@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from ecomserve.bench.load import measure
+from ecomserve.bench.load import grpc_embed, measure
 from ecomserve.bench.report import plt, write_csv
 from ecomserve.contract import EMBED, TEXT
 from ecomserve.cpu import cpu_description
@@ -64,16 +64,8 @@ def _http_call(connect, path: str = "/v2/models/embed/infer", body=_kserve_body)
 
 
 def _grpc_call(url: str):
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-
-    def call(text: str) -> None:
-        tensor = grpcclient.InferInput(TEXT, [1, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
-        client.infer(EMBED, [tensor])
-
-    return call
+    call = grpc_embed(url, EMBED)
+    return lambda text: call([text])
 
 
 def _route_call(server, protocol: str, route: str):

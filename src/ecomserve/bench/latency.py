@@ -30,9 +30,9 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ecomserve.bench.load import measure
+from ecomserve.bench.load import grpc_embed, measure
 from ecomserve.bench.report import plt, write_csv
-from ecomserve.contract import EMBED, EMBEDDER, TEXT
+from ecomserve.contract import EMBED, EMBEDDER
 from ecomserve.cpu import cpu_description
 from ecomserve.paths import corpus_texts
 from ecomserve.repository.builder import BUILD_INFO, build_repository, plan, write_configs
@@ -89,19 +89,6 @@ class FreshTexts:
         return [self.query(i * BATCH + j) for j in range(BATCH)]
 
 
-def _grpc_embed(url: str, model: str) -> Callable[[list[str]], object]:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-
-    def call(texts: list[str]) -> object:
-        tensor = grpcclient.InferInput(TEXT, [len(texts), 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
-        return client.infer(model, [tensor])
-
-    return call
-
-
 def triton_phases(url: str, model: str) -> dict[str, int]:
     """Cumulative success count and nanoseconds per phase of `model`'s newest version, from Triton's statistics."""
     import tritonclient.grpc as grpcclient
@@ -140,7 +127,7 @@ def _served_rows(server, name: str, texts: FreshTexts, duration_s: float) -> tup
     for route, url, model, clients, size in points:
 
         def make_call(_worker: int, url=url, model=model, size=size) -> Callable[[int], object]:
-            call = _grpc_embed(url, model)
+            call = grpc_embed(url, model)
             return lambda i: call([texts.query(i)] if size == 1 else texts.titles(i))
 
         watched = route == "direct embedder"
@@ -193,7 +180,7 @@ def memory_soak(server, texts: FreshTexts, soak_s: float) -> list[dict]:
             samples.append({"t_s": elapsed, "rss_mb": served_rss_mb(server), "requests": sum(answered)})
 
     def make_call(worker: int) -> Callable[[int], object]:
-        call = _grpc_embed(server.grpc_url, EMBED)
+        call = grpc_embed(server.grpc_url, EMBED)
 
         def send(i: int) -> None:
             call([texts.query(i)])

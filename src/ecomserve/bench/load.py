@@ -90,3 +90,19 @@ def measure(
         float(p99),
         sum(errors),
     )
+
+
+def grpc_embed(url: str, model: str) -> Callable[[list[str]], object]:
+    """One tritonclient gRPC connection's call: texts → `model`'s answer (TEXT as BYTES [n, 1])."""
+    import tritonclient.grpc as grpcclient
+
+    from ecomserve.contract import TEXT
+
+    client = grpcclient.InferenceServerClient(url)
+
+    def call(texts: list[str]) -> object:
+        tensor = grpcclient.InferInput(TEXT, [len(texts), 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
+        return client.infer(model, [tensor])
+
+    return call
