@@ -3,6 +3,7 @@ Each model reads its parameters with its dataclass in ecomserve.parameters."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -38,6 +39,24 @@ def bytes_array(values: list[str]) -> np.ndarray:
 
 # Triton's own words when a bounded queue refuses a request (queue full, or waited too long).
 _OVERLOAD = re.compile(r"Exceeds maximum queue size|Request timeout expired")
+
+
+# The python backend checks a BLS target's readiness before each call. When a publish or rollback
+# moves `embed`, the version Triton picks as the latest can start unloading between that pick and the
+# check: the call fails at once, while the next try reaches the version taking over.
+_SWITCHING_VERSION = re.compile(r"Model '[^']+' is not ready\.")
+BLS_ATTEMPTS, BLS_BACKOFF_S = 5, 0.02
+
+
+async def exec_bls(make_request):
+    """Run a BLS request (built anew for each try) through a version switch: a `not ready` answer is
+    retried a few times, 20 ms apart and growing; any other answer, or the last try's, is returned."""
+    for attempt in range(1, BLS_ATTEMPTS):
+        response = await make_request().async_exec()
+        if not (response.has_error() and _SWITCHING_VERSION.search(response.error().message())):
+            return response
+        await asyncio.sleep(BLS_BACKOFF_S * attempt)
+    return await make_request().async_exec()
 
 
 class UpstreamError(Exception):

@@ -5,6 +5,7 @@ Both go through the public `embed` ensemble, so they share its batching, cache a
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -16,6 +17,7 @@ from ecomserve.prompts import PASSAGE_PROMPT, QUERY_PROMPT, with_prompt
 from ecomserve.serving_models.base import (
     UpstreamError,
     bytes_array,
+    exec_bls,
     input_array,
     model_config,
     output,
@@ -62,7 +64,7 @@ class _HeadModel:
 
     async def _embed(self, texts: list[str]) -> np.ndarray:
         chunks = [texts[i : i + self.chunk] for i in range(0, len(texts), self.chunk)]
-        responses = await asyncio.gather(*(self._embed_request(chunk).async_exec() for chunk in chunks))
+        responses = await asyncio.gather(*(exec_bls(partial(self._embed_request, chunk)) for chunk in chunks))
         parts = []
         for response in responses:
             if response.has_error():
