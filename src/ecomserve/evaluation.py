@@ -65,6 +65,14 @@ def mean_ndcg(eval_set: EvalSet, score: Callable[[str, list[str]], Sequence[floa
     return float(np.mean(values))
 
 
+def classify_accuracy(eval_set: EvalSet, embed: Callable[[list[str]], np.ndarray]) -> float:
+    """Share of the products whose title is nearest its own category name among all of them, as `classify`
+    labels a text with one encoder (issue 18's second quality bound, beside NDCG@5)."""
+    labels, titles = embed(eval_set.category_names), embed(eval_set.titles)
+    picked = np.argmax(titles @ labels.T, axis=1)
+    return float(np.mean([eval_set.category_names[i] == c for i, c in zip(picked, eval_set.categories)]))
+
+
 QUERY_TYPES = ("semantic", "lexical", "filtered")
 
 

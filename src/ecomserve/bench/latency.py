@@ -44,8 +44,7 @@ from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 SETTINGS: dict[str, dict] = {
     "spec": {},
     "no batching delay": {"max_queue_delay_us": 0},
-    "idle threads 2": {"idle_threads": 2},
-    "no delay + idle threads 2": {"max_queue_delay_us": 0, "idle_threads": 2},
+    "one thread always": {"idle_threads": None},
 }
 BATCH = 32
 SOAK_CLIENTS = 16

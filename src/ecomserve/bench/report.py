@@ -114,15 +114,20 @@ def markdown(results: dict) -> str:
     lines = []
     if results["variants"]:
         lines += [
-            "| variant | runtime | layers | size MB | queries/s | titles/s | NDCG@5 | cos min | servable |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| variant | runtime | layers | size MB | queries/s | titles/s | NDCG@5 | classify | cos min | servable |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
     for v in results["variants"]:
         lines.append(
             f"| {v['name']} | {v['runtime']} | {v['layers']} | {v['size_mb']:.1f} | {v['query_per_s']:.0f} | "
-            f"{v['titles_per_s']:.0f} | {v['ndcg5']:.4f} | {v['cosine_min']:.4f} | {'yes' if v['servable'] else 'no'} |"
+            f"{v['titles_per_s']:.0f} | {v['ndcg5']:.4f} | {v['classify_accuracy']:.3f} | {v['cosine_min']:.4f} | "
+            f"{'yes' if v['servable'] else 'no'} |"
         )
-    ndcg = f"PyTorch fp32 NDCG@5: {results['reference_ndcg5']:.4f}; " if "reference_ndcg5" in results else ""
+    ndcg = (
+        f"PyTorch fp32 NDCG@5: {results['reference_ndcg5']:.4f}, classify {results['reference_classify']:.3f}; "
+        if "reference_ndcg5" in results
+        else ""
+    )
     lines += [
         "",
         f"{ndcg}served variant: {results['served_variant']}; "

@@ -28,7 +28,7 @@ from ecomserve.bench.load import Measurement, measure
 from ecomserve.bench.report import write_report
 from ecomserve.bench.texts import UniqueTexts
 from ecomserve.cpu import cpu_description
-from ecomserve.evaluation import load_eval_set, mean_ndcg
+from ecomserve.evaluation import classify_accuracy, load_eval_set, mean_ndcg
 from ecomserve.paths import corpus_texts, parity_texts
 from ecomserve.repository.builder import build_repository
 from ecomserve.runtime import MODEL_FILES, load_runner, run_by_length
@@ -219,6 +219,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
         "spec": spec.model_dump(),
         "variants": [],
         "reference_ndcg5": mean_ndcg(work.eval_set, lambda q, items: reference(items) @ reference([q])[0]),
+        "reference_classify": classify_accuracy(work.eval_set, reference),
     }
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("variants", total=len(options.variants))
@@ -492,8 +493,28 @@ def done_checks(results: dict) -> dict:
         "served_batch32_vs_torch_b32": served_batch / torch_batch,
         "served_rank_p50_vs_in_process": served_rank / in_process_rank,
         "served_variant_ndcg5": served.get("ndcg5"),
+        "served_variant_classify": served.get("classify_accuracy"),
         "pytorch_fp32_ndcg5": results["reference_ndcg5"],
+        "pytorch_fp32_classify": results["reference_classify"],
+        "fastest_within_quality_bounds": fastest_within_bounds(results),
     }
+
+
+# Issue 18's rule for the default: the fastest servable variant this close to PyTorch fp32 on the eval set.
+MAX_NDCG_LOSS, MAX_CLASSIFY_LOSS = 0.01, 0.02
+
+
+def fastest_within_bounds(results: dict) -> str | None:
+    """The servable variant with the most queries/s among those within the quality bounds, if any."""
+    ndcg, classify = results["reference_ndcg5"], results["reference_classify"]
+    fit = [
+        v
+        for v in results["variants"]
+        if v["servable"]
+        and v["ndcg5"] >= ndcg - MAX_NDCG_LOSS
+        and v["classify_accuracy"] >= classify - MAX_CLASSIFY_LOSS
+    ]
+    return max(fit, key=lambda v: v["query_per_s"], default={}).get("name")
 
 
 def _best(rows: list[dict], workload: str, concurrency: int, prefix: str, protocol: str | None = None) -> dict | None:

@@ -42,8 +42,6 @@ def load_runners(runtime: str, path: Path, threads: int, idle_threads: int | Non
     narrow = load_runner(runtime, path, threads, device)
     if idle_threads is None or idle_threads <= threads or device != "cpu":
         return Runners(narrow, None)
-    # Spinning on: without it ONNX Runtime wakes its pool through the OS at every parallel section, and a short
-    # query then runs slower on 2 threads than on 1 (measured: 4.4 ms against 3.6; 2.6 ms spinning).
     return Runners(narrow, load_runner(runtime, path, idle_threads, device))
 
 

@@ -1,0 +1,66 @@
+"""The variant table's quality columns and the rule that picks the default (issue 18): classify accuracy on the eval
+set, and the fastest servable variant within 0.01 NDCG@5 and 0.02 classify accuracy of PyTorch fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ecomserve.bench.run import fastest_within_bounds
+from ecomserve.bench.variants import VARIANTS, variant_spec
+from ecomserve.evaluation import EvalSet, classify_accuracy
+from ecomserve.spec import EncoderSpec
+
+
+def test_classify_accuracy_is_the_share_of_titles_nearest_their_own_category():
+    eval_set = EvalSet(
+        product_ids=["p1", "p2", "p3", "p4"],
+        titles=["red shoe", "blue shoe", "kettle", "toaster"],
+        categories=["shoes", "shoes", "kitchen", "kitchen"],
+        category_names=["shoes", "kitchen"],
+        queries=[],
+    )
+    vectors = {
+        "shoes": [1.0, 0.0],
+        "kitchen": [0.0, 1.0],
+        "red shoe": [0.9, 0.1],
+        "blue shoe": [0.2, 0.8],  # nearer kitchen: the one miss
+        "kettle": [0.1, 0.9],
+        "toaster": [0.3, 0.7],
+    }
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return np.array([vectors[t] for t in texts])
+
+    assert classify_accuracy(eval_set, embed) == 0.75
+
+
+def _variant(name: str, servable: bool, ndcg5: float, classify: float, speed: float) -> dict:
+    return {"name": name, "servable": servable, "ndcg5": ndcg5, "classify_accuracy": classify, "query_per_s": speed}
+
+
+def test_the_default_rule_takes_the_fastest_servable_variant_inside_both_bounds():
+    results = {
+        "reference_ndcg5": 0.80,
+        "reference_classify": 0.60,
+        "variants": [
+            _variant("fp32", True, 0.80, 0.60, 100),
+            _variant("int8 static", True, 0.795, 0.59, 200),
+            _variant("dynamic", False, 0.81, 0.62, 900),  # batch-dependent: never served
+            _variant("pruned", True, 0.78, 0.70, 800),  # loses 0.02 NDCG@5
+            _variant("student", True, 0.83, 0.57, 700),  # loses 0.03 classify accuracy
+        ],
+    }
+    assert fastest_within_bounds(results) == "int8 static"
+    results["variants"].append(_variant("good student", True, 0.791, 0.581, 400))
+    assert fastest_within_bounds(results) == "good student"
+    results["reference_ndcg5"] = 0.95
+    assert fastest_within_bounds(results) is None
+
+
+def test_layer_choice_variants_keep_their_layers_and_the_others_keep_all():
+    base = EncoderSpec(name="minilm", source="bundled:all-MiniLM-L6-v2", layer_indices=[0, 1])
+    assert variant_spec(base, VARIANTS["L3 [0,4,5] int8"]).layer_indices == [0, 4, 5]
+    distilled = variant_spec(base, VARIANTS["L3 [0,4,5] distilled int8"])
+    assert distilled.layer_indices == [0, 4, 5] and distilled.distill.corpus_size == 8000
+    full = variant_spec(base, VARIANTS["int8 static onnxruntime"])
+    assert full.layer_indices is None and full.keep_layers is None and full.precision == "int8"
