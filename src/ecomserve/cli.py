@@ -378,6 +378,7 @@ def bench(
         return
     with export_extra("ecomserve bench (PyTorch is its baseline)", alternative=""):
         from ecomserve.bench.peers import PeerError, parse_peers
+        from ecomserve.bench.report import format_check
         from ecomserve.bench.run import BenchOptions, run_bench
         from ecomserve.bench.variants import VARIANTS
 
@@ -404,7 +405,7 @@ def bench(
     results = run_bench(options, console)
     console.print((out / "summary.md").read_text(), highlight=False)
     for check, value in results["checks"].items():
-        console.print(f"{check}: {value:.3f}")
+        console.print(f"{check}: {format_check(value)}")
 
 
 def _client(url: str | None, protocol: ProtocolName):

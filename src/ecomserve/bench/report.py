@@ -110,6 +110,11 @@ def peers_markdown(results: dict) -> list[str]:
     return [*lines, ""] if lines else []
 
 
+def format_check(value) -> str:
+    """A ratio or score to 3 decimals; a name (the variant the default rule picks) or None as it is."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def markdown(results: dict) -> str:
     lines = []
     if results["variants"]:
@@ -155,7 +160,7 @@ def markdown(results: dict) -> str:
                 f"{t['texts_per_s']:.0f} | {t['p50_ms']:.1f} |"
             )
     lines += ["", "| check | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in results["checks"].items()]
+    lines += [f"| {k} | {format_check(v)} |" for k, v in results["checks"].items()]
     return "\n".join(lines) + "\n"
 
 
