@@ -104,7 +104,7 @@ def test_the_streams_never_repeat_across_threads(tokenizer):
         thread.start()
     for thread in threads:
         thread.join()
-    drawn += texts.take_queries(100) + texts.take_titles(100)
+    drawn += texts.take_queries(100) + texts.next_titles(100)
     assert len(drawn) == len(set(drawn)) == 8 * 332 + 200
     # The set drawn is the stream's head, whichever thread drew what.
     assert set(texts.query(n) for n in range(8 * 300 + 100)) <= set(drawn)
@@ -218,9 +218,10 @@ def _request(tmp_path: Path, queries: int, titles: int, tokenizer) -> dict:
         tmp_path,
         "tiny",
         texts.take_queries(queries),
-        texts.take_titles(titles),
+        texts.next_titles(titles),
         parity_texts()[:3],
         0.2,
+        dim=384,  # the request's field only: this worker is never run
         threads=(1,),
     )
 
@@ -287,16 +288,14 @@ def _peer_rows() -> list[dict]:
     return rows
 
 
+def _infinity_info(optimum_cosine: float) -> dict:
+    """Infinity's two configurations of `_peer_rows` with their parity: optimum's as given, torch's passing."""
+    cosines = {"optimum fp32": optimum_cosine, "torch fp32": 0.999}
+    return {"engines": {name: {"parity": {"min_cosine": c, "ok": c >= 0.99}} for name, c in cosines.items()}}
+
+
 def test_the_ratios_take_each_peers_best_configuration():
-    info = {
-        "infinity": {
-            "engines": {
-                "optimum fp32": {"parity": {"min_cosine": 0.999, "ok": True}},
-                "torch fp32": {"parity": {"min_cosine": 0.999, "ok": True}},
-            }
-        },
-        "fastembed": {"parity": {"min_cosine": 1.0, "ok": True}},
-    }
+    info = {"infinity": _infinity_info(0.999), "fastembed": {"parity": {"min_cosine": 1.0, "ok": True}}}
     checks = peer_checks(_peer_rows(), info)
     assert checks["query_c16_grpc_vs_infinity"] == pytest.approx(1600 / 800)
     assert checks["batch32_c4_http_vs_infinity"] == pytest.approx(400 / 200)
@@ -307,14 +306,7 @@ def test_the_ratios_take_each_peers_best_configuration():
 
 
 def test_a_configuration_that_fails_parity_is_left_out_of_the_ratios():
-    info = {
-        "infinity": {
-            "engines": {
-                "optimum fp32": {"parity": {"min_cosine": 0.9, "ok": False}},
-                "torch fp32": {"parity": {"min_cosine": 0.999, "ok": True}},
-            }
-        }
-    }
+    info = {"infinity": _infinity_info(0.9)}
     checks = peer_checks(_peer_rows(), info)
     assert checks["query_c16_grpc_vs_infinity"] == pytest.approx(1600 / 400)  # torch's, not optimum's 800
 
@@ -384,16 +376,16 @@ def test_fastembed_runs_ecomserves_onnx_in_its_own_venv(tmp_path, fp32_model, to
     folder = peers.prepare_fastembed_folder(fp32_model, SOURCE, tmp_path / "model")
     texts = UniqueTexts(tokenizer)
     checks_texts = parity_texts()[:8]
+    runner = load_runner("onnxruntime", fp32_model, threads=1)
+    batch = tokenizer.encode(checks_texts)
+    expected = run_by_length(runner, batch.input_ids, batch.attention_mask)
     request = peers.fastembed_request(
-        folder, "fp32", texts.take_queries(3000), texts.take_titles(6000), checks_texts, 0.3, threads=(1,)
+        folder, "fp32", texts.take_queries(3000), texts.next_titles(6000), checks_texts, 0.3, expected.shape[1], (1,)
     )
     result = peers.run_fastembed(peers.Peer("fastembed", venv), request, tmp_path / "work")
     assert result["versions"]["fastembed"].startswith("0.")
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in result["measurements"])
-    runner = load_runner("onnxruntime", fp32_model, threads=1)
-    batch = tokenizer.encode(checks_texts)
-    ours = run_by_length(runner, batch.input_ids, batch.attention_mask)
-    found = peers.parity(np.array(result["parity_vectors"]), ours, "same file")
+    found = peers.parity(np.array(result["parity_vectors"]), expected, "same file")
     assert found["ok"], found
 
 

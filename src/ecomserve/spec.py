@@ -335,6 +335,10 @@ class SearchFusionSpec(_Strict):
     )
     candidates: int = Field(50, ge=1, le=1000, description="items each retriever gives the fusion (at least TOP_K)")
 
+    def candidates_for(self, top_k: int) -> int:
+        """How many items each retriever gives the fusion for a TOP_K of `top_k`."""
+        return max(top_k, self.candidates)
+
     def lexical_weight_for(self, query: str) -> float:
         """number_lexical_weight if `query` has a digit in it, else lexical_weight."""
         return self.number_lexical_weight if any(char.isdigit() for char in query) else self.lexical_weight

@@ -40,11 +40,12 @@ class TextStream:
 
     def next(self) -> list[str]:
         with self._lock:
-            start, self.position = self.position, self.position + self.items
-        if self.position > len(self.texts):
+            start = self.position
+            end = self.position = start + self.items
+        if end > len(self.texts):
             self.exhausted = True
             raise RuntimeError("texts exhausted")
-        return self.texts[start : self.position]
+        return self.texts[start:end]
 
 
 def serve(request: dict, embedders: dict[int, Callable[[list[str]], list]], versions: dict) -> dict:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ecomserve.bench.load import Measurement
+from ecomserve.server.process import read_tail
 
 PEER_KINDS = ("infinity", "fastembed")
 SETUP_SCRIPT = "scripts/setup_peers.sh"
@@ -115,9 +116,8 @@ def _run(command: list[str], cwd: Path | None = None, env: dict | None = None, t
 
 
 def peer_versions(peer: Peer) -> dict[str, str]:
+    """Infinity's packages in its venv (fastembed's worker reports its own)."""
     packages = ["infinity-emb", "optimum", "onnxruntime", "torch", "transformers"]
-    if peer.kind == "fastembed":
-        packages = ["fastembed", "onnxruntime", "tokenizers"]
     script = (
         "import json, sys\nfrom importlib.metadata import version, PackageNotFoundError\nout = {}\n"
         "for name in sys.argv[1:]:\n    try:\n        out[name] = version(name)\n"
@@ -182,9 +182,7 @@ def prepare_infinity_folders(peer: Peer, source: Path, root: Path) -> dict[str, 
     root.mkdir(parents=True)
     _run([str(peer.python), "-c", PREPARE_SCRIPT, str(source), str(root)])
     for folder in folders.values():
-        for file in TOKENIZER_FILES:  # the bundled files, not the re-saved copies
-            if (source / file).is_file():
-                shutil.copy2(source / file, folder / file)
+        copy_tokenizer_files(source, folder)  # the bundled files, not the re-saved copies
         onnx_files = sorted(p.name for p in folder.rglob("*.onnx"))
         if len(onnx_files) != 1:
             raise RuntimeError(f"expected one ONNX file in {folder}, found {onnx_files}")
@@ -302,7 +300,7 @@ class InfinityServer:
         return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
 
     def _tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-2000:] if self.log_path.is_file() else ""
+        return read_tail(self.log_path, 2000) if self.log_path.is_file() else ""
 
     def stop(self, timeout_s: float = 20) -> None:
         process, self.process = self.process, None
@@ -354,10 +352,15 @@ def prepare_fastembed_folder(model_file: Path, source: Path, folder: Path) -> Pa
     if target.is_symlink() or target.exists():
         target.unlink()
     target.symlink_to(model_file.resolve())
+    copy_tokenizer_files(source, folder)
+    return folder
+
+
+def copy_tokenizer_files(source: Path, folder: Path) -> None:
+    """The bundled model's tokenizer files that exist, copied into a peer's model folder."""
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
-    return folder
 
 
 def fastembed_request(
@@ -367,10 +370,10 @@ def fastembed_request(
     titles: list[str],
     parity: list[str],
     duration_s: float,
+    dim: int,
     threads: tuple[int, ...] = (1, 2),
-    dim: int = 384,
 ) -> dict:
-    """The worker's input (fastembed_worker.py documents the contract)."""
+    """The worker's input (fastembed_worker.py documents the contract); `dim`: the served model's vector size."""
     return {
         "model_dir": str(folder),
         "model_file": "model.onnx",

@@ -437,10 +437,11 @@ def _fastembed(peer, work_dir: Path, runner_path: Path, source, texts: UniqueTex
         folder,
         "int8",
         texts.take_queries(needed),
-        texts.take_titles(needed),
+        texts.next_titles(needed),
         checks_texts,
         duration,
-        threads,
+        dim=same_file(checks_texts[:1]).shape[1],
+        threads=threads,
     )
     result = peer_lib.run_fastembed(peer, request, work_dir)
     vectors = np.array(result["parity_vectors"], dtype=np.float32)

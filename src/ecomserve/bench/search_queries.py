@@ -117,10 +117,10 @@ def hybrid_call(
     lexical: LexicalIndex, index: VectorIndex, fusion: SearchFusionSpec, texts: Sequence[str], vectors: np.ndarray
 ) -> Callable[[int], object]:
     """The `search` model's hybrid mode (serving_models/search.py `_search`), unfiltered, with the query vector
-    precomputed as the dense rows have it: each retriever's top max(K, candidates), the lexical list first,
+    precomputed as the dense rows have it: each retriever's top `fusion.candidates_for(K)`, the lexical list first,
     fused by fusion.fuse_hybrid. (The model's check that each id still has
     a title is left out: every id here has one.)"""
-    wanted = max(K, fusion.candidates)
+    wanted = fusion.candidates_for(K)
 
     def call(i: int) -> list[tuple[str, float]]:
         text = texts[i % len(texts)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import threading
 
+from ecomserve.bench.variants import short_queries
 from ecomserve.paths import corpus_lines
 from ecomserve.tokenization import TextTokenizer
 
@@ -33,19 +34,13 @@ BASE_QUERY_TOKENS = (6, 11)
 COLOURS = ("Black", "White", "Navy Blue", "Forest Green", "Red", "Silver", "Rose Gold", "Grey", "Beige", "Teal")
 
 
-def _token_counts(tokenizer: TextTokenizer, texts: list[str]) -> list[int]:
-    return [int(n) for n in tokenizer.encode(texts).attention_mask.sum(axis=1)]
-
-
 class UniqueTexts:
     """`query(n)` and `title(n)` are pure functions of n; `next_query()` / `next_titles(k)` walk the streams
     (thread-safe), so a run never sends a text twice."""
 
     def __init__(self, tokenizer: TextTokenizer):
-        low, high = BASE_QUERY_TOKENS
         queries = list(dict.fromkeys(corpus_lines("queries.txt")))
-        counts = _token_counts(tokenizer, queries)
-        self.base_queries = [q for q, n in zip(queries, counts) if low <= n <= high]
+        self.base_queries = short_queries(tokenizer, queries, *BASE_QUERY_TOKENS)
         self.base_titles = list(dict.fromkeys(corpus_lines("titles.txt")))
         if not self.base_queries or not self.base_titles:
             raise ValueError("the shipped corpus has no short queries or no titles")
@@ -76,6 +71,3 @@ class UniqueTexts:
     def take_queries(self, count: int) -> list[str]:
         """The next `count` queries as a list (for a contender that runs out of process)."""
         return [self.next_query() for _ in range(count)]
-
-    def take_titles(self, count: int) -> list[str]:
-        return self.next_titles(count)

@@ -75,7 +75,6 @@ def _train(
     progress: Progress,
 ) -> None:
     """The epochs after result.resumed_epochs; each epoch's mean loss is appended to result.losses."""
-    starts = [i * spec.batch_size for i in range(len(batches))]
     task = progress.add_task("distil", total=(spec.epochs - result.resumed_epochs) * len(batches))
     torch.manual_seed(spec.seed + result.resumed_epochs)  # dropout: a resumed epoch draws as a full run's would
     student.train()
@@ -86,7 +85,8 @@ def _train(
             total = 0.0
             for index in order:
                 vectors = student(*batches[index])
-                target = targets[starts[index] : starts[index] + len(vectors)]
+                start = index * spec.batch_size  # every batch but the last is full
+                target = targets[start : start + len(vectors)]
                 loss = distill_loss(vectors, target, spec)
                 optimizer.zero_grad()
                 loss.backward()
@@ -134,7 +134,7 @@ def _teacher_vectors(
 ) -> torch.Tensor:
     """[len(texts), dim] unit vectors, computed once in chunks (or read from the checkpoint folder)."""
     saved = store.load_targets() if store else None
-    if saved is not None and len(saved) == len(texts):
+    if saved is not None:  # its file is named by a hash of these very texts
         return saved
     task = progress.add_task("teacher vectors", total=len(texts))
     chunks = []

@@ -12,12 +12,12 @@ term learns from. One seeded stream draws them in order, so the first m texts ar
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
 
-from ecomserve.paths import corpus_lines, eval_set_text, parity_texts, typed_eval_set_text
+from ecomserve.evaluation import load_typed_eval_set
+from ecomserve.paths import corpus_lines, parity_texts
 from ecomserve.spec import DistillSpec
 
 DEFAULT_SIZE = 40_000
@@ -91,10 +91,8 @@ def normalise(text: str) -> str:
 def held_out_texts() -> list[str]:
     """Every text the evaluation or the parity checks see: relevance.json's and typed.json's queries and
     product titles, and the parity texts."""
-    texts = list(parity_texts())
-    for data in (json.loads(eval_set_text()), json.loads(typed_eval_set_text())):
-        texts += [product["title"] for product in data["products"]] + [query["text"] for query in data["queries"]]
-    return texts
+    typed = load_typed_eval_set()  # relevance.json's products and queries with typed.json's
+    return list(parity_texts()) + [product["title"] for product in typed.products] + [q.text for q in typed.queries]
 
 
 def shipped_texts() -> list[str]:

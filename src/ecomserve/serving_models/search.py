@@ -172,7 +172,7 @@ class TritonPythonModel:
                 "`ecomserve index build CATALOG`"
             )
         fusion = self.search.fusion
-        wanted = top_k if mode == "lexical" else max(top_k, fusion.candidates)
+        wanted = top_k if mode == "lexical" else fusion.candidates_for(top_k)
         lexical = [hit for hit in self.lexical.search(query, wanted, where) if hit[0] in self.titles]
         if mode == "lexical":
             return [item for item, _ in lexical], [score for _, score in lexical]
