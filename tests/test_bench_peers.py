@@ -396,7 +396,7 @@ def test_infinity_serves_the_bundled_model_on_loopback(tmp_path):
     from ecomserve.server.process import free_port
 
     peer = peers.Peer("infinity", venv)
-    folders = peers.prepare_infinity_folders(peer, SOURCE, tmp_path / "onnx")
+    folders = peers.prepare_infinity_folders(peer, SOURCE, tmp_path / "onnx", peers.peer_versions(peer))
     launch = peers.infinity_launch(peer, "optimum int8 dynamic", free_port(), folders["int8"], SOURCE, tmp_path / "hf")
     texts = parity_texts()[:8]
     with peers.InfinityServer(launch, tmp_path / "infinity.log") as server:

@@ -162,16 +162,16 @@ INFINITY_CONFIGS = {
 }
 
 
-def prepare_infinity_folders(peer: Peer, source: Path, root: Path) -> dict[str, Path]:
+def prepare_infinity_folders(peer: Peer, source: Path, root: Path, versions: dict[str, str]) -> dict[str, Path]:
     """ONNX folders for Infinity's optimum engine (fp32, optimized, int8): each holds one ONNX file (Infinity
     picks among several by name), its config and the bundled tokenizer files. Rebuilt when the source or the
-    peer's packages change."""
+    peer's packages (`versions`, from peer_versions) change."""
     record = root / "ecomserve-build.json"
     folders = {name: root / name for name in ("fp32", "optimized", "int8")}
     wanted = {
         "source": str(source),
         "venv": str(peer.venv),
-        "versions": peer_versions(peer),
+        "versions": versions,
         "folders": list(folders),
         "script": PREPARE_SCRIPT,
     }

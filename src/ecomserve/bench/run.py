@@ -259,23 +259,34 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
         finally:
             server.stop()
         if options.peers:
-            # On a fresh server, as each peer starts fresh: right after the overload points above (64 clients of
-            # 101-text rank requests) the same server measured 147 instead of 388 texts/s at 16 clients.
-            server = start_bench_server(served_dir, options.work_dir)
-            try:
-                peer_rows, results["peers"] = peer_stage(
-                    options, server, embedders, runner_path, tokenizer, source, reference, progress
-                )
-            finally:
-                server.stop()
+            peer_rows, results["peers"], _ = _peers_on_a_fresh_server(
+                options, served_dir, embedders, runner_path, tokenizer, source, reference, progress
+            )
         results["tuning"] = tune(options, work, console, progress) if options.tune else []
     results["measurements"] = [m.row() for m in measurements] + peer_rows
     results["served_variant"] = _served_variant_name(served_encoder)
     results["checks"] = done_checks(results) | (peer_checks(peer_rows, results["peers"]) if options.peers else {})
+    return _saved(options, results)
+
+
+def _saved(options: BenchOptions, results: dict) -> dict:
+    """results.json and the report in the output folder; returns `results`."""
     options.out_dir.mkdir(parents=True, exist_ok=True)
     (options.out_dir / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, options.out_dir)
     return results
+
+
+def _peers_on_a_fresh_server(options: BenchOptions, served_dir: Path, *stage_args) -> tuple[list[dict], dict, float]:
+    """`peer_stage(options, server, *stage_args)` on a server of its own, as each peer starts fresh (right after
+    the overload points of a full run, 64 clients of 101-text rank requests, the same server measured 147 instead
+    of 388 texts/s at 16 clients); also the server's RSS at the end."""
+    server = start_bench_server(served_dir, options.work_dir)
+    try:
+        rows, info = peer_stage(options, server, *stage_args)
+        return rows, info, server_rss_mb(server.pid)
+    finally:
+        server.stop()
 
 
 def run_peer_bench(options: BenchOptions, console: Console) -> dict:
@@ -297,22 +308,14 @@ def run_peer_bench(options: BenchOptions, console: Console) -> dict:
     with Progress(*columns, console=console) as progress:
         served_dir, runner_path = _bench_repository(options, console)
         embedders = _runner_embedders(base, runner_path, tokenizer)
-        server = start_bench_server(served_dir, options.work_dir)
-        try:
-            rows, results["peers"] = peer_stage(
-                options, server, embedders, runner_path, tokenizer, source, reference, progress
-            )
-            results["server_rss_mb"] = server_rss_mb(server.pid)
-        finally:
-            server.stop()
+        rows, results["peers"], results["server_rss_mb"] = _peers_on_a_fresh_server(
+            options, served_dir, embedders, runner_path, tokenizer, source, reference, progress
+        )
     results["load_average_after"] = list(os.getloadavg())
     results["measurements"] = rows
     results["served_variant"] = _served_variant_name(base)
     results["checks"] = peer_checks(rows, results["peers"])
-    options.out_dir.mkdir(parents=True, exist_ok=True)
-    (options.out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(results, options.out_dir)
-    return results
+    return _saved(options, results)
 
 
 def _unique_calls(embed, texts: UniqueTexts) -> dict:
@@ -392,10 +395,11 @@ def _infinity(peer, work_dir: Path, source: Path, texts: UniqueTexts, checks_tex
     with its error, and the others still run."""
     from ecomserve.server.process import free_port
 
-    folders = peer_lib.prepare_infinity_folders(peer, source, work_dir / "onnx")
+    versions = peer_lib.peer_versions(peer)
+    folders = peer_lib.prepare_infinity_folders(peer, source, work_dir / "onnx", versions)
     info: dict = {
         "how": "served over HTTP (OpenAI-style /embeddings), a child process on 127.0.0.1",
-        "versions": peer_lib.peer_versions(peer),
+        "versions": versions,
         "engines": {},
     }
     rows: list[dict] = []
