@@ -64,3 +64,41 @@ def test_layer_choice_variants_keep_their_layers_and_the_others_keep_all():
     assert distilled.layer_indices == [0, 4, 5] and distilled.distill.corpus_size == 8000
     full = variant_spec(base, VARIANTS["int8 static onnxruntime"])
     assert full.layer_indices is None and full.keep_layers is None and full.precision == "int8"
+
+
+def _row(contender: str, workload: str, protocol: str, clients: int, per_s: float, p50: float) -> dict:
+    return {
+        "contender": contender,
+        "workload": workload,
+        "protocol": protocol,
+        "concurrency": clients,
+        "throughput_items": per_s,
+        "p50_ms": p50,
+    }
+
+
+def test_a_bar_whose_point_was_not_measured_is_none_not_a_crash():
+    """`--concurrency 1 4` leaves out the 16-client point the first bar reads."""
+    from ecomserve.bench.run import done_checks
+
+    rows = [
+        _row("pytorch eager", "query embed", "in-process", 1, 50.0, 20.0),
+        _row("pytorch eager", "batch embed 32", "in-process", 1, 200.0, 160.0),
+        _row("in-process served variant (2 threads)", "rank 1+100", "in-process", 1, 500.0, 200.0),
+        _row("served", "query embed", "grpc", 1, 120.0, 8.0),
+        _row("served", "batch embed 32", "grpc", 1, 400.0, 80.0),
+        _row("served", "batch embed 32", "grpc", 4, 600.0, 210.0),
+        _row("served", "rank 1+100", "grpc", 1, 400.0, 250.0),
+    ]
+    results = {
+        "measurements": rows,
+        "variants": [_variant("int8 static", True, 0.80, 0.62, 300)],
+        "served_variant": "int8 static",
+        "reference_ndcg5": 0.80,
+        "reference_classify": 0.60,
+    }
+    checks = done_checks(results)
+    assert checks["served_query_c16_vs_torch_b1"] is None
+    assert checks["served_batch32_vs_torch_b32"] == 600 / 200  # the best of the client counts measured
+    assert checks["served_rank_p50_vs_in_process"] == 250 / 200
+    assert checks["fastest_within_quality_bounds"] == "int8 static"

@@ -480,29 +480,37 @@ def _served_variant_name(encoder) -> str:
     return "custom"
 
 
-def _find(rows: list[dict], **match) -> dict:
-    return next(r for r in rows if all(r[k] == v for k, v in match.items()))
+def _find(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r[k] == v for k, v in match.items())), None)
+
+
+def _ratio(ours: dict | None, theirs: dict, field: str) -> float | None:
+    """ours[field] / theirs[field]; None when `ours` was not measured (--concurrency or --protocol left it out)."""
+    return ours[field] / theirs[field] if ours is not None else None
 
 
 def done_checks(results: dict) -> dict:
-    """The issue's bars, computed from this run's numbers."""
+    """The issue's bars, computed from this run's numbers (None for a bar whose point this run did not measure)."""
     rows = results["measurements"]
-    torch_query = _find(rows, contender="pytorch eager", workload="query embed")["throughput_items"]
-    torch_batch = _find(rows, contender="pytorch eager", workload="batch embed 32")["throughput_items"]
+    torch_query = _find(rows, contender="pytorch eager", workload="query embed")
+    torch_batch = _find(rows, contender="pytorch eager", workload="batch embed 32")
     served_query = _find(rows, contender="served", workload="query embed", protocol="grpc", concurrency=16)
     served_batch = max(
-        r["throughput_items"] for r in rows if r["contender"] == "served" and r["workload"] == "batch embed 32"
+        (r for r in rows if r["contender"] == "served" and r["workload"] == "batch embed 32"),
+        key=lambda r: r["throughput_items"],
+        default=None,
     )
     in_process_rank = min(
-        r["p50_ms"] for r in rows if r["contender"].startswith("in-process") and r["workload"] == "rank 1+100"
+        (r for r in rows if r["contender"].startswith("in-process") and r["workload"] == "rank 1+100"),
+        key=lambda r: r["p50_ms"],
     )
-    served_rank = _find(rows, contender="served", workload="rank 1+100", protocol="grpc", concurrency=1)["p50_ms"]
+    served_rank = _find(rows, contender="served", workload="rank 1+100", protocol="grpc", concurrency=1)
     variants = {v["name"]: v for v in results["variants"]}
     served = variants.get(results["served_variant"], {})
     return {
-        "served_query_c16_vs_torch_b1": served_query["throughput_items"] / torch_query,
-        "served_batch32_vs_torch_b32": served_batch / torch_batch,
-        "served_rank_p50_vs_in_process": served_rank / in_process_rank,
+        "served_query_c16_vs_torch_b1": _ratio(served_query, torch_query, "throughput_items"),
+        "served_batch32_vs_torch_b32": _ratio(served_batch, torch_batch, "throughput_items"),
+        "served_rank_p50_vs_in_process": _ratio(served_rank, in_process_rank, "p50_ms"),
         "served_variant_ndcg5": served.get("ndcg5"),
         "served_variant_classify": served.get("classify_accuracy"),
         "pytorch_fp32_ndcg5": results["reference_ndcg5"],
