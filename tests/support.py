@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from ecomserve.client import EcomClient
-from ecomserve.export.pooled_encoder import PooledEncoder, load_encoder, reference_embeddings
+from ecomserve.export.pipeline import reference_model
+from ecomserve.export.pooled_encoder import reference_embeddings
 from ecomserve.repository.builder import build_repository
 from ecomserve.server.process import Ports, ServerOptions, TritonServer, free_port
-from ecomserve.spec import PipelineSpec, parse_spec, resolve_source
+from ecomserve.spec import EncoderSpec, PipelineSpec, parse_spec, resolve_source
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 
 BUNDLED = "bundled:all-MiniLM-L6-v2"
@@ -52,10 +53,14 @@ def start_server(spec: PipelineSpec, root: Path, spec_dir: Path | None = None, *
 class TorchReference:
     """Per-encoder PyTorch embeddings computed the way the export verifies them."""
 
-    def __init__(self, source: str, keep_layers: int | None = None, pooling: str = "mean", max_seq_len: int = 128):
-        directory = resolve_source(source)
-        self.model = PooledEncoder(load_encoder(directory, keep_layers), pooling)
-        self.tokenizer = TextTokenizer(directory / TOKENIZER_FILE, max_seq_len)
+    def __init__(self, source: str | EncoderSpec, **fields):
+        """A source with the spec fields that shape its reference (keep_layers, pooling, max_seq_len), or an encoder
+        spec as the build reads it: pruned and, with `distill`, distilled (resumed from its checkpoint folder, so
+        after a build of the same spec this takes seconds)."""
+        encoder = source if isinstance(source, EncoderSpec) else EncoderSpec(name="reference", source=source, **fields)
+        directory = resolve_source(encoder.source)
+        self.tokenizer = TextTokenizer(directory / TOKENIZER_FILE, encoder.max_seq_len)
+        self.model = reference_model(encoder, directory, self.tokenizer, None).model
 
     def embed(self, texts: list[str]) -> np.ndarray:
         batch = self.tokenizer.encode(texts)

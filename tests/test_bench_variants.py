@@ -3,12 +3,14 @@ set, and the fastest servable variant within 0.01 NDCG@5 and 0.02 classify accur
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from ecomserve.bench.run import fastest_within_bounds
+from ecomserve.bench.run import fastest_within_bounds, served_variant_name
 from ecomserve.bench.variants import VARIANTS, variant_spec
 from ecomserve.evaluation import EvalSet, classify_accuracy
-from ecomserve.spec import EncoderSpec
+from ecomserve.spec import EncoderSpec, load_spec
 
 
 def test_classify_accuracy_is_the_share_of_titles_nearest_their_own_category():
@@ -102,3 +104,10 @@ def test_a_bar_whose_point_was_not_measured_is_none_not_a_crash():
     assert checks["served_batch32_vs_torch_b32"] == 600 / 200  # the best of the client counts measured
     assert checks["served_rank_p50_vs_in_process"] == 250 / 200
     assert checks["fastest_within_quality_bounds"] == "int8 static"
+
+
+def test_the_default_spec_serves_the_distilled_student_variant():
+    """The rule picked "L3 [0,4,5] distilled int8" (README, "Compression variants"): the default spec serves exactly
+    that variant, so the bench reports it as the served one and measures the same build."""
+    default = load_spec(Path(__file__).resolve().parents[1] / "export/default.yaml").encoders[0]
+    assert served_variant_name(default) == "L3 [0,4,5] distilled int8"

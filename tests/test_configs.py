@@ -101,7 +101,7 @@ def test_single_encoder_skips_the_fusion_hop():
 
 
 def test_encoder_batches_ragged_requests_and_warms_up():
-    encoder = built_configs("default.yaml", "ensemble")["minilm_encoder"]
+    encoder = built_configs("teacher.yaml", "ensemble")["minilm_encoder"]  # the spec with a batching delay
     assert all(t.allow_ragged_batch for t in encoder.input)
     assert list(encoder.dynamic_batching.preferred_batch_size) == [8, 16, 32]
     assert encoder.dynamic_batching.max_queue_delay_microseconds == 500

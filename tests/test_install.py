@@ -37,7 +37,7 @@ INSTALL_EXTRA = "pip install 'ecomserve[export]'"
 
 def test_packaged_specs_are_the_export_specs():
     """The package's specs are copies of export/*.yaml, the ones users edit: both must change together."""
-    for name in ("default.yaml", "ensemble.yaml", "student.yaml"):
+    for name in ("default.yaml", "ensemble.yaml", "teacher.yaml"):
         assert packaged_spec(name).read_bytes() == (ROOT / "export" / name).read_bytes(), (
             f"export/{name} and src/ecomserve/data/specs/{name} differ: copy export/{name} over the other"
         )

@@ -46,8 +46,9 @@ class DistillSpec(_Strict):
     )
     checkpoint_dir: str | None = Field(
         None,
-        description="folder (relative to the working folder) for per-epoch checkpoints and the teacher's vectors; "
-        "a rerun of the same student, spec and corpus resumes from them",
+        description="folder for per-epoch checkpoints and the teacher's vectors (relative to the working folder; "
+        "`~` is the user's home, so builds from any folder share one); a rerun of the same student, spec and "
+        "corpus resumes from them",
     )
 
 

@@ -43,7 +43,7 @@ from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 # Each is applied to the spec's serving section on its own; "spec" is the spec unchanged.
 SETTINGS: dict[str, dict] = {
     "spec": {},
-    "no batching delay": {"max_queue_delay_us": 0},
+    "500 µs batching delay": {"max_queue_delay_us": 500},  # export/teacher.yaml's
     "one thread always": {"idle_threads": None},
 }
 BATCH = 32

@@ -264,7 +264,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
             )
         results["tuning"] = tune(options, work, console, progress) if options.tune else []
     results["measurements"] = [m.row() for m in measurements] + peer_rows
-    results["served_variant"] = _served_variant_name(served_encoder)
+    results["served_variant"] = served_variant_name(served_encoder)
     results["checks"] = done_checks(results) | (peer_checks(peer_rows, results["peers"]) if options.peers else {})
     return _saved(options, results)
 
@@ -313,7 +313,7 @@ def run_peer_bench(options: BenchOptions, console: Console) -> dict:
         )
     results["load_average_after"] = list(os.getloadavg())
     results["measurements"] = rows
-    results["served_variant"] = _served_variant_name(base)
+    results["served_variant"] = served_variant_name(base)
     results["checks"] = peer_checks(rows, results["peers"])
     return _saved(options, results)
 
@@ -472,7 +472,7 @@ def _served_model_file(repository: Path, encoder, spec: PipelineSpec) -> Path:
     return folder / MODEL_FILES[encoder.runtime]
 
 
-def _served_variant_name(encoder) -> str:
+def served_variant_name(encoder) -> str:
     for name, changes in variant_lib.VARIANTS.items():
         spec = variant_lib.variant_spec(encoder, changes)
         if not changes.get("dynamic_int8") and spec == encoder:

@@ -32,7 +32,8 @@ VARIANTS: dict[str, dict] = {
     "L3 distilled fp32": {"precision": "fp32", "keep_layers": 3, "distill": {}},
     "L3 distilled int8": {"precision": "int8", "keep_layers": 3, "distill": {}},
     # Layers 0, 4 and 5: the 3 of 6 whose output is nearest the teacher's on generated texts (README, "A 3-layer
-    # student"); untrained, then distilled on 8,000 generated texts with the ranking term (resumable checkpoints).
+    # student"); untrained, then distilled on 8,000 generated texts with the ranking term (resumable checkpoints):
+    # the default spec's encoder (a test holds them equal).
     "L3 [0,4,5] int8": {"precision": "int8", "layer_indices": [0, 4, 5]},
     "L3 [0,4,5] distilled int8": {
         "precision": "int8",
@@ -41,7 +42,7 @@ VARIANTS: dict[str, dict] = {
             "epochs": 2,
             "corpus_size": 8000,
             "ranking_weight": 1.0,
-            "checkpoint_dir": ".ecomserve/distill-ckpt",
+            "checkpoint_dir": "~/.cache/ecomserve/distill",
         },
     },
 }

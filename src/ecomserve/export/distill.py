@@ -183,7 +183,7 @@ class _Checkpoints:
         inputs = ["\n".join(texts).encode(), f"max_seq_len={tokenizer.max_seq_len}".encode(), *_weights(teacher)]
         settings = json.dumps(spec.model_dump(exclude=_NOT_HASHED), sort_keys=True).encode()
         return cls(
-            Path(spec.checkpoint_dir),
+            Path(spec.checkpoint_dir).expanduser(),
             run_key=_digest([settings, *inputs, *_weights(student)]),
             targets_key=_digest(inputs),
         )

@@ -37,7 +37,7 @@ def export_encoder(
     """Write the encoder's model file(s) into `target_dir`; returns what was checked on the way.
     `spec` (its serving target and shapes) matters for GPU targets; without one the target is cpu."""
     tokenizer = TextTokenizer(source / TOKENIZER_FILE, encoder.max_seq_len)
-    reference = _reference(encoder, source, tokenizer, progress)
+    reference = reference_model(encoder, source, tokenizer, progress)
     reports: list[ParityReport] = []
 
     def verify(stage: str, runner, precision: str) -> None:
@@ -101,26 +101,28 @@ def _engine_inputs(
 
 
 @dataclass(frozen=True)
-class _Reference:
+class Reference:
     model: PooledEncoder
     losses: list[float] | None  # per distillation epoch, None when not distilled
 
 
-def _reference(encoder: EncoderSpec, source: Path, tokenizer: TextTokenizer, progress: Progress | None) -> _Reference:
+def reference_model(
+    encoder: EncoderSpec, source: Path, tokenizer: TextTokenizer, progress: Progress | None
+) -> Reference:
     """The PyTorch model every stage is checked against: pruned and, if asked, distilled."""
     try:
         model = PooledEncoder(load_encoder(source, encoder.keep_layers, encoder.layer_indices), encoder.pooling)
     except Exception as exc:  # noqa: BLE001 - unreadable weights raise whatever their format's reader raises
         raise ExportError(f"encoders[{encoder.name}]: cannot load {source}: {exc}") from exc
     if encoder.distill is None:
-        return _Reference(model, None)
+        return Reference(model, None)
     from ecomserve.export.distill import distill
     from ecomserve.export.distill_corpus import training_texts
 
     teacher = PooledEncoder(load_encoder(source, None), encoder.pooling)
     # Parity and eval texts stay out of training: the checks and the quality numbers see text the student never fitted.
     result = distill(model, teacher, tokenizer, training_texts(encoder.distill), encoder.distill, progress)
-    return _Reference(model, result.losses)
+    return Reference(model, result.losses)
 
 
 def int8_recipe(encoder: EncoderSpec) -> str:
