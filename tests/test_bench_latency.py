@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ecomserve.bench.latency import BATCH, SETTINGS, FreshTexts, phase_breakdown, setting_spec
+from ecomserve.bench.latency import BATCH, SETTINGS, FreshTexts, phase_breakdown, setting_spec, summary
+from ecomserve.bench.load import measure
 from ecomserve.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +61,33 @@ def test_a_setting_reuses_the_built_encoders_with_its_own_configs(tmp_path):
     assert "enable: true" in caches[0] and "enable: true" not in caches[1]  # the response cache is off
     files = sorted(p.relative_to(built) for p in built.rglob("*.onnx"))
     assert files and files == sorted(p.relative_to(target) for p in target.rglob("*.onnx"))
+
+
+def test_idle_before_each_call_is_waited_but_not_timed():
+    point = measure("c", "query embed", "in-process", 1, lambda _w: lambda i: None, 1, 0.3, idle_s=0.05)
+    assert 1 <= point.requests <= 7  # at most one call per 50 ms idle
+    assert point.p50_ms < 5  # the idle time is not in the latency
+
+
+def _row(setting: str, route: str, clients: int, workload: str, p50: float, texts_per_s: float, **extra) -> dict:
+    row = {"setting": setting, "route": route, "concurrency": clients, "workload": workload, "p50_ms": p50}
+    return row | {"throughput_items": texts_per_s} | extra
+
+
+def test_summary_sets_the_front_against_the_back_to_back_and_the_idle_in_process_runs():
+    batch = f"batch embed {BATCH}"
+    rows = [_row("spec", route, 1, "query embed", p50, 100) for route, p50 in (("front", 5.0), ("direct embed", 4.0))]
+    rows += [
+        _row("spec", "direct embedder", 1, "query embed", 3.8, 100),
+        _row("spec", "front", 16, "query embed", 9, 500),
+    ]
+    rows += [_row("spec", "front", 4, batch, 90, 600)]
+    rows += [
+        _row("in-process 2 thread", "in-process", 1, "query embed", 1.2, 800, idle_ms=0),
+        _row("in-process 2 thread, 5 ms idle before each", "in-process", 1, "query embed", 2.7, 150, idle_ms=5.0),
+        _row("in-process 2 thread", "in-process", 1, batch, 40, 750, idle_ms=0),
+    ]
+    (found,) = summary({"settings": {"spec": {}}, "rows": rows, "phases": {}})
+    assert found["p50_over_in_process_ms"] == 5.0 - 1.2
+    assert found["p50_over_idle_in_process_ms"] == 5.0 - 2.7
+    assert found["batch32_vs_in_process"] == 600 / 750

@@ -42,8 +42,10 @@ def measure(
     items_per_request: int,
     duration_s: float,
     warmup_requests: int = 3,
+    idle_s: float = 0.0,
 ) -> Measurement:
-    """`make_call(worker)` returns that worker's call(i) (own connection); i indexes the shared texts."""
+    """`make_call(worker)` returns that worker's call(i) (own connection); i indexes the shared texts. Each worker
+    waits `idle_s` (untimed) before each call."""
     calls = [make_call(w) for w in range(concurrency)]
     for i in range(warmup_requests):
         calls[0](i)
@@ -57,6 +59,8 @@ def measure(
         while time.perf_counter() < deadline:
             with lock:
                 i = next(counter)
+            if idle_s:
+                time.sleep(idle_s)
             start = time.perf_counter()
             try:
                 calls[w](i)

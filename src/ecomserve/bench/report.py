@@ -75,8 +75,6 @@ def peers_markdown(results: dict) -> list[str]:
     """What each peer ran, and its parity to the reference."""
     peers = results.get("peers") or {}
     lines = []
-    if "cpu" in results:
-        lines += [f"CPU: {results['cpu']}; load average before {results['load_average_before'][0]:.2f}", ""]
     if "ecomserve_served_parity" in peers:
         served = peers["ecomserve_served_parity"]
         lines += [
@@ -117,6 +115,8 @@ def format_check(value) -> str:
 
 def markdown(results: dict) -> str:
     lines = []
+    if "cpu" in results:  # results.json files from before it was recorded have none
+        lines += [f"CPU: {results['cpu']}; load average before {results['load_average_before'][0]:.2f}", ""]
     if results["variants"]:
         lines += [
             "| variant | runtime | layers | size MB | queries/s | titles/s | NDCG@5 | classify | cos min | servable |",

@@ -214,9 +214,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
     reference = _reference(source)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    results: dict = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "spec": spec.model_dump(),
+    results: dict = _header(spec) | {
         "variants": [],
         "reference_ndcg5": mean_ndcg(work.eval_set, lambda q, items: reference(items) @ reference([q])[0]),
         "reference_classify": classify_accuracy(work.eval_set, reference),
@@ -269,6 +267,16 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
     return _saved(options, results)
 
 
+def _header(spec: PipelineSpec) -> dict:
+    """When, on what CPU (the numbers differ between machines) and how loaded, and with which spec."""
+    return {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": cpu_description(),
+        "load_average_before": list(os.getloadavg()),
+        "spec": spec.model_dump(),
+    }
+
+
 def _saved(options: BenchOptions, results: dict) -> dict:
     """results.json and the report in the output folder; returns `results`."""
     options.out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,11 +304,7 @@ def run_peer_bench(options: BenchOptions, console: Console) -> dict:
     source = resolve_source(base.source, options.spec_dir)
     tokenizer = TextTokenizer(source / TOKENIZER_FILE, base.max_seq_len)
     reference = _reference(source)
-    results: dict = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "cpu": cpu_description(),
-        "load_average_before": list(os.getloadavg()),
-        "spec": spec.model_dump(),
+    results: dict = _header(spec) | {
         "variants": [],
         "tuning": [],
     }
