@@ -44,7 +44,7 @@ from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 # Each is applied to the spec's serving section on its own; "spec" is the spec unchanged.
 SETTINGS: dict[str, dict] = {
     "spec": {},
-    "500 µs batching delay": {"max_queue_delay_us": 500},  # export/teacher.yaml's
+    "500 us batching delay": {"max_queue_delay_us": 500},  # export/teacher.yaml's
     "one thread always": {"idle_threads": None},
 }
 BATCH = 32
