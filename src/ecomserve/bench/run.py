@@ -6,7 +6,9 @@
 4. the served pipeline over gRPC and HTTP at several concurrencies;
 5. with `--peer KIND=VENV` (issue 18): Infinity and fastembed from their own venvs, beside the served pipeline
    and the in-process runtime, on texts no request carried before (`--workload peers`: only this stage).
-The server runs on this machine too, so its numbers include sharing the CPU with the load generator."""
+The single-query workload sends every contender queries no request of the run carried before (bench/texts.py, one
+stream per run). The server runs on this machine too, so its numbers include sharing the CPU with the load
+generator."""
 
 from __future__ import annotations
 
@@ -65,18 +67,18 @@ class BenchOptions:
     peers_only: bool = False
 
 
-def _texts(tokenizer: TextTokenizer):
+def _texts(tokenizer: TextTokenizer, fresh: UniqueTexts):
     eval_set = load_eval_set()
     corpus = corpus_texts()
     queries = variant_lib.short_queries(tokenizer, corpus)
     titles = [t for t in corpus if t not in set(queries)]
-    return variant_lib.Workloads(tokenizer, queries, titles, eval_set)
+    return variant_lib.Workloads(tokenizer, queries, titles, eval_set, new_query=fresh.next_query)
 
 
 def _calls(embed, work: variant_lib.Workloads, rank) -> dict:
     """workload → call(i) for an in-process contender."""
     return {
-        "query embed": lambda i: embed([work.queries[i % len(work.queries)]]),
+        "query embed": lambda i: embed([work.new_query()]),  # issue 18's workload: one new short query per request
         "batch embed 32": lambda i: embed(work.title_batches[i % len(work.title_batches)]),
         "rank 1+100": lambda i: rank(work.queries[i % len(work.queries)], _candidates(work, i)),
     }
@@ -210,7 +212,8 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
     base = spec.encoders[0]
     source = resolve_source(base.source, options.spec_dir)
     tokenizer = TextTokenizer(source / TOKENIZER_FILE, base.max_seq_len)
-    work = _texts(tokenizer)
+    fresh = UniqueTexts(tokenizer)  # one stream for the run: the peers stage continues where the served points end
+    work = _texts(tokenizer, fresh)
     reference = _reference(source)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -258,7 +261,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
             server.stop()
         if options.peers:
             peer_rows, results["peers"], _ = _peers_on_a_fresh_server(
-                options, served_dir, embedders, runner_path, tokenizer, source, reference, progress
+                options, served_dir, embedders, runner_path, fresh, source, reference, progress
             )
         results["tuning"] = tune(options, work, console, progress) if options.tune else []
     results["measurements"] = [m.row() for m in measurements] + peer_rows
@@ -313,7 +316,7 @@ def run_peer_bench(options: BenchOptions, console: Console) -> dict:
         served_dir, runner_path = _bench_repository(options, console)
         embedders = _runner_embedders(base, runner_path, tokenizer)
         rows, results["peers"], results["server_rss_mb"] = _peers_on_a_fresh_server(
-            options, served_dir, embedders, runner_path, tokenizer, source, reference, progress
+            options, served_dir, embedders, runner_path, UniqueTexts(tokenizer), source, reference, progress
         )
     results["load_average_after"] = list(os.getloadavg())
     results["measurements"] = rows
@@ -344,12 +347,11 @@ def _peer_points(contender: str, protocol: str, make_embed, texts: UniqueTexts, 
     return rows
 
 
-def peer_stage(options: BenchOptions, server, embedders, runner_path, tokenizer, source, reference, progress):
+def peer_stage(options: BenchOptions, server, embedders, runner_path, texts: UniqueTexts, source, reference, progress):
     """The served pipeline (gRPC, HTTP), the in-process runtime and each peer on the same unique texts;
     returns the measurement rows and what each peer ran (engine, files, versions, parity)."""
     from ecomserve.client import EcomClient
 
-    texts = UniqueTexts(tokenizer)
     duration = options.duration_s
     checks_texts = parity_texts()[:PEER_PARITY_TEXTS]
     rows: list[dict] = []

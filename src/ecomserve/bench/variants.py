@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +107,17 @@ def build_variant(name: str, base: EncoderSpec, source: Path, directory: Path, p
 class Workloads:
     """The texts every contender sees."""
 
-    def __init__(self, tokenizer: TextTokenizer, queries: list[str], titles: list[str], eval_set: EvalSet):
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        queries: list[str],
+        titles: list[str],
+        eval_set: EvalSet,
+        new_query: Callable[[], str],
+    ):
         self.tokenizer = tokenizer
         self.queries = queries
+        self.new_query = new_query  # the served single-query workload: a query no request of the run carried
         self.titles = titles
         self.eval_set = eval_set
         self.title_batches = [titles[i : i + 32] for i in range(0, len(titles) - 31, 32)]
