@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_each_setting_changes_only_its_serving_fields_and_turns_the_cache_off():
     spec = load_spec(ROOT / "export/default.yaml")
-    assert set(SETTINGS) >= {"spec", "500 us batching delay", "one thread always", "two threads for any batch"}
+    assert set(SETTINGS) >= {"spec", "500 us batching delay", "one thread always"}
     for change in SETTINGS.values():
         changed = setting_spec(spec, change)
         assert changed.serving.response_cache is False
@@ -22,8 +22,6 @@ def test_each_setting_changes_only_its_serving_fields_and_turns_the_cache_off():
         delay = change.get("max_queue_delay_us", spec.serving.dynamic_batching.max_queue_delay_us)
         assert changed.serving.dynamic_batching.max_queue_delay_us == delay
         assert changed.serving.idle_threads == change.get("idle_threads", spec.serving.idle_threads)
-        min_tokens = change.get("idle_threads_min_tokens", spec.serving.idle_threads_min_tokens)
-        assert changed.serving.idle_threads_min_tokens == min_tokens
         assert changed.serving.instances == spec.serving.instances
 
 

@@ -61,8 +61,7 @@ def test_wide_and_narrow_runs_give_the_same_vectors(tmp_path):
     model = tmp_path / "model.onnx"
     export_onnx(PooledEncoder(load_encoder(make_tiny_bert(tmp_path / "tiny", seed=3), None), "mean"), model)
     runners = load_runners("onnxruntime", model, threads=1, idle_threads=2, device="cpu")
-    assert runners.wide is not None and runners.pick(True, 1) is runners.wide
-    assert runners.pick(False, 1) is runners.narrow
+    assert runners.wide is not None and runners.pick(True) is runners.wide and runners.pick(False) is runners.narrow
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 2000, size=(5, 24)).astype(np.int64)
     mask = np.ones_like(ids)
@@ -76,12 +75,3 @@ def test_idle_threads_cannot_be_below_intra_op_threads():
     assert ServingSpec(intra_op_threads=1, idle_threads=2).idle_threads == 2
     with pytest.raises(ValueError, match="idle_threads"):
         ServingSpec(intra_op_threads=2, idle_threads=1)
-
-
-def test_a_batch_below_the_token_threshold_stays_narrow(tmp_path):
-    model = tmp_path / "model.onnx"
-    export_onnx(PooledEncoder(load_encoder(make_tiny_bert(tmp_path / "tiny", seed=3), None), "mean"), model)
-    runners = load_runners("onnxruntime", model, threads=1, idle_threads=2, device="cpu", min_tokens=64)
-    assert runners.pick(True, 63) is runners.narrow  # one short query: a second thread's wake-up costs more
-    assert runners.pick(True, 64) is runners.wide
-    assert runners.pick(False, 1000) is runners.narrow  # another instance is busy: its core is taken

@@ -39,14 +39,6 @@ def test_the_fused_layouts_models_read_back_what_the_builder_wrote():
     assert embedder.encoders[0].max_seq_len == spec.encoders[0].max_seq_len
     assert embedder.max_text_bytes == spec.limits.max_text_bytes and embedder.device == spec.serving.device
     assert embedder.intra_op_threads == spec.serving.intra_op_threads
-    assert (
-        (embedder.idle_threads, embedder.idle_threads_min_tokens)
-        == (2, 64)
-        == (
-            spec.serving.idle_threads,
-            spec.serving.idle_threads_min_tokens,
-        )
-    )
     heads = {name: FusionParameters.from_config(configs[name]) for name in (RANK, CLASSIFY)}
     for head in heads.values():
         assert head.encoders == embedder.slices and all(isinstance(s, EncoderSlice) for s in head.encoders)
@@ -65,7 +57,6 @@ def test_the_split_layouts_models_read_back_what_the_builder_wrote():
         assert (tokenizer.max_seq_len, tokenizer.max_text_bytes) == (encoder.max_seq_len, spec.limits.max_text_bytes)
         runner = EncoderParameters.from_config(configs[encoder_model(encoder.name)])
         assert runner.runtime == encoder.runtime and runner.device == spec.serving.device
-        assert runner.idle_threads_min_tokens == spec.serving.idle_threads_min_tokens
     assert [s.name for s in FusionParameters.from_config(configs[FUSION]).encoders] == [e.name for e in spec.encoders]
 
 
@@ -80,7 +71,6 @@ def test_defaults_serve_older_repositories_and_a_missing_parameter_fails_the_loa
 def test_a_string_parameter_is_never_json_decoded():
     written = EncoderParameters(runtime="onnx", model_file="1", intra_op_threads=2, device="cpu").to_parameters()
     expected = {"runtime": "onnx", "model_file": "1", "intra_op_threads": "2", "idle_threads": "null"}
-    expected |= {"idle_threads_min_tokens": "0"}
     assert written == expected | {"device": "cpu"}
     read = EncoderParameters.from_config({"parameters": {k: {"string_value": v} for k, v in written.items()}})
     assert read.model_file == "1" and read.intra_op_threads == 2 and read.idle_threads is None

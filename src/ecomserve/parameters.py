@@ -73,7 +73,6 @@ class EncoderParameters(ModelParameters):
     model_file: str  # in the model's version folder
     intra_op_threads: int
     idle_threads: int | None = None  # serving_models/cpu_share.py
-    idle_threads_min_tokens: int = 0
     device: str = "cpu"
 
 
@@ -96,7 +95,6 @@ class EmbedderParameters(ModelParameters):
     encoders: list[EmbedderEncoder]
     intra_op_threads: int
     idle_threads: int | None = None  # serving_models/cpu_share.py
-    idle_threads_min_tokens: int = 0
     device: str = "cpu"
     max_text_bytes: int
     prompt_bytes: int = 0  # allowed beyond max_text_bytes: room for a prompt the heads put before a text

@@ -230,13 +230,6 @@ class ServingSpec(_Strict):
         description="threads an encoder instance takes for a batch while every other one is idle (cpu target; "
         "None: always intra_op_threads); serving_models/cpu_share.py",
     )
-    idle_threads_min_tokens: int = Field(
-        0,
-        ge=0,
-        le=1 << 20,
-        description="a batch takes idle_threads only if it holds at least this many tokens: below it, waking a "
-        "second thread costs more than it saves; serving_models/cpu_share.py",
-    )
     response_cache: bool = True
     # Cached answers fill this and no more: the server's memory under traffic of ever new texts stays bounded.
     response_cache_mb: int = Field(

@@ -46,7 +46,6 @@ SETTINGS: dict[str, dict] = {
     "spec": {},
     "500 us batching delay": {"max_queue_delay_us": 500},  # export/teacher.yaml's
     "one thread always": {"idle_threads": None},
-    "two threads for any batch": {"idle_threads_min_tokens": 0},
 }
 BATCH = 32
 # The in-process runtime is also measured with this idle time before each query: a served query reaches the encoder

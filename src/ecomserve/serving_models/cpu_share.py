@@ -3,10 +3,9 @@ encoder instance of the same server is running one, and with `serving.intra_op_t
 
 Several single-threaded instances give the best throughput under load (each core runs its own batch, no
 synchronisation), but leave all cores but one idle when a single request arrives: its latency is then that of one
-core. An instance that finds the others idle takes the idle cores too, for a batch big enough
-(`serving.idle_threads_min_tokens`) that the extra threads pay for their wake-up. Under sustained load the
-instances overlap, see each other busy and stay at one thread each; only a transient overlap (an instance starting
-while a wide run is finishing) runs more threads than cores.
+core. An instance that finds the others idle takes the idle cores too. Under sustained load the instances overlap,
+see each other busy and stay at one thread each; only a transient overlap (an instance starting while a wide run is
+finishing) runs more threads than cores.
 
 Every encoder instance of the server (the stub processes of one tritonserver, so the folder is named by its pid)
 holds an exclusive `flock` on its own file in a shared folder while it runs a batch; "the others are idle" means
@@ -30,25 +29,20 @@ SUFFIX = ".busy"
 
 @dataclass(frozen=True)
 class Runners:
-    """One encoder's runner at intra_op_threads and, when idle_threads is more, one at idle_threads for batches
-    of at least `min_tokens` tokens."""
+    """One encoder's runner at intra_op_threads and, when idle_threads is more, one at idle_threads."""
 
     narrow: Runner
     wide: Runner | None
-    min_tokens: int = 0
 
-    def pick(self, others_idle: bool, tokens: int) -> Runner:
-        go_wide = others_idle and self.wide is not None and tokens >= self.min_tokens
-        return self.wide if go_wide else self.narrow
+    def pick(self, others_idle: bool) -> Runner:
+        return self.wide if others_idle and self.wide is not None else self.narrow
 
 
-def load_runners(
-    runtime: str, path: Path, threads: int, idle_threads: int | None, device: str, min_tokens: int = 0
-) -> Runners:
+def load_runners(runtime: str, path: Path, threads: int, idle_threads: int | None, device: str) -> Runners:
     narrow = load_runner(runtime, path, threads, device)
     if idle_threads is None or idle_threads <= threads or device != "cpu":
         return Runners(narrow, None)
-    return Runners(narrow, load_runner(runtime, path, idle_threads, device), min_tokens)
+    return Runners(narrow, load_runner(runtime, path, idle_threads, device))
 
 
 def server_share_dir() -> Path:

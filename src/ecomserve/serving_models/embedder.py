@@ -38,12 +38,7 @@ class TritonPythonModel:
             files = version_dir(args) / encoder.name
             tokenizer = TextTokenizer(files / TOKENIZER_FILE, encoder.max_seq_len)
             runners = load_runners(
-                encoder.runtime,
-                files / encoder.model_file,
-                threads,
-                parameters.idle_threads,
-                device,
-                parameters.idle_threads_min_tokens,
+                encoder.runtime, files / encoder.model_file, threads, parameters.idle_threads, device
             )
             self.encoders.append((tokenizer, runners))
         self.share = server_share(args["model_instance_name"], [runners for _, runners in self.encoders])
@@ -80,6 +75,5 @@ class TritonPythonModel:
                 batch = tokenizer.encode(texts)
                 if batch.truncated:
                     self.truncated.increment(batch.truncated)
-                runner = runners.pick(others_idle, int(batch.attention_mask.sum()))
-                vectors.append(run_by_length(runner, batch.input_ids, batch.attention_mask))
+                vectors.append(run_by_length(runners.pick(others_idle), batch.input_ids, batch.attention_mask))
         return vectors[0] if len(vectors) == 1 else fuse_embeddings(vectors, self.slices)

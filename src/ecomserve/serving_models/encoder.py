@@ -24,12 +24,7 @@ class TritonPythonModel:
         parameters = EncoderParameters.from_config(config)
         path = version_dir(args) / parameters.model_file
         self.runners = load_runners(
-            parameters.runtime,
-            path,
-            parameters.intra_op_threads,
-            parameters.idle_threads,
-            parameters.device,
-            parameters.idle_threads_min_tokens,
+            parameters.runtime, path, parameters.intra_op_threads, parameters.idle_threads, parameters.device
         )
         self.share = server_share(args["model_instance_name"], [self.runners])
 
@@ -38,10 +33,8 @@ class TritonPythonModel:
             ids = [input_array(r, ENCODER_INPUTS[0]) for r in requests]
             masks = [input_array(r, ENCODER_INPUTS[1]) for r in requests]
             length = max(a.shape[1] for a in ids)
-            tokens = sum(int(m.sum()) for m in masks)
             with running(self.share) as others_idle:
-                runner = self.runners.pick(others_idle, tokens)
-                embeddings = run_by_length(runner, _pad(ids, length), _pad(masks, length))
+                embeddings = run_by_length(self.runners.pick(others_idle), _pad(ids, length), _pad(masks, length))
         except Exception as exc:  # noqa: BLE001 - the whole batch failed together
             return [error_response(exc) for _ in requests]
         bounds = np.cumsum([a.shape[0] for a in ids])[:-1]
