@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ecomserve.bench.latency import BATCH, SETTINGS, FreshTexts, phase_breakdown, setting_spec, summary
-from ecomserve.bench.load import measure
+from ecomserve.bench.load import Measurement, measure, merged
 from ecomserve.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +67,17 @@ def test_idle_before_each_call_is_waited_but_not_timed():
     point = measure("c", "query embed", "in-process", 1, lambda _w: lambda i: None, 1, 0.3, idle_s=0.05)
     assert 1 <= point.requests <= 7  # at most one call per 50 ms idle
     assert point.p50_ms < 5  # the idle time is not in the latency
+
+
+def test_turns_merge_into_one_measurement_whose_percentiles_are_the_turns_median():
+    turns = [
+        Measurement("spec / front", "query embed", "grpc", 1, n, 1, 1.0, n, n, p50, p50 * 2, p50 * 3, 0)
+        for n, p50 in ((100, 4.0), (300, 9.0), (200, 5.0))
+    ]
+    one = merged(turns)
+    assert (one.requests, one.seconds, one.throughput_items) == (600, 3.0, 200.0)
+    assert (one.p50_ms, one.p95_ms, one.p99_ms) == (5.0, 10.0, 15.0)  # a slow turn (9 ms) does not pull the median
+    assert one.contender == "spec / front" and one.errors == 0
 
 
 def _row(setting: str, route: str, clients: int, workload: str, p50: float, texts_per_s: float, **extra) -> dict:

@@ -1,13 +1,15 @@
 """`ecomserve bench --workload latency`: where one query's time goes, and what each serving setting does to it.
 
 Per serving setting (the spec's own, then each change in SETTINGS), one server on the spec's model with the
-response cache off, measured on texts never sent before:
+response cache off, all of them up together, measured on texts never sent before:
 
-- one query per request from 1 client: through the front (gRPC), straight to Triton's private socket to `embed`
-  (the public ensemble) and to its `embedder` (the python model that tokenizes and runs the encoders), so the
-  differences are the front's and the ensemble's cost; Triton's own statistics over the direct `embedder` run
-  split the server's time into queue (the dynamic-batching delay and waiting for an instance), input, the
-  python model's execute (tokenizer, ONNX Runtime, the stub's IPC) and output;
+- one query per request from 1 client, every setting in turns over ROUNDS rounds (this machine's speed drifts
+  within minutes; taken in turns, a drift falls on every setting alike): through the front (gRPC), straight to
+  Triton's private socket to `embed` (the public ensemble) and to its `embedder` (the python model that
+  tokenizes and runs the encoders), so the differences are the front's and the ensemble's cost; Triton's own
+  statistics over the direct `embedder` runs split the server's time into queue (the dynamic-batching delay and
+  waiting for an instance), input, the python model's execute (tokenizer, ONNX Runtime, the stub's IPC) and
+  output;
 - one query per request from 16 clients and 32 titles per request from 4 clients, through the front (gRPC);
 - the same tokenizer and runner in this process, at 1 and 2 threads (the in-process limit), and for one query also
   after IDLE_BETWEEN_MS of idling before each (what a run costs in the rhythm a served query arrives in);
@@ -15,7 +17,7 @@ response cache off, measured on texts never sent before:
   clients sending texts never sent before (every answer a new cache entry), its RSS (tritonserver, the stubs and
   the front) sampled every few seconds: it must level off once the cache is full.
 
-Settings are measured one after another on one machine: compare within a run."""
+The loaded points are taken one setting after another (the other servers idle): compare within a run."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import json
 import shutil
 import threading
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +34,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ecomserve.bench.load import grpc_embed, measure
+from ecomserve.bench.load import Measurement, grpc_embed, measure, merged
 from ecomserve.bench.report import plt, write_csv
 from ecomserve.contract import EMBED, EMBEDDER
 from ecomserve.cpu import cpu_description
@@ -48,6 +51,8 @@ SETTINGS: dict[str, dict] = {
     "one thread always": {"idle_threads": None},
 }
 BATCH = 32
+ROUNDS = 4
+ONE_CLIENT_ROUTES = ("front", "direct embed", "direct embedder")
 # The in-process runtime is also measured with this idle time before each query: a served query reaches the encoder
 # after a round trip during which its instance slept, and a run after idling is slower than one straight after
 # another (caches, the threads' wake-up); this row is the in-process cost of that rhythm.
@@ -118,30 +123,54 @@ def phase_breakdown(before: dict[str, int], after: dict[str, int]) -> dict[str, 
     return {"requests": count} | {f"{p}_ms": (after[p] - before[p]) / count / 1e6 for p in phases}
 
 
-def _served_rows(server, name: str, texts: FreshTexts, duration_s: float) -> tuple[list[dict], dict]:
+def _route(server, route: str) -> tuple[str, str]:
+    """The gRPC address and model a route calls: the front's `embed`, or Triton's private socket."""
     direct = server.sockets.grpc_target
-    points = [
-        ("front", server.grpc_url, EMBED, 1, 1),
-        ("direct embed", direct, EMBED, 1, 1),
-        ("direct embedder", direct, EMBEDDER, 1, 1),  # the fused layout's python model (the default)
-        ("front", server.grpc_url, EMBED, 16, 1),
-        ("front", server.grpc_url, EMBED, 4, BATCH),
+    return {"front": (server.grpc_url, EMBED), "direct embed": (direct, EMBED), "direct embedder": (direct, EMBEDDER)}[
+        route
     ]
-    rows, phases = [], {}
-    for route, url, model, clients, size in points:
 
-        def make_call(_worker: int, url=url, model=model, size=size) -> Callable[[int], object]:
-            call = grpc_embed(url, model)
-            return lambda i: call([texts.query(i)] if size == 1 else texts.titles(i))
 
-        watched = route == "direct embedder"
-        before = triton_phases(direct, EMBEDDER) if watched else None
+def _caller(url: str, model: str, texts: FreshTexts, size: int) -> Callable[[int], Callable[[int], object]]:
+    def make_call(_worker: int) -> Callable[[int], object]:
+        call = grpc_embed(url, model)
+        return lambda i: call([texts.query(i)] if size == 1 else texts.titles(i))
+
+    return make_call
+
+
+def _one_client_rows(servers: dict, texts: FreshTexts, duration_s: float) -> tuple[list[dict], dict]:
+    """Every setting's 1-client routes in ROUNDS turns, the settings' order reversed each round; Triton's statistics
+    of `embedder` summed over the direct-embedder turns."""
+    taken: dict[tuple[str, str], list[Measurement]] = defaultdict(list)
+    spent: dict[str, Counter] = {name: Counter() for name in servers}
+    names = list(servers)
+    for round_ in range(ROUNDS):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            server = servers[name]
+            for route in ONE_CLIENT_ROUTES:
+                url, model = _route(server, route)
+                watched = route == "direct embedder"
+                before = triton_phases(server.sockets.grpc_target, EMBEDDER) if watched else {}
+                point = measure(
+                    f"{name} / {route}", "query embed", "grpc", 1, _caller(url, model, texts, 1), 1, duration_s / ROUNDS
+                )
+                taken[name, route].append(point)
+                if watched:
+                    after = triton_phases(server.sockets.grpc_target, EMBEDDER)
+                    spent[name].update({k: after[k] - before[k] for k in after})
+    rows = [merged(points).row() | {"setting": name, "route": route} for (name, route), points in taken.items()]
+    return rows, {name: phase_breakdown(dict.fromkeys(total, 0), dict(total)) for name, total in spent.items()}
+
+
+def _loaded_rows(server, name: str, texts: FreshTexts, duration_s: float) -> list[dict]:
+    rows = []
+    for clients, size in ((16, 1), (4, BATCH)):
         workload = "query embed" if size == 1 else f"batch embed {size}"
-        point = measure(f"{name} / {route}", workload, "grpc", clients, make_call, size, duration_s)
-        if watched:
-            phases = phase_breakdown(before, triton_phases(direct, EMBEDDER))
-        rows.append(point.row() | {"setting": name, "route": route})
-    return rows, phases
+        make_call = _caller(server.grpc_url, EMBED, texts, size)
+        point = measure(f"{name} / front", workload, "grpc", clients, make_call, size, duration_s)
+        rows.append(point.row() | {"setting": name, "route": "front"})
+    return rows
 
 
 def _in_process_rows(spec: PipelineSpec, spec_dir: Path, model_file: Path, texts: FreshTexts, duration_s: float):
@@ -225,21 +254,26 @@ def run_latency_bench(
     results: dict = {"cpu": cpu_description(), "duration_s": duration_s, "settings": SETTINGS, "rows": [], "phases": {}}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("latency", total=len(SETTINGS) + 1 + (soak_s > 0))
+        task = progress.add_task("latency", total=len(SETTINGS) + 2 + (soak_s > 0))
         built = work_dir / "latency" / "built"
         build_repository(spec, built, spec_dir, console)
-        for name, change in SETTINGS.items():
-            progress.update(task, description=f"latency: {name}")
-            repository = work_dir / "latency" / name.replace(" ", "_").replace("+", "and")
-            respecified(built, setting_spec(spec, change), spec_dir, repository)
-            server = start_bench_server(repository, work_dir)
-            try:
-                rows, phases = _served_rows(server, name, texts, duration_s)
-            finally:
-                server.stop()
-            results["rows"] += rows
-            results["phases"][name] = phases
+        servers = {}
+        try:
+            for name, change in SETTINGS.items():
+                progress.update(task, description=f"latency: starting {name}")
+                repository = work_dir / "latency" / name.replace(" ", "_").replace("+", "and")
+                respecified(built, setting_spec(spec, change), spec_dir, repository)
+                servers[name] = start_bench_server(repository, work_dir)
+            progress.update(task, description=f"latency: 1 client, the settings in turns ({ROUNDS} rounds)")
+            results["rows"], results["phases"] = _one_client_rows(servers, texts, duration_s)
             progress.advance(task)
+            for name, server in servers.items():
+                progress.update(task, description=f"latency: {name} under load")
+                results["rows"] += _loaded_rows(server, name, texts, duration_s)
+                progress.advance(task)
+        finally:
+            for server in servers.values():
+                server.stop()
         progress.update(task, description="latency: in-process")
         model_file = _served_model_file(repository, spec.encoders[0], spec)
         results["rows"] += _in_process_rows(spec, spec_dir, model_file, texts, duration_s)

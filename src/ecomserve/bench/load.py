@@ -5,10 +5,11 @@ Every contender — PyTorch, the in-process runtime, the served pipeline — is 
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -31,6 +32,23 @@ class Measurement:
 
     def row(self) -> dict:
         return asdict(self)
+
+
+def merged(points: list[Measurement]) -> Measurement:
+    """One measurement of several taken in turns: requests, time and errors add up; each percentile is the
+    median of the turns' (a turn in a slow minute moves it less than pooling the samples would)."""
+    requests, seconds = sum(p.requests for p in points), sum(p.seconds for p in points)
+    return replace(
+        points[0],
+        requests=requests,
+        seconds=seconds,
+        throughput_rps=requests / seconds,
+        throughput_items=requests * points[0].items_per_request / seconds,
+        p50_ms=statistics.median(p.p50_ms for p in points),
+        p95_ms=statistics.median(p.p95_ms for p in points),
+        p99_ms=statistics.median(p.p99_ms for p in points),
+        errors=sum(p.errors for p in points),
+    )
 
 
 def measure(
