@@ -13,22 +13,24 @@ from support import make_tiny_bert
 
 from ecomserve.export.onnx_export import export_onnx
 from ecomserve.export.pooled_encoder import PooledEncoder, load_encoder
-from ecomserve.serving_models.cpu_share import CpuShare, load_runners, running
+from ecomserve.runtime import LENGTH_CHUNK, run_by_length
+from ecomserve.serving_models.cpu_share import CpuShare, Runners, chunk_runner, load_runners
 from ecomserve.spec import ServingSpec
 
 
 def test_an_instance_is_alone_only_while_the_others_idle(tmp_path):
     first, second = CpuShare(tmp_path, "embedder_0_0"), CpuShare(tmp_path, "embedder_0_1")
-    with first.running() as alone:
-        assert alone
-        with second.running() as second_alone:
-            assert not second_alone  # first is running a batch
-    with second.running() as alone:
-        assert alone  # first finished
+    with first.running():
+        assert first.others_idle()
+        with second.running():
+            assert not second.others_idle()  # first is running a batch
+            assert not first.others_idle()
+    with second.running():
+        assert second.others_idle()  # first finished
     second.close()
     assert not (tmp_path / second.name).exists()
-    with first.running() as alone:
-        assert alone
+    with first.running():
+        assert first.others_idle()
 
 
 def _hold_busy(folder, started) -> None:
@@ -46,29 +48,56 @@ def test_a_killed_instance_does_not_stay_busy(tmp_path):
     try:
         assert started.wait(60)
         share = CpuShare(tmp_path, "encoder_0_1")
-        with share.running() as alone:
-            assert not alone
+        with share.running():
+            assert not share.others_idle()
         os.kill(other.pid, signal.SIGKILL)
         other.join(10)
-        with share.running() as alone:
-            assert alone  # the kernel dropped the dead stub's lock; its file stays behind, unlocked
+        with share.running():
+            assert share.others_idle()  # the kernel dropped the dead stub's lock; its file stays behind, unlocked
     finally:
         if other.is_alive():
             other.kill()
 
 
-def test_wide_and_narrow_runs_give_the_same_vectors(tmp_path):
+def _tiny_runners(tmp_path):
     model = tmp_path / "model.onnx"
     export_onnx(PooledEncoder(load_encoder(make_tiny_bert(tmp_path / "tiny", seed=3), None), "mean"), model)
-    runners = load_runners("onnxruntime", model, threads=1, idle_threads=2, device="cpu")
+    return model, load_runners("onnxruntime", model, threads=1, idle_threads=2, device="cpu")
+
+
+def test_wide_and_narrow_runs_give_the_same_vectors(tmp_path):
+    model, runners = _tiny_runners(tmp_path)
     assert runners.wide is not None and runners.pick(True) is runners.wide and runners.pick(False) is runners.narrow
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 2000, size=(5, 24)).astype(np.int64)
     mask = np.ones_like(ids)
     np.testing.assert_allclose(runners.wide(ids, mask), runners.narrow(ids, mask), atol=1e-6)
     assert load_runners("onnxruntime", model, threads=2, idle_threads=2, device="cpu").wide is None
-    with running(None) as others_idle:  # no share: always narrow
-        assert others_idle is False
+    assert chunk_runner(runners, None) is runners.narrow  # no share: always narrow
+
+
+def test_each_chunk_goes_wide_only_while_the_others_idle(tmp_path):
+    """A batch that went wide steps back to one thread at its next chunk once another instance starts a batch."""
+    _, runners = _tiny_runners(tmp_path)
+    picked: list[str] = []
+    recording = Runners(
+        narrow=lambda ids, mask: picked.append("narrow") or runners.narrow(ids, mask),
+        wide=lambda ids, mask: picked.append("wide") or runners.wide(ids, mask),
+    )
+    share, other = CpuShare(tmp_path / "share", "embedder_0_0"), CpuShare(tmp_path / "share", "embedder_0_1")
+    ids = np.random.default_rng(1).integers(1000, 2000, size=(LENGTH_CHUNK * 3, 16)).astype(np.int64)
+    mask = np.ones_like(ids)
+    run = chunk_runner(recording, share)
+    chunks = [slice(i, i + LENGTH_CHUNK) for i in range(0, len(ids), LENGTH_CHUNK)]
+    with share.running():
+        parts = [run(ids[chunks[0]], mask[chunks[0]])]
+        with other.running():  # another instance starts a batch
+            parts.append(run(ids[chunks[1]], mask[chunks[1]]))
+        parts.append(run(ids[chunks[2]], mask[chunks[2]]))  # and finishes it
+    assert picked == ["wide", "narrow", "wide"]
+    np.testing.assert_allclose(np.concatenate(parts), runners.narrow(ids, mask), atol=1e-6)
+    with share.running():
+        np.testing.assert_allclose(run_by_length(run, ids, mask), runners.narrow(ids, mask), atol=1e-6)
 
 
 def test_idle_threads_cannot_be_below_intra_op_threads():

@@ -1,15 +1,15 @@
 """`ecomserve bench --workload latency`: where one query's time goes, and what each serving setting does to it.
 
 Per serving setting (the spec's own, then each change in SETTINGS), one server on the spec's model with the
-response cache off, all of them up together, measured on texts never sent before:
+response cache off, all of them up together, measured on texts never sent before, the settings in turns over
+ROUNDS rounds (this machine's speed drifts within minutes; in turns, a drift falls on every setting alike), each
+figure the median of its rounds:
 
-- one query per request from 1 client, every setting in turns over ROUNDS rounds (this machine's speed drifts
-  within minutes; taken in turns, a drift falls on every setting alike): through the front (gRPC), straight to
-  Triton's private socket to `embed` (the public ensemble) and to its `embedder` (the python model that
-  tokenizes and runs the encoders), so the differences are the front's and the ensemble's cost; Triton's own
-  statistics over the direct `embedder` runs split the server's time into queue (the dynamic-batching delay and
-  waiting for an instance), input, the python model's execute (tokenizer, ONNX Runtime, the stub's IPC) and
-  output;
+- one query per request from 1 client: through the front (gRPC), straight to Triton's private socket to `embed`
+  (the public ensemble) and to its `embedder` (the python model that tokenizes and runs the encoders), so the
+  differences are the front's and the ensemble's cost; Triton's own statistics over the direct `embedder` runs
+  split the server's time into queue (the dynamic-batching delay and waiting for an instance), input, the python
+  model's execute (tokenizer, ONNX Runtime, the stub's IPC) and output;
 - one query per request from 16 clients and 32 titles per request from 4 clients, through the front (gRPC);
 - the same tokenizer and runner in this process, at 1 and 2 threads (the in-process limit), and for one query also
   after IDLE_BETWEEN_MS of idling before each (what a run costs in the rhythm a served query arrives in);
@@ -17,7 +17,7 @@ response cache off, all of them up together, measured on texts never sent before
   clients sending texts never sent before (every answer a new cache entry), its RSS (tritonserver, the stubs and
   the front) sampled every few seconds: it must level off once the cache is full.
 
-The loaded points are taken one setting after another (the other servers idle): compare within a run."""
+While one setting is measured the other servers idle. Compare within a run."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ SETTINGS: dict[str, dict] = {
 }
 BATCH = 32
 ROUNDS = 4
-ONE_CLIENT_ROUTES = ("front", "direct embed", "direct embedder")
+# (route, clients, texts per request), each measured on every setting's server in every round.
+POINTS = (("front", 1, 1), ("direct embed", 1, 1), ("direct embedder", 1, 1), ("front", 16, 1), ("front", 4, BATCH))
 # The in-process runtime is also measured with this idle time before each query: a served query reaches the encoder
 # after a round trip during which its instance slept, and a run after idling is slower than one straight after
 # another (caches, the threads' wake-up); this row is the in-process cost of that rhythm.
@@ -139,38 +140,28 @@ def _caller(url: str, model: str, texts: FreshTexts, size: int) -> Callable[[int
     return make_call
 
 
-def _one_client_rows(servers: dict, texts: FreshTexts, duration_s: float) -> tuple[list[dict], dict]:
-    """Every setting's 1-client routes in ROUNDS turns, the settings' order reversed each round; Triton's statistics
-    of `embedder` summed over the direct-embedder turns."""
-    taken: dict[tuple[str, str], list[Measurement]] = defaultdict(list)
+def _served_in_turns(servers: dict, texts: FreshTexts, duration_s: float) -> tuple[list[dict], dict]:
+    """Every setting's POINTS in ROUNDS turns, the settings' order reversed each round; Triton's statistics of
+    `embedder` summed over the direct-embedder turns."""
+    taken: dict[tuple[str, str, int, int], list[Measurement]] = defaultdict(list)
     spent: dict[str, Counter] = {name: Counter() for name in servers}
     names = list(servers)
     for round_ in range(ROUNDS):
         for name in names if round_ % 2 == 0 else names[::-1]:
             server = servers[name]
-            for route in ONE_CLIENT_ROUTES:
+            for route, clients, size in POINTS:
                 url, model = _route(server, route)
                 watched = route == "direct embedder"
                 before = triton_phases(server.sockets.grpc_target, EMBEDDER) if watched else {}
-                point = measure(
-                    f"{name} / {route}", "query embed", "grpc", 1, _caller(url, model, texts, 1), 1, duration_s / ROUNDS
-                )
-                taken[name, route].append(point)
+                workload = "query embed" if size == 1 else f"batch embed {size}"
+                make_call = _caller(url, model, texts, size)
+                point = measure(f"{name} / {route}", workload, "grpc", clients, make_call, size, duration_s / ROUNDS)
+                taken[name, route, clients, size].append(point)
                 if watched:
                     after = triton_phases(server.sockets.grpc_target, EMBEDDER)
                     spent[name].update({k: after[k] - before[k] for k in after})
-    rows = [merged(points).row() | {"setting": name, "route": route} for (name, route), points in taken.items()]
+    rows = [merged(points).row() | {"setting": key[0], "route": key[1]} for key, points in taken.items()]
     return rows, {name: phase_breakdown(dict.fromkeys(total, 0), dict(total)) for name, total in spent.items()}
-
-
-def _loaded_rows(server, name: str, texts: FreshTexts, duration_s: float) -> list[dict]:
-    rows = []
-    for clients, size in ((16, 1), (4, BATCH)):
-        workload = "query embed" if size == 1 else f"batch embed {size}"
-        make_call = _caller(server.grpc_url, EMBED, texts, size)
-        point = measure(f"{name} / front", workload, "grpc", clients, make_call, size, duration_s)
-        rows.append(point.row() | {"setting": name, "route": "front"})
-    return rows
 
 
 def _in_process_rows(spec: PipelineSpec, spec_dir: Path, model_file: Path, texts: FreshTexts, duration_s: float):
@@ -264,13 +255,9 @@ def run_latency_bench(
                 repository = work_dir / "latency" / name.replace(" ", "_").replace("+", "and")
                 respecified(built, setting_spec(spec, change), spec_dir, repository)
                 servers[name] = start_bench_server(repository, work_dir)
-            progress.update(task, description=f"latency: 1 client, the settings in turns ({ROUNDS} rounds)")
-            results["rows"], results["phases"] = _one_client_rows(servers, texts, duration_s)
+            progress.update(task, description=f"latency: the settings in turns ({ROUNDS} rounds)")
+            results["rows"], results["phases"] = _served_in_turns(servers, texts, duration_s)
             progress.advance(task)
-            for name, server in servers.items():
-                progress.update(task, description=f"latency: {name} under load")
-                results["rows"] += _loaded_rows(server, name, texts, duration_s)
-                progress.advance(task)
         finally:
             for server in servers.values():
                 server.stop()

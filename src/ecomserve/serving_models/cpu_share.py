@@ -3,9 +3,11 @@ encoder instance of the same server is running one, and with `serving.intra_op_t
 
 Several single-threaded instances give the best throughput under load (each core runs its own batch, no
 synchronisation), but leave all cores but one idle when a single request arrives: its latency is then that of one
-core. An instance that finds the others idle takes the idle cores too. Under sustained load the instances overlap,
-see each other busy and stay at one thread each; only a transient overlap (an instance starting while a wide run is
-finishing) runs more threads than cores.
+core. An instance that finds the others idle takes the idle cores too. The choice is made again before each
+chunk of a batch (`runtime.run_by_length`): an instance that went wide steps back to one thread at its next chunk
+once another instance starts a batch (both wide would run more threads than cores), and one that started narrow
+widens once the others finish. Under sustained load the instances overlap, see each other busy and stay at one
+thread each.
 
 Every encoder instance of the server (the stub processes of one tritonserver, so the folder is named by its pid)
 holds an exclusive `flock` on its own file in a shared folder while it runs a batch; "the others are idle" means
@@ -21,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ecomserve.runtime import Runner, load_runner
 
@@ -56,8 +60,19 @@ def server_share(instance: str, runners: list[Runners]) -> CpuShare | None:
 
 
 def running(share: CpuShare | None):
-    """`share.running()`, or a block that always runs narrow."""
-    return share.running() if share is not None else nullcontext(False)
+    """`share.running()`, or nothing to mark when there is no share."""
+    return share.running() if share is not None else nullcontext()
+
+
+def chunk_runner(runners: Runners, share: CpuShare | None) -> Runner:
+    """The runner `run_by_length` calls for each chunk: wide while every other instance is idle at that moment."""
+    if share is None or runners.wide is None:
+        return runners.narrow
+
+    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return runners.pick(share.others_idle())(input_ids, attention_mask)
+
+    return run
 
 
 class CpuShare:
@@ -69,15 +84,16 @@ class CpuShare:
         self._own = open(folder / self.name, "a+b")  # noqa: SIM115 - held for the instance's lifetime
 
     @contextmanager
-    def running(self) -> Iterator[bool]:
-        """Marks this instance busy for the block; yields whether every other instance was idle at its start."""
+    def running(self) -> Iterator[None]:
+        """Marks this instance busy for the block."""
         fcntl.flock(self._own, fcntl.LOCK_EX)
         try:
-            yield self._others_idle()
+            yield
         finally:
             fcntl.flock(self._own, fcntl.LOCK_UN)
 
-    def _others_idle(self) -> bool:
+    def others_idle(self) -> bool:
+        """Whether no other instance is running a batch now."""
         for path in self.folder.glob(f"*{SUFFIX}"):
             if path.name == self.name:
                 continue

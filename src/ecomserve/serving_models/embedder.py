@@ -20,7 +20,7 @@ from ecomserve.serving_models.base import (
     output,
     version_dir,
 )
-from ecomserve.serving_models.cpu_share import load_runners, running, server_share
+from ecomserve.serving_models.cpu_share import chunk_runner, load_runners, running, server_share
 from ecomserve.serving_models.tokenizer import truncation_counter
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 from ecomserve.validation import decode_texts
@@ -70,10 +70,11 @@ class TritonPythonModel:
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         vectors = []
-        with running(self.share) as others_idle:
+        with running(self.share):
             for tokenizer, runners in self.encoders:
                 batch = tokenizer.encode(texts)
                 if batch.truncated:
                     self.truncated.increment(batch.truncated)
-                vectors.append(run_by_length(runners.pick(others_idle), batch.input_ids, batch.attention_mask))
+                run = chunk_runner(runners, self.share)
+                vectors.append(run_by_length(run, batch.input_ids, batch.attention_mask))
         return vectors[0] if len(vectors) == 1 else fuse_embeddings(vectors, self.slices)

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 from ecomserve.parameters import EncoderParameters
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, run_by_length
 from ecomserve.serving_models.base import error_response, input_array, model_config, output, version_dir
-from ecomserve.serving_models.cpu_share import load_runners, running, server_share
+from ecomserve.serving_models.cpu_share import chunk_runner, load_runners, running, server_share
 
 
 def _pad(arrays: list[np.ndarray], length: int) -> np.ndarray:
@@ -33,8 +33,9 @@ class TritonPythonModel:
             ids = [input_array(r, ENCODER_INPUTS[0]) for r in requests]
             masks = [input_array(r, ENCODER_INPUTS[1]) for r in requests]
             length = max(a.shape[1] for a in ids)
-            with running(self.share) as others_idle:
-                embeddings = run_by_length(self.runners.pick(others_idle), _pad(ids, length), _pad(masks, length))
+            with running(self.share):
+                run = chunk_runner(self.runners, self.share)
+                embeddings = run_by_length(run, _pad(ids, length), _pad(masks, length))
         except Exception as exc:  # noqa: BLE001 - the whole batch failed together
             return [error_response(exc) for _ in requests]
         bounds = np.cumsum([a.shape[0] for a in ids])[:-1]
