@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ecomserve.bench.run import fastest_within_bounds, served_variant_name
-from ecomserve.bench.variants import VARIANTS, variant_spec
+from ecomserve.bench.variants import VARIANTS, architecture, variant_spec
 from ecomserve.evaluation import EvalSet, classify_accuracy
 from ecomserve.spec import EncoderSpec, load_spec
 
@@ -36,8 +36,11 @@ def test_classify_accuracy_is_the_share_of_titles_nearest_their_own_category():
     assert classify_accuracy(eval_set, embed) == 0.75
 
 
-def _variant(name: str, servable: bool, ndcg5: float, classify: float, speed: float) -> dict:
-    return {"name": name, "servable": servable, "ndcg5": ndcg5, "classify_accuracy": classify, "query_per_s": speed}
+def _variant(
+    name: str, servable: bool, ndcg5: float, classify: float, speed: float, cosine: float = 0.9, arch: str = ""
+) -> dict:
+    quality = {"ndcg5": ndcg5, "classify_accuracy": classify, "cosine_min": cosine}
+    return {"name": name, "architecture": arch or name, "servable": servable, "query_per_s": speed} | quality
 
 
 def test_the_default_rule_takes_the_fastest_servable_variant_inside_both_bounds():
@@ -57,6 +60,24 @@ def test_the_default_rule_takes_the_fastest_servable_variant_inside_both_bounds(
     assert fastest_within_bounds(results) == "good student"
     results["reference_ndcg5"] = 0.95
     assert fastest_within_bounds(results) is None
+
+
+def test_of_one_architecture_the_rule_takes_the_variant_nearest_the_full_model():
+    """An untrained and a distilled student run the same graph: a faster reading of the untrained one is noise."""
+    results = {
+        "reference_ndcg5": 0.80,
+        "reference_classify": 0.60,
+        "variants": [
+            _variant("int8 static", True, 0.80, 0.62, 500, cosine=0.98),
+            _variant("L3 int8", True, 0.81, 0.68, 1347, cosine=0.54, arch="L3"),
+            _variant("L3 distilled int8", True, 0.83, 0.63, 1218, cosine=0.72, arch="L3"),
+        ],
+    }
+    assert fastest_within_bounds(results) == "L3 distilled int8"
+    results["variants"][2]["ndcg5"] = 0.75  # out of bounds: the untrained one is the architecture's only fit
+    assert fastest_within_bounds(results) == "L3 int8"
+    assert architecture("L3 [0,4,5] int8") == architecture("L3 [0,4,5] distilled int8")
+    assert architecture("L3 [0,4,5] int8") != architecture("int8 static onnxruntime")
 
 
 def test_layer_choice_variants_keep_their_layers_and_the_others_keep_all():
