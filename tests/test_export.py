@@ -154,3 +154,38 @@ def test_int8_recipe_follows_the_cpus_dot_product_instructions(tmp_path):
     assert int8_recipe(encoder) == ("full_range" if has_int8_dot_product() else "reduced_range")
     for fixed in ("full_range", "reduced_range"):
         assert int8_recipe(encoder.model_copy(update={"int8_recipe": fixed})) == fixed
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_static_int8_runs_the_feed_forward_outputs_per_token(tiny, tmp_path, reduce_range):
+    """Static INT8 leaves the feed-forward output projections to per-token INT8 (one scale per token, computed from
+    that token alone): integer kernels, answers close to fp32 and independent of the batch."""
+    from ecomserve.export import compress
+    from ecomserve.paths import corpus_texts
+
+    fp32 = tmp_path / "model.onnx"
+    export_onnx(PooledEncoder(load_encoder(tiny, None), "mean"), fp32)
+    tokenizer = TextTokenizer(tiny / TOKENIZER_FILE, 64)
+    calibration = list(compress.calibration_batches(tokenizer, corpus_texts()[:64]))
+    int8 = compress.quantize_static_onnx(fp32, tmp_path / "int8.onnx", calibration, reduce_range=reduce_range)
+
+    graph = onnx.load(str(int8)).graph
+    layers = onnx.load(str(fp32)).graph
+    feed_forward_out = [n.name for n in layers.node if n.op_type == "MatMul" and "/output/dense/" in n.name]
+    feed_forward_out = [name for name in feed_forward_out if "/attention/" not in name]
+    assert feed_forward_out and not {n.name for n in graph.node} & set(feed_forward_out)
+    integer = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert len(integer) == len(feed_forward_out)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    limit = 63 if reduce_range else 127
+    assert all(np.abs(weights[n.input[1]].astype(int)).max() <= limit for n in integer)
+
+    texts = [("word " * n).strip() + f" item {n}" for n in (3, 11, 1, 24, 7, 16)]
+    batch = tokenizer.encode(texts)
+    reference = load_runner("onnxruntime", fp32)(batch.input_ids, batch.attention_mask)
+    run = load_runner("onnxruntime", int8)
+    together = run(batch.input_ids, batch.attention_mask)
+    assert (together * reference).sum(axis=1).min() >= 0.99
+    for i, text in enumerate(texts):
+        alone = tokenizer.encode([text])
+        assert np.abs(run(alone.input_ids, alone.attention_mask)[0] - together[i]).max() <= 1e-5
