@@ -132,3 +132,23 @@ def test_the_default_spec_serves_the_distilled_student_variant():
     that variant, so the bench reports it as the served one and measures the same build."""
     default = load_spec(Path(__file__).resolve().parents[1] / "export/default.yaml").encoders[0]
     assert served_variant_name(default) == "L3 [0,4,5] distilled int8"
+
+
+def test_a_variant_built_by_other_export_code_is_rebuilt(tmp_path):
+    import json
+
+    from support import make_tiny_bert
+
+    from ecomserve.bench.variants import build_variant, export_code_hash
+
+    tiny = make_tiny_bert(tmp_path / "tiny", seed=5)
+    base = EncoderSpec(name="tiny", source=str(tiny), max_seq_len=32)
+    path, checks = build_variant("fp32 onnxruntime", base, tiny, tmp_path / "variant")
+    assert checks["built_from"]["export_code"] == export_code_hash()
+    built_at = path.stat().st_mtime_ns
+    assert build_variant("fp32 onnxruntime", base, tiny, tmp_path / "variant")[0].stat().st_mtime_ns == built_at
+    record = tmp_path / "variant" / "build.json"
+    stale = json.loads(record.read_text())
+    stale["built_from"]["export_code"] = "older code"
+    record.write_text(json.dumps(stale))
+    assert build_variant("fp32 onnxruntime", base, tiny, tmp_path / "variant")[0].stat().st_mtime_ns != built_at

@@ -6,6 +6,7 @@ NDCG@5 on the eval set, cosine to the fp32 PyTorch reference, and batch invarian
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -86,8 +87,17 @@ def variant_spec(base: EncoderSpec, changes: dict) -> EncoderSpec:
     return EncoderSpec.model_validate(fields)
 
 
+def export_code_hash() -> str:
+    """The export and compression code's fingerprint: a cached variant built by other code is rebuilt."""
+    from ecomserve import export
+
+    files = sorted(Path(export.__file__).parent.glob("*.py"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
 def build_variant(name: str, base: EncoderSpec, source: Path, directory: Path, progress=None) -> tuple[Path, dict]:
-    """Build (or reuse) a variant's model file; returns its path and the build's checks."""
+    """Build (or reuse, when the spec, source and export code are the same) a variant's model file; returns its path
+    and the build's checks."""
     from ecomserve.export import compress
     from ecomserve.export.pipeline import export_encoder
 
@@ -95,7 +105,11 @@ def build_variant(name: str, base: EncoderSpec, source: Path, directory: Path, p
     encoder = variant_spec(base, changes)
     model_path = directory / MODEL_FILES[encoder.runtime]
     record = directory / "build.json"
-    wanted = {"encoder": encoder.model_dump(exclude={"prompts"}), "source": str(source)}  # prompts: not in the file
+    wanted = {
+        "encoder": encoder.model_dump(exclude={"prompts"}),  # prompts: not in the file
+        "source": str(source),
+        "export_code": export_code_hash(),
+    }
     if record.is_file() and model_path.is_file():
         built = json.loads(record.read_text())
         if built.get("built_from") == wanted:  # a changed spec or source is rebuilt, never reused
