@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_each_setting_changes_only_its_serving_fields_and_turns_the_cache_off():
     spec = load_spec(ROOT / "export/default.yaml")
-    assert set(SETTINGS) >= {"spec", "500 us batching delay", "one thread always"}
+    assert set(SETTINGS) >= {"spec", "500 us batching delay", "two threads when idle"}
     for change in SETTINGS.values():
         changed = setting_spec(spec, change)
         assert changed.serving.response_cache is False

@@ -48,7 +48,7 @@ from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 SETTINGS: dict[str, dict] = {
     "spec": {},
     "500 us batching delay": {"max_queue_delay_us": 500},  # export/teacher.yaml's
-    "one thread always": {"idle_threads": None},
+    "two threads when idle": {"idle_threads": 2},  # export/teacher.yaml's; the default has one thread always
 }
 BATCH = 32
 ROUNDS = 4
