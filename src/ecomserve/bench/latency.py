@@ -255,6 +255,7 @@ def run_latency_bench(
                 repository = work_dir / "latency" / name.replace(" ", "_").replace("+", "and")
                 respecified(built, setting_spec(spec, change), spec_dir, repository)
                 servers[name] = start_bench_server(repository, work_dir)
+                progress.advance(task)
             progress.update(task, description=f"latency: the settings in turns ({ROUNDS} rounds)")
             results["rows"], results["phases"] = _served_in_turns(servers, texts, duration_s)
             progress.advance(task)
