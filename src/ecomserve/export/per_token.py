@@ -52,28 +52,27 @@ def _per_token_nodes(graph, node, weight, prefix: str, reduce_range: bool, opset
     w = numpy_helper.to_array(weight).astype(np.float32)  # [K, N]
     w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / levels
     w_int8 = np.clip(np.round(w / w_scale), -levels, levels).astype(np.int8)
-    k, n = w.shape
     x, y = node.input[0], node.output[0]
 
     def name(suffix: str) -> str:
         return prefix + suffix
 
-    # ReduceMax takes its axes as an attribute before opset 18 and as an input from it.
+    # Each token's largest magnitude over the last axis. ReduceMax takes its axes as an attribute before opset 18
+    # and as an input from it.
     if opset >= 18:
         reduce_max = helper.make_node(
-            "ReduceMax", [name("abs"), constant("axes", np.array([1], np.int64))], [name("amax")], keepdims=1
+            "ReduceMax", [name("abs"), constant("axes", np.array([-1], np.int64))], [name("amax")], keepdims=1
         )
     else:
-        reduce_max = helper.make_node("ReduceMax", [name("abs")], [name("amax")], keepdims=1, axes=[1])
+        reduce_max = helper.make_node("ReduceMax", [name("abs")], [name("amax")], keepdims=1, axes=[-1])
+    # MatMulInteger multiplies like numpy.matmul: [..., T, K] × [K, N] keeps the leading axes, no reshape needed.
     return [
-        helper.make_node("Shape", [x], [name("shape")]),
-        helper.make_node("Reshape", [x, constant("rows", np.array([-1, k], np.int64))], [name("x")]),
-        helper.make_node("Abs", [name("x")], [name("abs")]),
+        helper.make_node("Abs", [x], [name("abs")]),
         reduce_max,
         # An all-zero token keeps a positive scale (its row quantizes to zeros).
         helper.make_node("Max", [name("amax"), constant("tiny", np.array(1e-12, np.float32))], [name("amax+")]),
         helper.make_node("Div", [name("amax+"), constant("levels", np.array(127, np.float32))], [name("scale")]),
-        helper.make_node("Div", [name("x"), name("scale")], [name("scaled")]),
+        helper.make_node("Div", [x, name("scale")], [name("scaled")]),
         helper.make_node("Round", [name("scaled")], [name("rounded")]),
         helper.make_node("Add", [name("rounded"), constant("128", np.array(128, np.float32))], [name("shifted")]),
         helper.make_node("Cast", [name("shifted")], [name("x_u8")], to=TensorProto.UINT8),
@@ -84,14 +83,5 @@ def _per_token_nodes(graph, node, weight, prefix: str, reduce_range: bool, opset
         ),
         helper.make_node("Cast", [name("y_i32")], [name("y_f32")], to=TensorProto.FLOAT),
         helper.make_node("Mul", [name("y_f32"), name("scale")], [name("y_token")]),
-        helper.make_node("Mul", [name("y_token"), constant("w_scale", w_scale.astype(np.float32))], [name("y")]),
-        helper.make_node(
-            "Slice",
-            [name("shape"), constant("start", np.array([0], np.int64)), constant("end", np.array([-1], np.int64))],
-            [name("leading")],
-        ),
-        helper.make_node(
-            "Concat", [name("leading"), constant("n", np.array([n], np.int64))], [name("out_shape")], axis=0
-        ),
-        helper.make_node("Reshape", [name("y"), name("out_shape")], [y]),
+        helper.make_node("Mul", [name("y_token"), constant("w_scale", w_scale.astype(np.float32))], [y]),
     ]
