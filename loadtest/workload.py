@@ -10,7 +10,9 @@ it (ids of its items, matching the FILTER sent)."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import os
 import random
 import statistics
 from collections import Counter
@@ -34,6 +36,8 @@ SEARCH_MODES = ("dense", "hybrid", "lexical")  # the search model's MODE values
 DEFAULT_SEARCH_MODES = "dense:8,hybrid:1,lexical:1"
 HISTORY_ITEMS = (3, 5)  # similar: a shopper's recent items, this many (inclusive), or one item
 _IN_STOCK = {"true": True, "1": True, "false": False, "0": False}
+# The suffix count of `unique_texts`, shared by every user of this process (itertools.count is atomic under the GIL).
+_FRESH = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -340,5 +344,6 @@ class Workload:
         return tuple(self._fresh(title) for title in drawn)
 
     def _fresh(self, text: str) -> str:
-        # A random catalogue-style number: a new cache key, barely longer to tokenize.
-        return f"{text} {self.rng.randrange(10**6):06d}" if self.settings.unique_texts else text
+        # A catalogue-style number no other text of the run carries (this process's id and a count shared by its
+        # users; a random number could repeat, and a repeat is a response-cache hit): a new cache key, barely longer.
+        return f"{text} {os.getpid()}-{next(_FRESH)}" if self.settings.unique_texts else text
