@@ -344,6 +344,6 @@ class Workload:
         return tuple(self._fresh(title) for title in drawn)
 
     def _fresh(self, text: str) -> str:
-        # A catalogue-style number no other text of the run carries (this process's id and a count shared by its
-        # users; a random number could repeat, and a repeat is a response-cache hit): a new cache key, barely longer.
-        return f"{text} {os.getpid()}-{next(_FRESH)}" if self.settings.unique_texts else text
+        # A catalogue-style number no other text of the run carries: this process's id, then a count shared by its
+        # users, all digits (a random number could repeat, and a repeat is a response-cache hit).
+        return f"{text} {os.getpid() * 10**7 + next(_FRESH)}" if self.settings.unique_texts else text
