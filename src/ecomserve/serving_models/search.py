@@ -49,7 +49,7 @@ from ecomserve.fusion import fuse_embeddings, fuse_hybrid, query_scores
 from ecomserve.index.catalog import read_manifest
 from ecomserve.index.filters import ItemFilter
 from ecomserve.index.lexical import LexicalRetriever
-from ecomserve.index.loading import load_search_index
+from ecomserve.index.loading import MANIFEST_CHECK_S, load_search_index
 from ecomserve.index.milvus_index import milvus_token
 from ecomserve.parameters import SearchParameters
 from ecomserve.prompts import PASSAGE_PROMPT, QUERY_PROMPT, with_prompt
@@ -67,8 +67,6 @@ from ecomserve.serving_models.catalog_inputs import filter_input, top_k_input
 from ecomserve.spec import SearchSpec
 from ecomserve.validation import decode_texts
 
-# How stale the index may be: well inside the 5 s the catalog promises.
-MANIFEST_CHECK_S = 0.25
 # Triton's words for a model version that is not loaded (BLS errors all arrive as INTERNAL).
 _NOT_LOADED = re.compile(r"unknown model|no available versions|is not ready|version \d+ is not", re.IGNORECASE)
 MODES = ("hybrid", "dense", "lexical")
