@@ -160,15 +160,8 @@ def test_int8_recipe_follows_the_cpus_dot_product_instructions(tmp_path):
 def test_static_int8_runs_the_feed_forward_outputs_per_token(tiny, tmp_path, reduce_range):
     """Static INT8 leaves the feed-forward output projections to per-token INT8 (one scale per token, computed from
     that token alone): integer kernels, answers close to fp32 and independent of the batch."""
-    from ecomserve.export import compress
-    from ecomserve.paths import corpus_texts
-
-    fp32 = tmp_path / "model.onnx"
-    export_onnx(PooledEncoder(load_encoder(tiny, None), "mean"), fp32)
+    fp32, int8 = static_int8(tiny, tmp_path, reduce_range)
     tokenizer = TextTokenizer(tiny / TOKENIZER_FILE, 64)
-    calibration = list(compress.calibration_batches(tokenizer, corpus_texts()[:64]))
-    int8 = compress.quantize_static_onnx(fp32, tmp_path / "int8.onnx", calibration, reduce_range=reduce_range)
-
     graph = onnx.load(str(int8)).graph
     layers = onnx.load(str(fp32)).graph
     feed_forward_out = [n.name for n in layers.node if n.op_type == "MatMul" and "/output/dense/" in n.name]
@@ -189,3 +182,32 @@ def test_static_int8_runs_the_feed_forward_outputs_per_token(tiny, tmp_path, red
     for i, text in enumerate(texts):
         alone = tokenizer.encode([text])
         assert np.abs(run(alone.input_ids, alone.attention_mask)[0] - together[i]).max() <= 1e-5
+
+
+def test_sessions_run_without_the_slow_fused_kernels(tiny, tmp_path):
+    """ecomserve's ONNX Runtime sessions leave out the SkipLayerNormalization and BiasGelu fusions (slower on CPU
+    than the ops they replace, runtime.UNFUSED), which ORT's own defaults apply to the same static INT8 encoder."""
+    from ecomserve.runtime import onnxruntime_options
+
+    _, path = static_int8(tiny, tmp_path, reduce_range=False)
+
+    def ops_run(options: ort.SessionOptions) -> set[str]:
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+
+    fused = {"SkipLayerNormalization", "BiasGelu"}
+    assert fused <= ops_run(ort.SessionOptions())
+    assert not fused & ops_run(onnxruntime_options(threads=1))
+
+
+def static_int8(tiny, tmp_path, reduce_range: bool):
+    """The tiny encoder exported (fp32) and quantized the way a static INT8 variant is: both paths."""
+    from ecomserve.export import compress
+    from ecomserve.paths import corpus_texts
+
+    fp32 = tmp_path / "model.onnx"
+    export_onnx(PooledEncoder(load_encoder(tiny, None), "mean"), fp32)
+    tokenizer = TextTokenizer(tiny / TOKENIZER_FILE, 64)
+    calibration = list(compress.calibration_batches(tokenizer, corpus_texts()[:64]))
+    return fp32, compress.quantize_static_onnx(fp32, tmp_path / "int8.onnx", calibration, reduce_range=reduce_range)
