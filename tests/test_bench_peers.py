@@ -18,9 +18,9 @@ import pytest
 
 from ecomserve import cli
 from ecomserve.bench import fastembed_worker, peers
-from ecomserve.bench.load import Measurement
+from ecomserve.bench.load import ROUNDS, Measurement
 from ecomserve.bench.report import write_report
-from ecomserve.bench.run import PEER_POINTS, peer_checks
+from ecomserve.bench.run import PEER_POINTS, _in_turns, peer_checks
 from ecomserve.bench.texts import QUERY_TOKENS, UniqueTexts
 from ecomserve.evaluation import load_eval_set
 from ecomserve.paths import corpus_texts, parity_texts, typed_eval_set_text
@@ -303,6 +303,45 @@ def test_the_ratios_take_each_peers_best_configuration():
     assert checks["query_c16_grpc_vs_fastembed"] == pytest.approx(1600 / 200)
     assert checks["batch32_in_process_vs_fastembed"] == pytest.approx(300 / 200)
     assert checks["infinity_optimum fp32_parity_min_cosine"] == 0.999
+
+
+def test_the_main_ratios_against_infinity_come_from_the_rows_measured_in_turns():
+    info = {"infinity": _infinity_info(0.999)}
+    in_turns = [
+        _row("ecomserve served (in turns)", "query embed", "grpc", 16, 900.0, 10.0) | {"turns": ROUNDS},
+        _row("ecomserve served (in turns)", "query embed", "http", 16, 1000.0, 10.0) | {"turns": ROUNDS},
+        _row("infinity optimum fp32 (in turns)", "query embed", "http", 16, 600.0, 20.0) | {"turns": ROUNDS},
+    ]
+    checks = peer_checks(_peer_rows() + in_turns, info)
+    assert checks["query_c16_grpc_vs_infinity"] == pytest.approx(900 / 600)
+    assert checks["query_c16_http_vs_infinity"] == pytest.approx(1000 / 600)
+    assert checks["query_c1_p50_grpc_vs_infinity"] == pytest.approx(10 / 20)  # 1 client: not in turns
+    assert checks["batch32_c4_grpc_vs_infinity"] == pytest.approx(400 / 200)  # no turns for titles here
+
+
+def test_contenders_in_turns_alternate_and_merge_their_rounds(tokenizer):
+    """Each contender measured ROUNDS times, the order reversed every round, on texts never sent before; one row
+    each with every round's requests."""
+    order: list[str] = []
+    sent: list[str] = []
+
+    def contender(name: str):
+        def make_embed(_worker: int):
+            def embed(texts: list[str]) -> None:
+                if not order or order[-1] != name:
+                    order.append(name)
+                sent.extend(texts)
+
+            return embed
+
+        return name, "http", make_embed
+
+    rows = _in_turns({"a": contender("a"), "b": contender("b")}, "query embed", 2, UniqueTexts(tokenizer), 0.05)
+    # a b | b a | a b | b a: the second of each round goes first in the next (same order throughout: a b a b ...)
+    assert ROUNDS == 4 and order == ["a", "b", "a", "b", "a"]
+    assert [r["contender"] for r in rows] == ["a (in turns)", "b (in turns)"]
+    assert all(r["turns"] == ROUNDS and r["requests"] > 0 and r["errors"] == 0 for r in rows)
+    assert len(set(sent)) == len(sent)
 
 
 def test_a_configuration_that_fails_parity_is_left_out_of_the_ratios():

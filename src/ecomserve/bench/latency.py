@@ -34,7 +34,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ecomserve.bench.load import Measurement, grpc_embed, measure, merged
+from ecomserve.bench.load import ROUNDS, Measurement, grpc_embed, measure, merged
 from ecomserve.bench.report import plt, write_csv
 from ecomserve.contract import EMBED, EMBEDDER
 from ecomserve.cpu import cpu_description
@@ -51,7 +51,6 @@ SETTINGS: dict[str, dict] = {
     "two threads when idle": {"idle_threads": 2},  # export/teacher.yaml's; the default has one thread always
 }
 BATCH = 32
-ROUNDS = 4
 # (route, clients, texts per request), each measured on every setting's server in every round.
 POINTS = (("front", 1, 1), ("direct embed", 1, 1), ("direct embedder", 1, 1), ("front", 16, 1), ("front", 4, BATCH))
 # The in-process runtime is also measured with this idle time before each query: a served query reaches the encoder

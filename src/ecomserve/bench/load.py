@@ -34,6 +34,11 @@ class Measurement:
         return asdict(self)
 
 
+# Contenders compared in turns take this many rounds each, the order reversed every round: this machine's speed
+# drifts by up to 1.6x within minutes, so points taken minutes apart compare the minutes as much as the contenders.
+ROUNDS = 4
+
+
 def merged(points: list[Measurement]) -> Measurement:
     """One measurement of several taken in turns: requests, time and errors add up; each percentile is the
     median of the turns' (a turn in a slow minute moves it less than pooling the samples would)."""

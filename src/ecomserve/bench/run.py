@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ecomserve.bench import peers as peer_lib
 from ecomserve.bench import variants as variant_lib
-from ecomserve.bench.load import Measurement, measure
+from ecomserve.bench.load import ROUNDS, Measurement, measure, merged
 from ecomserve.bench.report import write_report
 from ecomserve.bench.texts import UniqueTexts
 from ecomserve.cpu import cpu_description
@@ -350,27 +351,16 @@ def _peer_points(contender: str, protocol: str, make_embed, texts: UniqueTexts, 
 def peer_stage(options: BenchOptions, server, embedders, runner_path, texts: UniqueTexts, source, reference, progress):
     """The served pipeline (gRPC, HTTP), the in-process runtime and each peer on the same unique texts;
     returns the measurement rows and what each peer ran (engine, files, versions, parity)."""
-    from ecomserve.client import EcomClient
-
     duration = options.duration_s
     checks_texts = parity_texts()[:PEER_PARITY_TEXTS]
     rows: list[dict] = []
     info: dict = {"unique_texts": True, "points": {k: list(v) for k, v in PEER_POINTS.items()}}
-    task = progress.add_task("peers stage", total=len(options.protocols) + 1 + len(options.peers))
+    in_turns = any(peer.kind == "infinity" for peer in options.peers) and bool(options.protocols)
+    task = progress.add_task("peers stage", total=len(options.protocols) + 1 + len(options.peers) + in_turns)
     for protocol in options.protocols:
         progress.update(task, description=f"ecomserve served {protocol}")
-        url = server.http_url if protocol == "http" else server.grpc_url
-        clients: list = []
-
-        def client_embed(_w: int, url=url, protocol=protocol, clients=clients):
-            clients.append(EcomClient(url, protocol))
-            return clients[-1].embed
-
-        try:
+        with _served_embedders(server, protocol) as client_embed:
             rows += _peer_points("ecomserve served", protocol, client_embed, texts, duration)
-        finally:
-            for client in clients:
-                client.close()
         progress.advance(task)
     progress.update(task, description="ecomserve in-process")
     for suffix, embed in embedders.items():
@@ -393,14 +383,100 @@ def peer_stage(options: BenchOptions, server, embedders, runner_path, texts: Uni
             )
         rows += found
         progress.advance(task)
+    if in_turns:
+        progress.update(task, description=f"ecomserve and Infinity in turns ({ROUNDS} rounds)")
+        rows += _infinity_in_turns(options, server, rows, info, source, texts, duration)
+        progress.advance(task)
     return rows, info
+
+
+@contextmanager
+def _served_embedders(server, protocol: str):
+    """`make_embed(worker)` for ecomserve served over `protocol`: each worker its own client, kept for that worker's
+    later points (the front bounds connections) and closed after."""
+    from ecomserve.client import EcomClient
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    clients: dict[int, EcomClient] = {}
+
+    def make_embed(worker: int):
+        if worker not in clients:
+            clients[worker] = EcomClient(url, protocol)
+        return clients[worker].embed
+
+    try:
+        yield make_embed
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _infinity_in_turns(options: BenchOptions, server, rows, info, source, texts, duration) -> list[dict]:
+    """The bar's points (PEER_MAIN_POINT) once more, ecomserve served (each protocol) and Infinity's best engine for
+    that point (from the rows just measured) in turns: ROUNDS rounds, the order reversed each round, each
+    contender's turns merged. Rows carry `turns`; `peer_checks` takes the throughput ratios from them."""
+    peer = next(p for p in options.peers if p.kind == "infinity")
+    failed = _failed_parity(info)
+    best_for: dict[str, list[str]] = {}  # Infinity configuration -> the workloads it is best at
+    for workload, (_short, clients) in PEER_MAIN_POINT.items():
+        best = _best([r for r in rows if r["contender"] not in failed], workload, clients, "infinity")
+        if best is not None:
+            best_for.setdefault(best["contender"].removeprefix("infinity "), []).append(workload)
+    found: list[dict] = []
+    work_dir = options.work_dir / "peers" / "infinity"
+    folders = peer_lib.prepare_infinity_folders(peer, source, work_dir / "onnx", info["infinity"]["versions"])
+    for config, workloads in best_for.items():
+        launch, infinity = _infinity_server(peer, config, folders, work_dir, source)
+        try:
+            found += _turns_beside(options, server, config, launch, infinity, workloads, texts, duration)
+        except Exception as error:  # noqa: BLE001 - the rows measured one after another still stand
+            info["infinity"]["engines"][config]["in_turns_error"] = f"{type(error).__name__}: {error}"[:2000]
+    return found
+
+
+def _turns_beside(options: BenchOptions, server, config, launch, infinity, workloads, texts, duration) -> list[dict]:
+    """Infinity's `config` started beside the ecomserve server, both measured in turns at `workloads`' main points."""
+    found: list[dict] = []
+    with infinity, ExitStack() as stack:
+        contenders = {
+            f"ecomserve served {protocol}": (
+                "ecomserve served",
+                protocol,
+                stack.enter_context(_served_embedders(server, protocol)),
+            )
+            for protocol in options.protocols
+        }
+        contenders["infinity"] = (
+            f"infinity {config}",
+            "http",
+            lambda _w, port=launch.port: peer_lib.infinity_embedder(port),
+        )
+        for workload in workloads:
+            found += _in_turns(contenders, workload, PEER_MAIN_POINT[workload][1], texts, duration)
+    return found
+
+
+def _in_turns(contenders: dict, workload: str, clients: int, texts: UniqueTexts, duration_s: float) -> list[dict]:
+    """`contenders` (name -> contender, protocol, make_embed) at one point, in ROUNDS turns of `duration_s` each."""
+    taken: dict[str, list[Measurement]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for round_ in range(ROUNDS):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            contender, protocol, make_embed = contenders[name]
+
+            def make_call(w: int, make_embed=make_embed):
+                return _unique_calls(make_embed(w), texts)[workload]
+
+            taken[name].append(
+                measure(contender, workload, protocol, clients, make_call, PEER_WORKLOADS[workload], duration_s)
+            )
+    rows = [merged(points).row() for points in taken.values()]
+    return [row | {"contender": f"{row['contender']} (in turns)", "texts": "unique", "turns": ROUNDS} for row in rows]
 
 
 def _infinity(peer, work_dir: Path, source: Path, texts: UniqueTexts, checks_texts, reference, duration, served_min):
     """Each Infinity configuration in turn: start, check parity, measure, stop. One that fails is recorded
     with its error, and the others still run."""
-    from ecomserve.server.process import free_port
-
     versions = peer_lib.peer_versions(peer)
     folders = peer_lib.prepare_infinity_folders(peer, source, work_dir / "onnx", versions)
     info: dict = {
@@ -410,14 +486,10 @@ def _infinity(peer, work_dir: Path, source: Path, texts: UniqueTexts, checks_tex
     }
     rows: list[dict] = []
     for config, (_engine, folder_name) in peer_lib.INFINITY_CONFIGS.items():
-        hf_home = work_dir / f"hf_home-{config.replace(' ', '_')}"
-        shutil.rmtree(hf_home, ignore_errors=True)  # no optimised graph of an earlier run is reused
-        folder = folders[folder_name] if folder_name else None
-        launch = peer_lib.infinity_launch(peer, config, free_port(), folder, source, hf_home)
+        launch, server = _infinity_server(peer, config, folders, work_dir, source)
         record: dict = {"command": launch.command, "cwd": str(launch.cwd)}
-        if folder is not None:
-            record["model_file"] = str(next(folder.glob("*.onnx")))
-        server = peer_lib.InfinityServer(launch, work_dir / f"infinity-{config.replace(' ', '_')}.log")
+        if folder_name:
+            record["model_file"] = str(next(folders[folder_name].glob("*.onnx")))
         try:
             with server:
                 probe = peer_lib.infinity_embedder(launch.port)
@@ -436,6 +508,20 @@ def _infinity(peer, work_dir: Path, source: Path, texts: UniqueTexts, checks_tex
         record["own_optimization_failed"] = "Optimization failed" in server.log_text()
         info["engines"][config] = record
     return rows, info
+
+
+def _infinity_server(peer, config: str, folders: dict[str, Path], work_dir: Path, source: Path):
+    """Infinity's `config` ready to start on a free port, with a fresh HF_HOME (no optimised graph of an earlier
+    start is reused): its launch and server."""
+    from ecomserve.server.process import free_port
+
+    name = config.replace(" ", "_")
+    hf_home = work_dir / f"hf_home-{name}"
+    shutil.rmtree(hf_home, ignore_errors=True)
+    folder_name = peer_lib.INFINITY_CONFIGS[config][1]
+    folder = folders[folder_name] if folder_name else None
+    launch = peer_lib.infinity_launch(peer, config, free_port(), folder, source, hf_home)
+    return launch, peer_lib.InfinityServer(launch, work_dir / f"infinity-{name}.log")
 
 
 def _fastembed(peer, work_dir: Path, runner_path: Path, source, texts: UniqueTexts, checks_texts, same_file, duration):
@@ -574,20 +660,24 @@ def peer_checks(rows: list[dict], info: dict) -> dict:
     count (16 queries, 4 title batches) over the peer's at the same count (Infinity's best engine) or its
     in-process figure (fastembed, one caller; set beside ecomserve's in-process too); and at 1 client the
     p50 ratio (ecomserve ÷ peer: below 1 is faster). Plus each peer's parity cosine. A configuration that
-    failed its parity check is left out."""
+    failed its parity check is left out. Against Infinity the main-count ratios come from the rows measured in
+    turns (`_infinity_in_turns`) when the run has them."""
     checks: dict = {}
     failed = _failed_parity(info)
-    rows = [r for r in rows if r["contender"] not in failed]
+    turns = [r for r in rows if r.get("turns")]
+    rows = [r for r in rows if r["contender"] not in failed and not r.get("turns")]
     for workload, (short, clients) in PEER_MAIN_POINT.items():
         for peer in ("infinity", "fastembed"):
             if peer not in info:
                 continue
             main_clients = clients if peer == "infinity" else 1
-            theirs, theirs_c1 = _best(rows, workload, main_clients, peer), _best(rows, workload, 1, peer)
+            # Measured in turns (Infinity's best engine beside ecomserve) where the run has them.
+            main_rows = turns if peer == "infinity" and _best(turns, workload, clients, peer) else rows
+            theirs, theirs_c1 = _best(main_rows, workload, main_clients, peer), _best(rows, workload, 1, peer)
             if theirs is None:
                 continue
             for protocol in ("grpc", "http"):
-                ours = _best(rows, workload, clients, "ecomserve served", protocol)
+                ours = _best(main_rows, workload, clients, "ecomserve served", protocol)
                 ours_c1 = _best(rows, workload, 1, "ecomserve served", protocol)
                 if ours is not None:
                     checks[f"{short}_c{clients}_{protocol}_vs_{peer}"] = (
