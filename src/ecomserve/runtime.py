@@ -94,9 +94,9 @@ def onnxruntime_options(threads: int):
     # burns the cores the other instances and the next request need (11 ms of CPU per 3 ms query, measured).
     options.add_session_config_entry("session.force_spinning_stop", "1")
     # ORT's fused SkipLayerNormalization and BiasGelu CPU kernels run slower than the Add, LayerNormalization
-    # and Gelu they replace: without the two fusions the INT8 student and teacher ran 7–17% faster from one
-    # query to 32 titles, fp32 up to 8%, and the served student 11% more queries at 16 clients (2026-12-02,
-    # AMD EPYC, AVX-512 VNNI; answers equal within 5e-8).
+    # and Gelu they replace: without the two fusions the INT8 student ran 7–17% faster from one query to 32
+    # titles, the INT8 teacher 6–16% from 4 queries up (even at one), and the served student answered 11% more
+    # queries at 16 clients (2026-12-02, AMD EPYC, AVX-512 VNNI; README "Compression variants").
     options.add_session_config_entry("optimization.disable_specified_optimizers", UNFUSED)
     return options
 

@@ -34,7 +34,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ecomserve.bench.load import ROUNDS, Measurement, grpc_embed, measure, merged
+from ecomserve.bench.load import ROUNDS, Measurement, grpc_embed, in_turns, measure, merged
 from ecomserve.bench.report import plt, write_csv
 from ecomserve.contract import EMBED, EMBEDDER
 from ecomserve.cpu import cpu_description
@@ -144,21 +144,19 @@ def _served_in_turns(servers: dict, texts: FreshTexts, duration_s: float) -> tup
     `embedder` summed over the direct-embedder turns."""
     taken: dict[tuple[str, str, int, int], list[Measurement]] = defaultdict(list)
     spent: dict[str, Counter] = {name: Counter() for name in servers}
-    names = list(servers)
-    for round_ in range(ROUNDS):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            server = servers[name]
-            for route, clients, size in POINTS:
-                url, model = _route(server, route)
-                watched = route == "direct embedder"
-                before = triton_phases(server.sockets.grpc_target, EMBEDDER) if watched else {}
-                workload = "query embed" if size == 1 else f"batch embed {size}"
-                make_call = _caller(url, model, texts, size)
-                point = measure(f"{name} / {route}", workload, "grpc", clients, make_call, size, duration_s / ROUNDS)
-                taken[name, route, clients, size].append(point)
-                if watched:
-                    after = triton_phases(server.sockets.grpc_target, EMBEDDER)
-                    spent[name].update({k: after[k] - before[k] for k in after})
+    for name in in_turns(list(servers)):
+        server = servers[name]
+        for route, clients, size in POINTS:
+            url, model = _route(server, route)
+            watched = route == "direct embedder"
+            before = triton_phases(server.sockets.grpc_target, EMBEDDER) if watched else {}
+            workload = "query embed" if size == 1 else f"batch embed {size}"
+            make_call = _caller(url, model, texts, size)
+            point = measure(f"{name} / {route}", workload, "grpc", clients, make_call, size, duration_s / ROUNDS)
+            taken[name, route, clients, size].append(point)
+            if watched:
+                after = triton_phases(server.sockets.grpc_target, EMBEDDER)
+                spent[name].update({k: after[k] - before[k] for k in after})
     rows = [merged(points).row() | {"setting": key[0], "route": key[1]} for key, points in taken.items()]
     return rows, {name: phase_breakdown(dict.fromkeys(total, 0), dict(total)) for name, total in spent.items()}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -37,6 +37,12 @@ class Measurement:
 # Contenders compared in turns take this many rounds each, the order reversed every round: this machine's speed
 # drifts by up to 1.6x within minutes, so points taken minutes apart compare the minutes as much as the contenders.
 ROUNDS = 4
+
+
+def in_turns(names: list[str]) -> Iterator[str]:
+    """`names` ROUNDS times, the order reversed every round: a b, b a, a b, b a."""
+    for round_ in range(ROUNDS):
+        yield from names if round_ % 2 == 0 else names[::-1]
 
 
 def merged(points: list[Measurement]) -> Measurement:

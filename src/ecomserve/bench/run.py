@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ecomserve.bench import peers as peer_lib
 from ecomserve.bench import variants as variant_lib
-from ecomserve.bench.load import ROUNDS, Measurement, measure, merged
+from ecomserve.bench.load import ROUNDS, Measurement, in_turns, measure, merged
 from ecomserve.bench.report import write_report
 from ecomserve.bench.texts import UniqueTexts
 from ecomserve.cpu import cpu_description
@@ -417,11 +417,13 @@ def _infinity_in_turns(options: BenchOptions, server, rows, info, source, texts,
     contender's turns merged. Rows carry `turns`; `peer_checks` takes the throughput ratios from them."""
     peer = next(p for p in options.peers if p.kind == "infinity")
     failed = _failed_parity(info)
+    engines = info["infinity"]["engines"]
+    config_of = {record["contender"]: config for config, record in engines.items() if "contender" in record}
     best_for: dict[str, list[str]] = {}  # Infinity configuration -> the workloads it is best at
     for workload, (_short, clients) in PEER_MAIN_POINT.items():
         best = _best([r for r in rows if r["contender"] not in failed], workload, clients, "infinity")
         if best is not None:
-            best_for.setdefault(best["contender"].removeprefix("infinity "), []).append(workload)
+            best_for.setdefault(config_of[best["contender"]], []).append(workload)
     found: list[dict] = []
     work_dir = options.work_dir / "peers" / "infinity"
     folders = peer_lib.prepare_infinity_folders(peer, source, work_dir / "onnx", info["infinity"]["versions"])
@@ -430,7 +432,7 @@ def _infinity_in_turns(options: BenchOptions, server, rows, info, source, texts,
         try:
             found += _turns_beside(options, server, config, launch, infinity, workloads, texts, duration)
         except Exception as error:  # noqa: BLE001 - the rows measured one after another still stand
-            info["infinity"]["engines"][config]["in_turns_error"] = f"{type(error).__name__}: {error}"[:2000]
+            engines[config]["in_turns_error"] = f"{type(error).__name__}: {error}"[:2000]
     return found
 
 
@@ -459,17 +461,15 @@ def _turns_beside(options: BenchOptions, server, config, launch, infinity, workl
 def _in_turns(contenders: dict, workload: str, clients: int, texts: UniqueTexts, duration_s: float) -> list[dict]:
     """`contenders` (name -> contender, protocol, make_embed) at one point, in ROUNDS turns of `duration_s` each."""
     taken: dict[str, list[Measurement]] = {name: [] for name in contenders}
-    names = list(contenders)
-    for round_ in range(ROUNDS):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            contender, protocol, make_embed = contenders[name]
+    for name in in_turns(list(contenders)):
+        contender, protocol, make_embed = contenders[name]
 
-            def make_call(w: int, make_embed=make_embed):
-                return _unique_calls(make_embed(w), texts)[workload]
+        def make_call(w: int, make_embed=make_embed):
+            return _unique_calls(make_embed(w), texts)[workload]
 
-            taken[name].append(
-                measure(contender, workload, protocol, clients, make_call, PEER_WORKLOADS[workload], duration_s)
-            )
+        taken[name].append(
+            measure(contender, workload, protocol, clients, make_call, PEER_WORKLOADS[workload], duration_s)
+        )
     rows = [merged(points).row() for points in taken.values()]
     return [row | {"contender": f"{row['contender']} (in turns)", "texts": "unique", "turns": ROUNDS} for row in rows]
 

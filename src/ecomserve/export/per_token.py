@@ -44,19 +44,18 @@ def per_token_matmuls(source: Path, target: Path, names: list[str], reduce_range
 def _per_token_nodes(graph, node, weight, prefix: str, reduce_range: bool, opset: int) -> list:
     from onnx import TensorProto, helper, numpy_helper
 
-    def constant(suffix: str, value) -> str:
-        graph.initializer.append(numpy_helper.from_array(np.asarray(value), prefix + suffix))
+    def name(suffix: str) -> str:
         return prefix + suffix
+
+    def constant(suffix: str, value) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), name(suffix)))
+        return name(suffix)
 
     levels = 63 if reduce_range else 127
     w = numpy_helper.to_array(weight).astype(np.float32)  # [K, N]
     w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / levels
     w_int8 = np.clip(np.round(w / w_scale), -levels, levels).astype(np.int8)
     x, y = node.input[0], node.output[0]
-
-    def name(suffix: str) -> str:
-        return prefix + suffix
-
     # Each token's largest magnitude over the last axis. ReduceMax takes its axes as an attribute before opset 18
     # and as an input from it.
     if opset >= 18:
