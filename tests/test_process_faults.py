@@ -139,3 +139,14 @@ def _ready(ports: Ports) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def test_server_threads_run_sched_batch(crashable):
+    """Every thread of tritonserver, of each stub and of the front runs SCHED_BATCH (process.SERVING_POLICY, set
+    before exec and inherited), processes started again after a fault too; the test's own process keeps its policy."""
+    processes = [psutil.Process(crashable.pid), psutil.Process(crashable.front_pid)]
+    processes += [psutil.Process(pid) for pid in stubs_of(crashable.pid)]
+    assert len(processes) >= 4, processes  # tritonserver, the front and at least the embed model's two stubs
+    policies = {(p.pid, t.id): os.sched_getscheduler(t.id) for p in processes for t in p.threads()}
+    assert set(policies.values()) == {os.SCHED_BATCH}, policies
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
