@@ -14,7 +14,7 @@ from support import make_tiny_bert
 from ecomserve.export.onnx_export import export_onnx
 from ecomserve.export.pooled_encoder import PooledEncoder, load_encoder
 from ecomserve.runtime import LENGTH_CHUNK, run_by_length
-from ecomserve.serving_models.cpu_share import CpuShare, Runners, chunk_runner, load_runners
+from ecomserve.serving_models.cpu_share import CpuShare, Runners, chunk_runner, load_runners, own_cores
 from ecomserve.spec import ServingSpec
 
 
@@ -104,3 +104,11 @@ def test_idle_threads_cannot_be_below_intra_op_threads():
     assert ServingSpec(intra_op_threads=1, idle_threads=2).idle_threads == 2
     with pytest.raises(ValueError, match="idle_threads"):
         ServingSpec(intra_op_threads=2, idle_threads=1)
+
+
+def test_instances_keep_to_cores_of_their_own_only_when_the_cores_fit_them_exactly():
+    assert own_cores({4, 5}, instances=2, threads=1, index=0) == [4]
+    assert own_cores({4, 5}, instances=2, threads=1, index=1) == [5]
+    assert own_cores({0, 1, 2, 3}, instances=2, threads=2, index=1) == [2, 3]
+    assert own_cores({0, 1, 2, 3}, instances=2, threads=1, index=0) is None  # spare cores: the scheduler spreads
+    assert own_cores({0}, instances=2, threads=1, index=1) is None

@@ -34,7 +34,14 @@ def crashable(tmp_path_factory):
     spec = spec_from(
         {"encoders": [{"name": "tiny", "source": str(source), "max_seq_len": 32}], "serving": {"instances": 2}}
     )
-    server = start_server(spec, root)
+    # Started on two cores, so its two single-threaded instances fit them exactly and each keeps to its own
+    # (cpu_share.pin_instance); the children inherit the set, this process gets its own back.
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores[:2])
+    try:
+        server = start_server(spec, root)
+    finally:
+        os.sched_setaffinity(0, cores)
     server.known = infer("grpc", server, "embed", KNOWN).outputs["EMBEDDING"]
     yield server
     server.stop()
@@ -150,3 +157,17 @@ def test_server_threads_run_sched_batch(crashable):
     policies = {(p.pid, t.id): os.sched_getscheduler(t.id) for p in processes for t in p.threads()}
     assert set(policies.values()) == {os.SCHED_BATCH}, policies
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_each_encoder_instance_keeps_to_a_core_of_its_own(crashable):
+    """Two single-threaded `embedder` instances started on two cores: one core each, every thread of the stub;
+    other models' stubs keep the server's two. After the restarts above too (a killed stub, tritonserver)."""
+    if len(os.sched_getaffinity(crashable.pid)) != 2:
+        pytest.skip("this machine has a single core")
+    embedders = [pid for pid, model in stubs_of(crashable.pid).items() if model == "embedder"]
+    assert len(embedders) == 2, stubs_of(crashable.pid)
+    cores = [{frozenset(os.sched_getaffinity(t.id)) for t in psutil.Process(pid).threads()} for pid in embedders]
+    assert all(len(each) == 1 and len(next(iter(each))) == 1 for each in cores), cores
+    assert cores[0] != cores[1], cores
+    others = [pid for pid, model in stubs_of(crashable.pid).items() if model != "embedder"]
+    assert others and all(len(os.sched_getaffinity(pid)) == 2 for pid in others)

@@ -20,7 +20,7 @@ from ecomserve.serving_models.base import (
     output,
     version_dir,
 )
-from ecomserve.serving_models.cpu_share import chunk_runner, load_runners, running, server_share
+from ecomserve.serving_models.cpu_share import chunk_runner, load_runners, pin_instance, running, server_share
 from ecomserve.serving_models.tokenizer import truncation_counter
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 from ecomserve.validation import decode_texts
@@ -41,7 +41,10 @@ class TritonPythonModel:
                 encoder.runtime, files / encoder.model_file, threads, parameters.idle_threads, device
             )
             self.encoders.append((tokenizer, runners))
-        self.share = server_share(args["model_instance_name"], [runners for _, runners in self.encoders])
+        all_runners = [runners for _, runners in self.encoders]
+        self.share = server_share(args["model_instance_name"], all_runners)
+        if device == "cpu":
+            pin_instance(config, args["model_instance_name"], threads, all_runners)
         self.truncation_family, self.truncated = truncation_counter(args["model_name"])
 
     def execute(self, requests):

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 from ecomserve.parameters import EncoderParameters
 from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, run_by_length
 from ecomserve.serving_models.base import error_response, input_array, model_config, output, version_dir
-from ecomserve.serving_models.cpu_share import chunk_runner, load_runners, running, server_share
+from ecomserve.serving_models.cpu_share import chunk_runner, load_runners, pin_instance, running, server_share
 
 
 def _pad(arrays: list[np.ndarray], length: int) -> np.ndarray:
@@ -27,6 +27,8 @@ class TritonPythonModel:
             parameters.runtime, path, parameters.intra_op_threads, parameters.idle_threads, parameters.device
         )
         self.share = server_share(args["model_instance_name"], [self.runners])
+        if parameters.device == "cpu":
+            pin_instance(config, args["model_instance_name"], parameters.intra_op_threads, [self.runners])
 
     def execute(self, requests):
         try:
