@@ -126,7 +126,8 @@ def _child_setup(parent_pid: int):
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
-        os.sched_setscheduler(0, SERVING_POLICY, os.sched_param(0))
+        with contextlib.suppress(OSError):  # a sandbox that forbids it (seccomp) costs the gain, not the start
+            os.sched_setscheduler(0, SERVING_POLICY, os.sched_param(0))
 
     return preexec
 

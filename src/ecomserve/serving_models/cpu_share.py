@@ -20,7 +20,7 @@ import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +87,8 @@ def pin_instance(config: dict, instance: str, threads: int, runners: list[Runner
     if cores is not None:
         # Every thread of the stub (the IPC threads too): sched_setaffinity(0) would move only this one.
         for task in os.listdir("/proc/self/task"):
-            os.sched_setaffinity(int(task), cores)
+            with suppress(OSError):  # a thread that ended meanwhile; a CPU set changed under us: stay unpinned
+                os.sched_setaffinity(int(task), cores)
     return cores
 
 
