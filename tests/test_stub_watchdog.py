@@ -80,3 +80,16 @@ def test_a_stub_dead_before_any_poll_restarts_every_python_model(spawn):
     stubs.poll()
     assert stubs.poll() == {"rank": {embedder.pid}, "classify": {embedder.pid}}
     assert rank.poll() is None and classify.poll() is None
+
+
+def test_a_stub_noted_between_polls_is_known_when_it_dies(spawn):
+    """A restart's new stub, noted as the restart ends, that dies before the next poll: its own model restarts,
+    not every python model."""
+    classify = spawn("classify")
+    stubs = DeadStubs(os.getpid())
+    rank = spawn("rank")  # started after the last poll
+    stubs.note_living()
+    kill(rank)
+    stubs.poll()
+    assert stubs.poll() == {"rank": {rank.pid}}
+    assert classify.poll() is None

@@ -81,6 +81,19 @@ class DeadStubs:
         self._unknown &= zombies
         return dict(dead)
 
+    def note_living(self) -> None:
+        """Note the model of every living stub now, between polls: a restart's new stubs are known before one of
+        them can die unseen (a stub never seen alive leaves a zombie of unknown model, and every python model
+        restarts; in CI that cascade once left a reload of `embedder` hanging)."""
+        for child in self._server.children():
+            try:
+                if child.pid not in self._models and child.status() != psutil.STATUS_ZOMBIE:
+                    model = stub_model(child.cmdline())
+                    if model:
+                        self._models[child.pid] = model
+            except psutil.NoSuchProcess:
+                continue
+
     def living(self, model: str) -> set[int]:
         """The stubs of `model` alive at the last poll."""
         return {pid for pid, name in self._models.items() if name == model and pid not in self._zombies}
@@ -149,11 +162,12 @@ class StubWatchdog(threading.Thread):
             return
         finally:
             control.close()
-        log.warning("model '%s' restarted in %.1f s; it answers again", model, time.monotonic() - started)
         with self._lock:
+            self._stubs.note_living()
             self._stubs.recovered(pids | siblings)
             self._retry_at.pop(model, None)
             self._restarting.discard(model)
+        log.warning("model '%s' restarted in %.1f s; it answers again", model, time.monotonic() - started)
         if not self._stopping.wait(self.sibling_grace_s):
             self._end_siblings(model, siblings)
 
