@@ -49,10 +49,8 @@ SHM_FOLDER = Path("/dev/shm")
 _PR_SET_PDEATHSIG = 1
 # tritonserver, its stubs and the front run SCHED_BATCH (inherited by every thread and child; no privilege
 # needed): a thread that wakes (a gRPC completion, an IPC message) waits for the next tick or a free core
-# instead of preempting a model run halfway, whose caches the switch would cool. Same server, policy switched
-# with chrt between rounds, one new query per gRPC request at 16 clients on 2 cores: 549 against 513 texts/s
-# (+7%, 4 rounds each, every round ahead; p99 unchanged) and 588 against 553 in another run; one client unchanged
-# (a free core is there at once). README, "Where one query's time goes".
+# instead of preempting a model run halfway, whose caches the switch would cool (measured: README, "Where one
+# query's time goes").
 SERVING_POLICY = os.SCHED_BATCH
 
 # Logs, the python backend folder and the admin key of `ecomserve serve`, relative to where it runs.

@@ -48,8 +48,8 @@ class DeadStubs:
         self._unknown: set[int] = set()
         self.poll()
 
-    def poll(self) -> dict[str, set[int]]:
-        """Models with a stub that died and has not been recovered: model -> stub pids."""
+    def _read(self) -> tuple[dict[int, str], set[int]]:
+        """tritonserver's stubs now: pid -> model (a zombie's as noted while it lived), and the zombies."""
         models: dict[int, str] = {}
         zombies: set[int] = set()
         for child in self._server.children():
@@ -64,6 +64,11 @@ class DeadStubs:
                 continue
             if model:
                 models[child.pid] = model
+        return models, zombies
+
+    def poll(self) -> dict[str, set[int]]:
+        """Models with a stub that died and has not been recovered: model -> stub pids."""
+        models, zombies = self._read()
         dead: dict[str, set[int]] = defaultdict(set)
         for pid in (zombies & self._zombies) - self._recovered:
             if pid in models:
@@ -82,17 +87,10 @@ class DeadStubs:
         return dict(dead)
 
     def note_living(self) -> None:
-        """Note the model of every living stub now, between polls: a restart's new stubs are known before one of
-        them can die unseen (a stub never seen alive leaves a zombie of unknown model, and every python model
-        restarts; in CI that cascade once left a reload of `embedder` hanging)."""
-        for child in self._server.children():
-            try:
-                if child.pid not in self._models and child.status() != psutil.STATUS_ZOMBIE:
-                    model = stub_model(child.cmdline())
-                    if model:
-                        self._models[child.pid] = model
-            except psutil.NoSuchProcess:
-                continue
+        """Note the model of every living stub now, between polls, so a restart's new stubs are known before one
+        of them can die unseen (whose zombie would restart every python model)."""
+        models, zombies = self._read()
+        self._models.update({pid: model for pid, model in models.items() if pid not in zombies})
 
     def living(self, model: str) -> set[int]:
         """The stubs of `model` alive at the last poll."""

@@ -73,23 +73,22 @@ def own_cores(cpus: set[int], instances: int, threads: int, index: int) -> list[
     return ordered[index * threads : (index + 1) * threads]
 
 
-def pin_instance(config: dict, instance: str, threads: int, runners: list[Runners]) -> list[int] | None:
+def pin_instance(config: dict, instance: str, threads: int, runners: list[Runners], device: str) -> None:
     """Keep this instance's process on cores of its own when the server's CPU set fits the instances exactly (2
     single-threaded instances on 2 cores; a pod with whole CPUs under Kubernetes' static CPU manager): a batch then
-    finds its core's caches as the last batch left them, not cooled by a migration (+10% one-query texts/s at 16
-    clients over HTTP on 2 cores, same server, pinned and unpinned in turns; one client unchanged). An instance that
-    can go wide (idle_threads) needs the other cores, so it is left free; so is a GPU model (the caller's check)."""
-    if any(r.wide is not None for r in runners):
-        return None
-    groups = config.get("instance_group") or [{}]
-    instances = sum(int(group.get("count", 1)) for group in groups)
-    cores = own_cores(os.sched_getaffinity(0), instances, threads, int(instance.rsplit("_", 1)[-1]) % instances)
-    if cores is not None:
-        # Every thread of the stub (the IPC threads too): sched_setaffinity(0) would move only this one.
-        for task in os.listdir("/proc/self/task"):
-            with suppress(OSError):  # a thread that ended meanwhile; a CPU set changed under us: stay unpinned
-                os.sched_setaffinity(int(task), cores)
-    return cores
+    finds its core's caches as the last batch left them, not cooled by a migration (README, "Where one query's
+    time goes"). A GPU model, and an instance that can go wide (idle_threads, it needs the other cores), stay free."""
+    index = instance.rsplit("_", 1)[-1]  # Triton names instances <group>_<index>
+    if device != "cpu" or any(r.wide is not None for r in runners) or not index.isdigit():
+        return
+    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group") or [{}])
+    cores = own_cores(os.sched_getaffinity(0), instances, threads, int(index) % instances)
+    if cores is None:
+        return
+    # Every thread of the stub (the IPC threads too): sched_setaffinity(0) would move only this one.
+    for task in os.listdir("/proc/self/task"):
+        with suppress(OSError):  # a thread that ended meanwhile; a CPU set changed under us: stay unpinned
+            os.sched_setaffinity(int(task), cores)
 
 
 def chunk_runner(runners: Runners, share: CpuShare | None) -> Runner:

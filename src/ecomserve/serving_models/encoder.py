@@ -27,8 +27,9 @@ class TritonPythonModel:
             parameters.runtime, path, parameters.intra_op_threads, parameters.idle_threads, parameters.device
         )
         self.share = server_share(args["model_instance_name"], [self.runners])
-        if parameters.device == "cpu":
-            pin_instance(config, args["model_instance_name"], parameters.intra_op_threads, [self.runners])
+        pin_instance(
+            config, args["model_instance_name"], parameters.intra_op_threads, [self.runners], parameters.device
+        )
 
     def execute(self, requests):
         try:
