@@ -3,10 +3,12 @@ Triton's statistics into mean milliseconds per request."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ecomserve.bench.latency import BATCH, SETTINGS, FreshTexts, phase_breakdown, setting_spec, summary
 from ecomserve.bench.load import Measurement, measure, merged
+from ecomserve.server.process import scheduling_policy
 from ecomserve.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_each_setting_changes_only_its_serving_fields_and_turns_the_cache_off():
     spec = load_spec(ROOT / "export/default.yaml")
-    assert set(SETTINGS) >= {"spec", "500 us batching delay", "two threads when idle"}
+    assert set(SETTINGS) >= {"spec", "500 us batching delay", "two threads when idle", "normal scheduling, no pinning"}
     for change in SETTINGS.values():
         changed = setting_spec(spec, change)
         assert changed.serving.response_cache is False
@@ -51,12 +53,16 @@ def test_a_setting_reuses_the_built_encoders_with_its_own_configs(tmp_path):
     spec = spec_from({"encoders": [{"name": "tiny", "source": str(make_tiny_bert(tmp_path / "tiny", 4))}]})
     built = tmp_path / "built"
     build_repository(spec, built)
-    change = {"max_queue_delay_us": 0, "idle_threads": 2}
+    change = {"max_queue_delay_us": 0, "idle_threads": 2, "scheduling": "normal", "pin_cores": False}
     target = respecified(built, setting_spec(spec, change), tmp_path, tmp_path / "copy")
     assert built_spec(target) == setting_spec(spec, change) and built_spec(built) == spec
     before, after = ((folder / "embedder" / "config.pbtxt").read_text() for folder in (built, target))
     assert "max_queue_delay_microseconds: 500" in before and "max_queue_delay_microseconds" not in after  # 0
     assert 'key: "idle_threads"\n  value {\n    string_value: "2"' in after
+    assert 'key: "pin_cores"\n  value {\n    string_value: "true"' in before
+    assert 'key: "pin_cores"\n  value {\n    string_value: "false"' in after
+    # The server starts its processes with the spec's policy (server/process.py).
+    assert scheduling_policy(built) == os.SCHED_BATCH and scheduling_policy(target) == os.SCHED_OTHER
     caches = [(folder / "embed" / "config.pbtxt").read_text() for folder in (built, target)]
     assert "enable: true" in caches[0] and "enable: true" not in caches[1]  # the response cache is off
     files = sorted(p.relative_to(built) for p in built.rglob("*.onnx"))

@@ -112,3 +112,33 @@ def test_instances_keep_to_cores_of_their_own_only_when_the_cores_fit_them_exact
     assert own_cores({0, 1, 2, 3}, instances=2, threads=2, index=1) == [2, 3]
     assert own_cores({0, 1, 2, 3}, instances=2, threads=1, index=0) is None  # spare cores: the scheduler spreads
     assert own_cores({0}, instances=2, threads=1, index=1) is None
+
+
+_PIN_AND_REPORT = """
+import json, os, sys
+from ecomserve.parameters import EncoderParameters
+from ecomserve.serving_models.cpu_share import Runners, pin_instance
+parameters = EncoderParameters(runtime="onnxruntime", model_file="model.onnx", intra_op_threads=1,
+                               pin_cores=sys.argv[1] == "true")
+config = {"instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
+pin_instance(config, "embedder_0_1", parameters, [Runners(narrow=None, wide=None)])
+print(json.dumps(sorted(os.sched_getaffinity(0))))
+"""
+
+
+@pytest.mark.parametrize("pin_cores", [True, False])
+def test_serving_pin_cores_decides_whether_an_instance_keeps_to_a_core(pin_cores):
+    """Instance 1 of 2 single-threaded ones, in a process started on two cores: on the second core alone, or on
+    both with `serving.pin_cores: false`."""
+    import json
+    import subprocess
+    import sys
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        pytest.skip("this machine has a single core")
+    command = [sys.executable, "-c", _PIN_AND_REPORT, str(pin_cores).lower()]
+    child = subprocess.run(
+        command, capture_output=True, text=True, check=True, preexec_fn=lambda: os.sched_setaffinity(0, cores)
+    )
+    assert json.loads(child.stdout) == ([cores[1]] if pin_cores else cores)

@@ -149,7 +149,7 @@ def _ready(ports: Ports) -> bool:
 
 
 def test_server_threads_run_sched_batch(crashable):
-    """Every thread of tritonserver, of each stub and of the front runs SCHED_BATCH (process.SERVING_POLICY, set
+    """Every thread of tritonserver, of each stub and of the front runs SCHED_BATCH (the spec's serving.scheduling, set
     before exec and inherited), whichever fault tests ran before and restarted some of them."""
     processes = [psutil.Process(crashable.pid), psutil.Process(crashable.front_pid)]
     processes += [psutil.Process(pid) for pid in stubs_of(crashable.pid)]

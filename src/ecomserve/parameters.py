@@ -73,6 +73,7 @@ class EncoderParameters(ModelParameters):
     model_file: str  # in the model's version folder
     intra_op_threads: int
     idle_threads: int | None = None  # serving_models/cpu_share.py
+    pin_cores: bool = True  # serving_models/cpu_share.py
     device: str = "cpu"
 
 
@@ -95,6 +96,7 @@ class EmbedderParameters(ModelParameters):
     encoders: list[EmbedderEncoder]
     intra_op_threads: int
     idle_threads: int | None = None  # serving_models/cpu_share.py
+    pin_cores: bool = True  # serving_models/cpu_share.py
     device: str = "cpu"
     max_text_bytes: int
     prompt_bytes: int = 0  # allowed beyond max_text_bytes: room for a prompt the heads put before a text

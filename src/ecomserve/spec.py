@@ -230,6 +230,16 @@ class ServingSpec(_Strict):
         description="threads an encoder instance takes for a batch while every other one is idle (cpu target; "
         "None: always intra_op_threads); serving_models/cpu_share.py",
     )
+    scheduling: Literal["batch", "normal"] = Field(
+        "batch",
+        description="Linux policy of tritonserver, its stubs and the front: batch (SCHED_BATCH: a thread woken by "
+        "I/O waits for a free core instead of preempting a model run) or normal (SCHED_OTHER); server/process.py",
+    )
+    pin_cores: bool = Field(
+        True,
+        description="each encoder instance keeps to a core of its own when the server's CPU set holds exactly one "
+        "core per thread of every instance (cpu target); serving_models/cpu_share.py",
+    )
     response_cache: bool = True
     # Cached answers fill this and no more: the server's memory under traffic of ever new texts stays bounded.
     response_cache_mb: int = Field(

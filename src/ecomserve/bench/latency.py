@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 import threading
 import time
@@ -49,6 +50,8 @@ SETTINGS: dict[str, dict] = {
     "spec": {},
     "500 us batching delay": {"max_queue_delay_us": 500},  # export/teacher.yaml's
     "two threads when idle": {"idle_threads": 2},  # export/teacher.yaml's; the default has one thread always
+    # Without SCHED_BATCH (server/process.py) and without a core of its own per instance (cpu_share.pin_instance).
+    "normal scheduling, no pinning": {"scheduling": "normal", "pin_cores": False},
 }
 BATCH = 32
 # (route, clients, texts per request), each measured on every setting's server in every round.
@@ -249,7 +252,7 @@ def run_latency_bench(
         try:
             for name, change in SETTINGS.items():
                 progress.update(task, description=f"latency: starting {name}")
-                repository = work_dir / "latency" / name.replace(" ", "_").replace("+", "and")
+                repository = work_dir / "latency" / re.sub(r"\W+", "_", name)
                 respecified(built, setting_spec(spec, change), spec_dir, repository)
                 servers[name] = start_bench_server(repository, work_dir)
                 progress.advance(task)

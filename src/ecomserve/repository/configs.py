@@ -196,6 +196,7 @@ def _python_encoder(config: pb.ModelConfig, spec: PipelineSpec, built: BuiltEnco
             model_file=MODEL_FILES[built.spec.runtime],
             intra_op_threads=spec.serving.intra_op_threads,
             idle_threads=spec.serving.idle_threads,
+            pin_cores=spec.serving.pin_cores,
             device=spec.serving.device,
         ),
     )
@@ -291,6 +292,7 @@ def embedder_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
             ],
             intra_op_threads=spec.serving.intra_op_threads,
             idle_threads=spec.serving.idle_threads,
+            pin_cores=spec.serving.pin_cores,
             device=spec.serving.device,
             max_text_bytes=spec.limits.max_text_bytes,
             prompt_bytes=prompt_bytes(spec.prompts),

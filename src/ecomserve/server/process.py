@@ -36,6 +36,7 @@ from ecomserve.files import write_private_text
 from ecomserve.front.upstream import TritonSockets
 from ecomserve.server.environment import TritonInstall, locate_triton
 from ecomserve.server.stub_watchdog import StubWatchdog
+from ecomserve.spec import ServingSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,11 @@ _HARMLESS_LINE = re.compile(r"CUDA|NVML|DCGM|pinned memory|CudaDriverHelper", re
 _LOG_TAIL_BYTES = 256 * 1024
 SHM_FOLDER = Path("/dev/shm")
 _PR_SET_PDEATHSIG = 1
-# tritonserver, its stubs and the front run SCHED_BATCH (inherited by every thread and child; no privilege
-# needed): a thread that wakes (a gRPC completion, an IPC message) waits for the next tick or a free core
-# instead of preempting a model run halfway, whose caches the switch would cool (measured: README, "Where one
-# query's time goes").
-SERVING_POLICY = os.SCHED_BATCH
+# tritonserver, its stubs and the front run SCHED_BATCH unless the spec says `serving.scheduling: normal`
+# (inherited by every thread and child; no privilege needed): a thread that wakes (a gRPC completion, an IPC
+# message) waits for the next tick or a free core instead of preempting a model run halfway, whose caches the
+# switch would cool (measured: README, "Where one query's time goes").
+SCHEDULING_POLICIES = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
 
 # Logs, the python backend folder and the admin key of `ecomserve serve`, relative to where it runs.
 WORK_DIR = Path(".ecomserve")
@@ -116,8 +117,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def _child_setup(parent_pid: int):
-    """Run in each child before exec: SIGTERM when this process dies, and SCHED_BATCH (see SERVING_POLICY)."""
+def _child_setup(parent_pid: int, policy: int):
+    """Run in each child before exec: SIGTERM when this process dies, and the scheduling `policy`
+    (see SCHEDULING_POLICIES)."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def preexec() -> None:
@@ -125,12 +127,12 @@ def _child_setup(parent_pid: int):
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
         with contextlib.suppress(OSError):  # a sandbox that forbids it (seccomp) costs the gain, not the start
-            os.sched_setscheduler(0, SERVING_POLICY, os.sched_param(0))
+            os.sched_setscheduler(0, policy, os.sched_param(0))
 
     return preexec
 
 
-def _spawn(command: list[str], log_path: Path | None, env: dict[str, str]) -> subprocess.Popen:
+def _spawn(command: list[str], log_path: Path | None, env: dict[str, str], policy: int) -> subprocess.Popen:
     """Start a child in a session of its own: the terminal's Ctrl-C reaches us, and we decide how children
     stop; the session's process group also holds every stub, so a dead tritonserver's orphans can be
     found. Output goes to `log_path`, or to our own stdout (a container's log) when it is None."""
@@ -142,7 +144,7 @@ def _spawn(command: list[str], log_path: Path | None, env: dict[str, str]) -> su
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
-            preexec_fn=_child_setup(os.getpid()),
+            preexec_fn=_child_setup(os.getpid(), policy),
         )
 
 
@@ -184,15 +186,29 @@ def read_tail(path: Path, limit: int = _LOG_TAIL_BYTES) -> str:
         return handle.read().decode(errors="replace")
 
 
+def _built_serving(repository: Path) -> ServingSpec | None:
+    """The serving section of the spec `repository` was built from; None for a remote repository."""
+    from ecomserve.repository.builder import built_spec, is_built
+
+    if not repository.is_dir() or not is_built(repository):
+        return None
+    return built_spec(repository).serving
+
+
 def response_cache_args(repository: Path) -> list[str]:
     """Triton's local response cache, as big as the spec the repository was built from says
     (serving.response_cache_mb: the most memory cached answers take in one server, i.e. per pod)."""
-    from ecomserve.repository.builder import built_spec, is_built
-
-    if not repository.is_dir() or not is_built(repository):  # a remote repository: the command sizes the cache
+    serving = _built_serving(repository)
+    if serving is None or not serving.response_cache:  # a remote repository: the command sizes the cache
         return []
-    serving = built_spec(repository).serving
-    return [f"--cache-config=local,size={serving.response_cache_mb << 20}"] if serving.response_cache else []
+    return [f"--cache-config=local,size={serving.response_cache_mb << 20}"]
+
+
+def scheduling_policy(repository: Path) -> int:
+    """The Linux scheduling policy of every server process, from `serving.scheduling` of the spec the repository
+    was built from (a remote repository: the default's)."""
+    serving = _built_serving(repository)
+    return SCHEDULING_POLICIES[serving.scheduling if serving else ServingSpec().scheduling]
 
 
 def embedded_command(options: ServerOptions, install: TritonInstall) -> list[str]:
@@ -231,6 +247,7 @@ class TritonServer:
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
         self._restart_times: deque[float] = deque()
+        self._policy = scheduling_policy(options.repository)
 
     @property
     def http_url(self) -> str:
@@ -350,11 +367,12 @@ class TritonServer:
                 write_private_text(key_file, key)
             command.append(f"--{name}-key-file={key_file}")
         env = {name: value for name, value in os.environ.items() if name not in (ADMIN_KEY_ENV, API_KEY_ENV)}
-        self._front = _spawn(command, self._log(self.front_log_path), env)
+        self._front = _spawn(command, self._log(self.front_log_path), env, self._policy)
 
     def _start_triton(self, timeout_s: float) -> None:
         self._generation += 1
-        self._triton = _spawn(self.command(self._install, self._sockets), self._log(self.log_path), self._environment())
+        command = self.command(self._install, self._sockets)
+        self._triton = _spawn(command, self._log(self.log_path), self._environment(), self._policy)
         self._wait_ready(timeout_s)
         if self.options.recover_stubs:
             self._watchdog = StubWatchdog(self._triton.pid, self.http_url, self.admin_key)

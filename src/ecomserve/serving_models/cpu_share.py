@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecomserve.parameters import EmbedderParameters, EncoderParameters
 from ecomserve.runtime import Runner, load_runner
 
 SUFFIX = ".busy"
@@ -73,15 +74,20 @@ def own_cores(cpus: set[int], instances: int, threads: int, index: int) -> list[
     return ordered[index * threads : (index + 1) * threads]
 
 
-def pin_instance(config: dict, instance: str, threads: int, runners: list[Runners], device: str) -> None:
+def pin_instance(
+    config: dict, instance: str, parameters: EncoderParameters | EmbedderParameters, runners: list[Runners]
+) -> None:
     """Keep this instance's process on cores of its own when the server's CPU set fits the instances exactly (2
     single-threaded instances on 2 cores; a pod with whole CPUs under Kubernetes' static CPU manager): a batch then
     finds its core's caches as the last batch left them, not cooled by a migration (README, "Where one query's
-    time goes"). A GPU model, and an instance that can go wide (idle_threads, it needs the other cores), stay free."""
+    time goes"). A GPU model, and an instance that can go wide (idle_threads, it needs the other cores), stay free,
+    and so does every instance of a spec with `serving.pin_cores: false`."""
     index = instance.rsplit("_", 1)[-1]  # Triton names instances <group>_<index>
-    if device != "cpu" or any(r.wide is not None for r in runners) or not index.isdigit():
+    pinnable = parameters.pin_cores and parameters.device == "cpu" and all(r.wide is None for r in runners)
+    if not pinnable or not index.isdigit():
         return
     instances = sum(int(group.get("count", 1)) for group in config.get("instance_group") or [{}])
+    threads = parameters.intra_op_threads
     cores = own_cores(os.sched_getaffinity(0), instances, threads, int(index) % instances)
     if cores is None:
         return

@@ -43,7 +43,7 @@ class TritonPythonModel:
             self.encoders.append((tokenizer, runners))
         all_runners = [runners for _, runners in self.encoders]
         self.share = server_share(args["model_instance_name"], all_runners)
-        pin_instance(config, args["model_instance_name"], threads, all_runners, device)
+        pin_instance(config, args["model_instance_name"], parameters, all_runners)
         self.truncation_family, self.truncated = truncation_counter(args["model_name"])
 
     def execute(self, requests):

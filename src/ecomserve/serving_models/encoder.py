@@ -27,9 +27,7 @@ class TritonPythonModel:
             parameters.runtime, path, parameters.intra_op_threads, parameters.idle_threads, parameters.device
         )
         self.share = server_share(args["model_instance_name"], [self.runners])
-        pin_instance(
-            config, args["model_instance_name"], parameters.intra_op_threads, [self.runners], parameters.device
-        )
+        pin_instance(config, args["model_instance_name"], parameters, [self.runners])
 
     def execute(self, requests):
         try:
