@@ -98,13 +98,15 @@ def test_summary_sets_the_front_against_the_back_to_back_and_the_idle_in_process
         _row("spec", "direct embedder", 1, "query embed", 3.8, 100),
         _row("spec", "front", 16, "query embed", 9, 500),
     ]
-    rows += [_row("spec", "front", 4, batch, 90, 600)]
+    rows += [_row("spec", "front", 4, batch, 90, 600), _row("spec", "front", 1, batch, 52, 610)]
     rows += [
         _row("in-process 2 thread", "in-process", 1, "query embed", 1.2, 800, idle_ms=0),
         _row("in-process 2 thread, 5 ms idle before each", "in-process", 1, "query embed", 2.7, 150, idle_ms=5.0),
         _row("in-process 2 thread", "in-process", 1, batch, 40, 750, idle_ms=0),
+        _row("in-process 1 thread", "in-process", 1, batch, 45, 700, idle_ms=0),
     ]
     (found,) = summary({"settings": {"spec": {}}, "rows": rows, "phases": {}})
     assert found["p50_over_in_process_ms"] == 5.0 - 1.2
     assert found["p50_over_idle_in_process_ms"] == 5.0 - 2.7
     assert found["batch32_vs_in_process"] == 600 / 750
+    assert found["batch32_c1_p50_ms"] == 52 and found["batch32_c1_over_in_process_ms"] == 52 - 40

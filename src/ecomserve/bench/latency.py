@@ -55,7 +55,14 @@ SETTINGS: dict[str, dict] = {
 }
 BATCH = 32
 # (route, clients, texts per request), each measured on every setting's server in every round.
-POINTS = (("front", 1, 1), ("direct embed", 1, 1), ("direct embedder", 1, 1), ("front", 16, 1), ("front", 4, BATCH))
+POINTS = (
+    ("front", 1, 1),
+    ("direct embed", 1, 1),
+    ("direct embedder", 1, 1),
+    ("front", 16, 1),
+    ("front", 1, BATCH),
+    ("front", 4, BATCH),
+)
 # The in-process runtime is also measured with this idle time before each query: a served query reaches the encoder
 # after a round trip during which its instance slept, and a run after idling is slower than one straight after
 # another (caches, the threads' wake-up); this row is the in-process cost of that rhythm.
@@ -299,12 +306,14 @@ def summary(results: dict) -> list[dict]:
     best_query = min(r["p50_ms"] for r in queries if not r.get("idle_ms"))
     best_idle_query = min((r["p50_ms"] for r in queries if r.get("idle_ms")), default=float("nan"))
     best_batch = max(r["throughput_items"] for r in in_process if r["workload"] == batch)
+    best_batch_p50 = min(r["p50_ms"] for r in in_process if r["workload"] == batch)
     table = []
     for name in results["settings"]:
         one = {
             route: _pick(rows, name, route, 1, "query embed") for route in ("front", "direct embed", "direct embedder")
         }
         many, titles = _pick(rows, name, "front", 16, "query embed"), _pick(rows, name, "front", 4, batch)
+        one_batch = _pick(rows, name, "front", 1, batch)
         table.append(
             {
                 "setting": name,
@@ -314,6 +323,8 @@ def summary(results: dict) -> list[dict]:
                 "p50_over_in_process_ms": one["front"]["p50_ms"] - best_query,
                 "p50_over_idle_in_process_ms": one["front"]["p50_ms"] - best_idle_query,
                 "query_c16_texts_per_s": many["throughput_items"],
+                "batch32_c1_p50_ms": one_batch["p50_ms"],
+                "batch32_c1_over_in_process_ms": one_batch["p50_ms"] - best_batch_p50,
                 "batch32_c4_texts_per_s": titles["throughput_items"],
                 "batch32_vs_in_process": titles["throughput_items"] / best_batch,
             }
@@ -331,8 +342,8 @@ def latency_markdown(results: dict) -> str:
         "",
         "| setting | 1 client p50 (ms): front | direct `embed` | direct `embedder` | − in-process | "
         f"− in-process after {IDLE_BETWEEN_MS:.0f} ms idle | Triton `embedder`: queue / execute (ms) | 16 clients "
-        "(texts/s) | 32 titles, 4 clients (texts/s) | ÷ in-process |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(texts/s) | 32 titles, 1 client p50 (ms) / − in-process | 32 titles, 4 clients (texts/s) | ÷ in-process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary(results):
         lines.append(
@@ -340,12 +351,15 @@ def latency_markdown(results: dict) -> str:
             f"{s['p50_direct_embedder_ms']:.2f} | {s['p50_over_in_process_ms']:+.2f} | "
             f"{s['p50_over_idle_in_process_ms']:+.2f} | "
             f"{s.get('triton_queue_ms', float('nan')):.2f} / {s.get('triton_compute_infer_ms', float('nan')):.2f} | "
-            f"{s['query_c16_texts_per_s']:.0f} | {s['batch32_c4_texts_per_s']:.0f} | {s['batch32_vs_in_process']:.2f} |"
+            f"{s['query_c16_texts_per_s']:.0f} | "
+            f"{s['batch32_c1_p50_ms']:.1f} / {s['batch32_c1_over_in_process_ms']:+.1f} | "
+            f"{s['batch32_c4_texts_per_s']:.0f} | {s['batch32_vs_in_process']:.2f} |"
         )
-    lines += ["", "| in-process | 1 query p50 (ms) | 32 titles (texts/s) |", "|---|---|---|"]
+    lines += ["", "| in-process | 1 query p50 (ms) | 32 titles p50 (ms) | 32 titles (texts/s) |", "|---|---|---|---|"]
     for name, row in in_process.items():
-        titles = f"{in_batch[name]['throughput_items']:.0f}" if name in in_batch else ""  # idle rows: queries only
-        lines.append(f"| {name} | {row['p50_ms']:.2f} | {titles} |")
+        titles = in_batch.get(name)  # idle rows: queries only
+        batch_cells = f"{titles['p50_ms']:.1f} | {titles['throughput_items']:.0f}" if titles else " | "
+        lines.append(f"| {name} | {row['p50_ms']:.2f} | {batch_cells} |")
     memory = results.get("memory")
     if memory:
         first, middle, last = (memory["samples"][i] for i in (0, len(memory["samples"]) // 2, -1))
