@@ -10,7 +10,7 @@ figure the median of its rounds:
   differences are the front's and the ensemble's cost; Triton's own statistics over the direct `embedder` runs
   split the server's time into queue (the dynamic-batching delay and waiting for an instance), input, the python
   model's execute (tokenizer, ONNX Runtime, the stub's IPC) and output;
-- one query per request from 16 clients and 32 titles per request from 4 clients, through the front (gRPC);
+- one query per request from 16 clients and 32 titles per request from 1 and 4 clients, through the front (gRPC);
 - the same tokenizer and runner in this process, at 1 and 2 threads (the in-process limit), and for one query also
   after IDLE_BETWEEN_MS of idling before each (what a run costs in the rhythm a served query arrives in);
 - memory: the spec's own server, response cache on (serving.response_cache_mb), under `soak_s` seconds of 16
