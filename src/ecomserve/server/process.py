@@ -199,9 +199,9 @@ def response_cache_args(repository: Path) -> list[str]:
     """Triton's local response cache, as big as the spec the repository was built from says
     (serving.response_cache_mb: the most memory cached answers take in one server, i.e. per pod)."""
     serving = _built_serving(repository)
-    if serving is None or not serving.response_cache:  # a remote repository: the command sizes the cache
+    if serving is None:  # a remote repository: the command sizes the cache
         return []
-    return [f"--cache-config=local,size={serving.response_cache_mb << 20}"]
+    return [f"--cache-config=local,size={serving.response_cache_mb << 20}"] if serving.response_cache else []
 
 
 def scheduling_policy(repository: Path) -> int:
