@@ -108,6 +108,10 @@ def test_a_bar_whose_point_was_not_measured_is_none_not_a_crash():
         _row("pytorch eager", "query embed", "in-process", 1, 50.0, 20.0),
         _row("pytorch eager", "batch embed 32", "in-process", 1, 200.0, 160.0),
         _row("in-process served variant (2 threads)", "rank 1+100", "in-process", 1, 500.0, 200.0),
+        _row("in-process served variant (1 thread)", "query embed", "in-process", 1, 700.0, 1.4),
+        _row("in-process served variant (2 threads)", "query embed", "in-process", 1, 800.0, 1.2),
+        _row("in-process served variant (1 thread)", "batch embed 32", "in-process", 1, 500.0, 60.0),
+        _row("in-process served variant (2 threads)", "batch embed 32", "in-process", 1, 480.0, 50.0),
         _row("served", "query embed", "grpc", 1, 120.0, 8.0),
         _row("served", "batch embed 32", "grpc", 1, 400.0, 80.0),
         _row("served", "batch embed 32", "grpc", 4, 600.0, 210.0),
@@ -124,6 +128,11 @@ def test_a_bar_whose_point_was_not_measured_is_none_not_a_crash():
     assert checks["served_query_c16_vs_torch_b1"] is None
     assert checks["served_batch32_vs_torch_b32"] == 600 / 200  # the best of the client counts measured
     assert checks["served_rank_p50_vs_in_process"] == 250 / 200
+    # Issue 18's last bars, against the best in-process run: p50 1.2 ms (2 threads), 500 titles/s (1 thread).
+    assert checks["served_query_c1_p50_grpc_over_in_process_ms"] == 8.0 - 1.2
+    assert checks["served_batch32_c4_grpc_vs_in_process"] == 600 / 500
+    assert checks["served_query_c1_p50_http_over_in_process_ms"] is None  # HTTP left out
+    assert checks["served_batch32_c4_http_vs_in_process"] is None
     assert checks["fastest_within_quality_bounds"] == "int8 static"
 
 

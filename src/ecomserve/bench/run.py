@@ -581,6 +581,10 @@ def _ratio(ours: dict | None, theirs: dict, field: str) -> float | None:
     return ours[field] / theirs[field] if ours is not None else None
 
 
+def _items(row: dict) -> float:
+    return row["throughput_items"]
+
+
 def done_checks(results: dict) -> dict:
     """The issue's bars, computed from this run's numbers (None for a bar whose point this run did not measure)."""
     rows = results["measurements"]
@@ -588,21 +592,34 @@ def done_checks(results: dict) -> dict:
     torch_batch = _find(rows, contender="pytorch eager", workload="batch embed 32")
     served_query = _find(rows, contender="served", workload="query embed", protocol="grpc", concurrency=16)
     served_batch = max(
-        (r for r in rows if r["contender"] == "served" and r["workload"] == "batch embed 32"),
-        key=lambda r: r["throughput_items"],
-        default=None,
+        (r for r in rows if r["contender"] == "served" and r["workload"] == "batch embed 32"), key=_items, default=None
     )
     in_process_rank = min(
         (r for r in rows if r["contender"].startswith("in-process") and r["workload"] == "rank 1+100"),
         key=lambda r: r["p50_ms"],
     )
     served_rank = _find(rows, contender="served", workload="rank 1+100", protocol="grpc", concurrency=1)
+    in_process = [r for r in rows if r["contender"].startswith("in-process")]
+    # The best in-process run of the same variant (1 or 2 threads): a query's p50, 32 titles' texts/s.
+    in_process_query = min((r for r in in_process if r["workload"] == "query embed"), key=lambda r: r["p50_ms"])
+    in_process_titles = max((r for r in in_process if r["workload"] == "batch embed 32"), key=_items)
     variants = {v["name"]: v for v in results["variants"]}
     served = variants.get(results["served_variant"], {})
+    by_protocol = {}
+    for protocol in ("grpc", "http"):
+        one = _find(rows, contender="served", workload="query embed", protocol=protocol, concurrency=1)
+        titles = _find(rows, contender="served", workload="batch embed 32", protocol=protocol, concurrency=4)
+        by_protocol[f"served_query_c1_p50_{protocol}_over_in_process_ms"] = (
+            one["p50_ms"] - in_process_query["p50_ms"] if one is not None else None
+        )
+        by_protocol[f"served_batch32_c4_{protocol}_vs_in_process"] = _ratio(
+            titles, in_process_titles, "throughput_items"
+        )
     return {
         "served_query_c16_vs_torch_b1": _ratio(served_query, torch_query, "throughput_items"),
         "served_batch32_vs_torch_b32": _ratio(served_batch, torch_batch, "throughput_items"),
         "served_rank_p50_vs_in_process": _ratio(served_rank, in_process_rank, "p50_ms"),
+        **by_protocol,
         "served_variant_ndcg5": served.get("ndcg5"),
         "served_variant_classify": served.get("classify_accuracy"),
         "pytorch_fp32_ndcg5": results["reference_ndcg5"],
