@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import get_args
 
 from ecomserve.bench.latency import BATCH, SETTINGS, FreshTexts, phase_breakdown, setting_spec, summary
 from ecomserve.bench.load import Measurement, measure, merged
-from ecomserve.server.process import scheduling_policy
-from ecomserve.spec import load_spec
+from ecomserve.server.process import SCHEDULING_POLICIES, scheduling_policy
+from ecomserve.spec import ServingSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +64,7 @@ def test_a_setting_reuses_the_built_encoders_with_its_own_configs(tmp_path):
     assert 'key: "pin_cores"\n  value {\n    string_value: "false"' in after
     # The server starts its processes with the spec's policy (server/process.py).
     assert scheduling_policy(built) == os.SCHED_BATCH and scheduling_policy(target) == os.SCHED_OTHER
+    assert set(SCHEDULING_POLICIES) == set(get_args(ServingSpec.model_fields["scheduling"].annotation))
     caches = [(folder / "embed" / "config.pbtxt").read_text() for folder in (built, target)]
     assert "enable: true" in caches[0] and "enable: true" not in caches[1]  # the response cache is off
     files = sorted(p.relative_to(built) for p in built.rglob("*.onnx"))

@@ -585,6 +585,10 @@ def _items(row: dict) -> float:
     return row["throughput_items"]
 
 
+def _p50(row: dict) -> float:
+    return row["p50_ms"]
+
+
 def done_checks(results: dict) -> dict:
     """The issue's bars, computed from this run's numbers (None for a bar whose point this run did not measure)."""
     rows = results["measurements"]
@@ -594,14 +598,11 @@ def done_checks(results: dict) -> dict:
     served_batch = max(
         (r for r in rows if r["contender"] == "served" and r["workload"] == "batch embed 32"), key=_items, default=None
     )
-    in_process_rank = min(
-        (r for r in rows if r["contender"].startswith("in-process") and r["workload"] == "rank 1+100"),
-        key=lambda r: r["p50_ms"],
-    )
     served_rank = _find(rows, contender="served", workload="rank 1+100", protocol="grpc", concurrency=1)
+    # The best in-process run of the served variant (1 or 2 threads) per workload: p50, or texts/s for titles.
     in_process = [r for r in rows if r["contender"].startswith("in-process")]
-    # The best in-process run of the same variant (1 or 2 threads): a query's p50, 32 titles' texts/s.
-    in_process_query = min((r for r in in_process if r["workload"] == "query embed"), key=lambda r: r["p50_ms"])
+    in_process_rank = min((r for r in in_process if r["workload"] == "rank 1+100"), key=_p50)
+    in_process_query = min((r for r in in_process if r["workload"] == "query embed"), key=_p50)
     in_process_titles = max((r for r in in_process if r["workload"] == "batch embed 32"), key=_items)
     variants = {v["name"]: v for v in results["variants"]}
     served = variants.get(results["served_variant"], {})
@@ -660,7 +661,7 @@ def _best(rows: list[dict], workload: str, concurrency: int, prefix: str, protoc
         and (protocol is None or r["protocol"] == protocol)
         and r["requests"]
     ]
-    return max(found, key=lambda r: r["throughput_items"], default=None)
+    return max(found, key=_items, default=None)
 
 
 PEER_MAIN_POINT = {"query embed": ("query", 16), "batch embed 32": ("batch32", 4)}

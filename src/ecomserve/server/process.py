@@ -247,7 +247,11 @@ class TritonServer:
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
         self._restart_times: deque[float] = deque()
-        self._policy = scheduling_policy(options.repository)
+
+    @property
+    def _policy(self) -> int:
+        # Read when a process starts, as the response cache's size is: a restart follows the live spec.
+        return scheduling_policy(self.options.repository)
 
     @property
     def http_url(self) -> str:
