@@ -7,7 +7,16 @@ import os
 from pathlib import Path
 from typing import get_args
 
-from ecomserve.bench.latency import BATCH, SETTINGS, FreshTexts, phase_breakdown, setting_spec, summary
+from ecomserve.bench.latency import (
+    BATCH,
+    SETTINGS,
+    SIDE_BY_SIDE,
+    FreshTexts,
+    latency_markdown,
+    phase_breakdown,
+    setting_spec,
+    summary,
+)
 from ecomserve.bench.load import Measurement, measure, merged
 from ecomserve.server.process import SCHEDULING_POLICIES, scheduling_policy
 from ecomserve.spec import ServingSpec, load_spec
@@ -106,9 +115,13 @@ def test_summary_sets_the_front_against_the_back_to_back_and_the_idle_in_process
         _row("in-process 2 thread, 5 ms idle before each", "in-process", 1, "query embed", 2.7, 150, idle_ms=5.0),
         _row("in-process 2 thread", "in-process", 1, batch, 40, 750, idle_ms=0),
         _row("in-process 1 thread", "in-process", 1, batch, 45, 700, idle_ms=0),
+        # the served instance's own trick, shown but not the runtime the served figures are held against
+        _row(SIDE_BY_SIDE, "in-process spread", 1, batch, 25, 1280, idle_ms=0),
     ]
-    (found,) = summary({"settings": {"spec": {}}, "rows": rows, "phases": {}})
+    results = {"settings": {"spec": {}}, "rows": rows, "phases": {}, "cpu": "test CPU", "duration_s": 1}
+    (found,) = summary(results)
     assert found["p50_over_in_process_ms"] == 5.0 - 1.2
     assert found["p50_over_idle_in_process_ms"] == 5.0 - 2.7
     assert found["batch32_vs_in_process"] == 600 / 750
     assert found["batch32_c1_p50_ms"] == 52 and found["batch32_c1_over_in_process_ms"] == 52 - 40
+    assert f"| {SIDE_BY_SIDE} | | 25.0 | 1280 |" in latency_markdown(results)

@@ -130,8 +130,10 @@ def test_a_bar_whose_point_was_not_measured_is_none_not_a_crash():
     assert checks["served_rank_p50_vs_in_process"] == 250 / 200
     # Issue 18's last bars, against the best in-process run: p50 1.2 ms (2 threads), 500 titles/s (1 thread).
     assert checks["served_query_c1_p50_grpc_over_in_process_ms"] == 8.0 - 1.2
+    assert checks["served_batch32_c1_p50_grpc_over_in_process_ms"] == 80.0 - 50.0  # one client of 32 titles
     assert checks["served_batch32_c4_grpc_vs_in_process"] == 600 / 500
     assert checks["served_query_c1_p50_http_over_in_process_ms"] is None  # HTTP left out
+    assert checks["served_batch32_c1_p50_http_over_in_process_ms"] is None
     assert checks["served_batch32_c4_http_vs_in_process"] is None
     assert checks["fastest_within_quality_bounds"] == "int8 static"
 

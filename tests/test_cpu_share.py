@@ -1,11 +1,17 @@
-"""serving_models/cpu_share.py: an encoder instance goes wide (serving.idle_threads) only while every other encoder
-instance of the server is idle; a dead instance never counts as busy. Real processes and real flocks."""
+"""serving_models/cpu_share.py: an encoder instance goes wide (serving.idle_threads) or spreads a batch's chunks over
+the other instances' cores (serving.spread_batches) only while every other encoder instance of the server is idle; a
+dead instance never counts as busy. Real processes, real threads and real flocks."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +19,7 @@ from support import make_tiny_bert
 
 from ecomserve.export.onnx_export import export_onnx
 from ecomserve.export.pooled_encoder import PooledEncoder, load_encoder
-from ecomserve.runtime import LENGTH_CHUNK, run_by_length
+from ecomserve.runtime import LENGTH_CHUNK, Spread, run_by_length
 from ecomserve.serving_models.cpu_share import CpuShare, Runners, chunk_runner, load_runners, own_cores
 from ecomserve.spec import ServingSpec
 
@@ -130,10 +136,6 @@ print(json.dumps(sorted(os.sched_getaffinity(0))))
 def test_serving_pin_cores_decides_whether_an_instance_keeps_to_a_core(pin_cores):
     """Instance 1 of 2 single-threaded ones, in a process started on two cores: on the second core alone, or on
     both with `serving.pin_cores: false`."""
-    import json
-    import subprocess
-    import sys
-
     cores = sorted(os.sched_getaffinity(0))[:2]
     if len(cores) < 2:
         pytest.skip("this machine has a single core")
@@ -142,3 +144,126 @@ def test_serving_pin_cores_decides_whether_an_instance_keeps_to_a_core(pin_cores
         command, capture_output=True, text=True, check=True, preexec_fn=lambda: os.sched_setaffinity(0, cores)
     )
     assert json.loads(child.stdout) == ([cores[1]] if pin_cores else cores)
+
+
+def _recording_tasks(count: int, seconds: float) -> tuple[list, list[int]]:
+    threads: list[int] = []
+
+    def task() -> None:
+        threads.append(threading.get_ident())
+        time.sleep(seconds)  # long enough that the helper is up before the last task is taken
+
+    return [task] * count, threads
+
+
+def test_a_batch_spreads_its_chunks_only_while_the_other_instances_idle(tmp_path):
+    share, other = CpuShare(tmp_path, "embedder_0_0"), CpuShare(tmp_path, "embedder_0_1")
+    spread = Spread(share.others_idle, [[]])
+    try:
+        with share.running():
+            tasks, threads = _recording_tasks(6, 0.05)
+            spread.run_tasks(tasks)
+            assert len(threads) == 6 and threading.get_ident() in threads
+            assert len(set(threads)) == 2  # a helper took some of them
+            with other.running():  # another instance is running a batch: its core is not ours to take
+                tasks, threads = _recording_tasks(6, 0.01)
+                spread.run_tasks(tasks)
+            assert set(threads) == {threading.get_ident()}
+            tasks, threads = _recording_tasks(1, 0.01)
+            spread.run_tasks(tasks)
+            assert threads == [threading.get_ident()]
+    finally:
+        spread.close()
+
+
+def test_spread_chunks_give_the_same_vectors(tmp_path):
+    _, runners = _tiny_runners(tmp_path)
+    spread = Spread(lambda: True, [[]])
+    rng = np.random.default_rng(2)
+    ids = rng.integers(1000, 2000, size=(LENGTH_CHUNK * 4 + 3, 20)).astype(np.int64)
+    mask = (np.arange(20)[None, :] < rng.integers(3, 21, size=(len(ids), 1))).astype(np.int64)
+    try:
+        spread_vectors = run_by_length(runners.narrow, ids, mask, spread.run_tasks)
+    finally:
+        spread.close()
+    alone = np.concatenate(
+        [runners.narrow(ids[i : i + 1, : mask[i].sum()], mask[i : i + 1, : mask[i].sum()]) for i in range(len(ids))]
+    )
+    np.testing.assert_allclose(spread_vectors, alone, atol=1e-5)
+
+
+_SPREAD_AND_REPORT = """
+import json, os, sys, threading, time
+from ecomserve.parameters import EncoderParameters
+from ecomserve.serving_models.cpu_share import InstanceCpu, Runners
+parameters = EncoderParameters(runtime="onnxruntime", model_file="model.onnx", intra_op_threads=1,
+                               spread_batches=True)
+config = {"instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
+cpu = InstanceCpu(config, "embedder_0_0", parameters, [Runners(narrow=None, wide=None)])
+seen = {}
+def task():
+    seen[threading.get_ident()] = sorted(os.sched_getaffinity(0))
+    time.sleep(0.05)
+with cpu.running():
+    cpu.spread.run_tasks([task] * 4)
+print(json.dumps({"own": seen.pop(threading.get_ident()), "helpers": list(seen.values())}))
+"""
+
+
+def test_a_pinned_instance_spreads_onto_the_other_instances_core():
+    """Instance 0 of 2 single-threaded ones on two cores keeps to the first; its helper runs on the second."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        pytest.skip("this machine has a single core")
+    child = subprocess.run(
+        [sys.executable, "-c", _SPREAD_AND_REPORT],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+    )
+    assert json.loads(child.stdout) == {"own": [cores[0]], "helpers": [[cores[1]]]}
+
+
+def test_the_calling_thread_runs_a_helpers_task_itself_once_its_core_is_taken():
+    """A helper's core goes to another instance mid-task (SCHED_IDLE: the helper stalls); the batch does not wait."""
+    busy, main = threading.Event(), threading.current_thread()
+    on_main: list[int] = []
+
+    def task(index: int):
+        def run() -> None:
+            if threading.current_thread() is not main:
+                busy.set()  # another instance starts a batch on the helper's core
+                time.sleep(1.0)
+                return
+            time.sleep(0.05)
+            on_main.append(index)
+
+        return run
+
+    spread = Spread(lambda: not busy.is_set(), [[]])
+    try:
+        began = time.perf_counter()
+        spread.run_tasks([task(index) for index in range(4)])
+        took = time.perf_counter() - began
+    finally:
+        spread.close()
+    assert busy.is_set()  # the helper did take a task
+    assert sorted(on_main) == [0, 1, 2, 3] and took < 0.9
+
+
+def test_a_task_that_fails_on_a_helper_runs_again_on_the_calling_thread():
+    main, ran = threading.current_thread(), []
+
+    def task() -> None:
+        if threading.current_thread() is not main:
+            raise RuntimeError("helper failed")
+        time.sleep(0.05)
+        ran.append(1)
+
+    spread = Spread(lambda: True, [[]])
+    try:
+        spread.run_tasks([task] * 4)
+    finally:
+        spread.close()
+    assert len(ran) == 4

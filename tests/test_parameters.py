@@ -71,7 +71,7 @@ def test_defaults_serve_older_repositories_and_a_missing_parameter_fails_the_loa
 def test_a_string_parameter_is_never_json_decoded():
     written = EncoderParameters(runtime="onnx", model_file="1", intra_op_threads=2, device="cpu").to_parameters()
     expected = {"runtime": "onnx", "model_file": "1", "intra_op_threads": "2", "idle_threads": "null"}
-    assert written == expected | {"pin_cores": "true", "device": "cpu"}
+    assert written == expected | {"pin_cores": "true", "spread_batches": "false", "device": "cpu"}
     read = EncoderParameters.from_config({"parameters": {k: {"string_value": v} for k, v in written.items()}})
     assert read.model_file == "1" and read.intra_op_threads == 2 and read.idle_threads is None
 

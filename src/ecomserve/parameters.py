@@ -74,6 +74,7 @@ class EncoderParameters(ModelParameters):
     intra_op_threads: int
     idle_threads: int | None = None  # serving_models/cpu_share.py
     pin_cores: bool = True  # serving_models/cpu_share.py
+    spread_batches: bool = False  # serving_models/cpu_share.py; False in repositories built before it existed
     device: str = "cpu"
 
 
@@ -97,6 +98,7 @@ class EmbedderParameters(ModelParameters):
     intra_op_threads: int
     idle_threads: int | None = None  # serving_models/cpu_share.py
     pin_cores: bool = True  # serving_models/cpu_share.py
+    spread_batches: bool = False  # serving_models/cpu_share.py; False in repositories built before it existed
     device: str = "cpu"
     max_text_bytes: int
     prompt_bytes: int = 0  # allowed beyond max_text_bytes: room for a prompt the heads put before a text

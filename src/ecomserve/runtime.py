@@ -7,7 +7,10 @@ encoders through `load_runner`, so what is measured in-process is what is served
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -126,10 +129,13 @@ def _openvino_runner(path: Path, threads: int) -> Runner:
             "INFERENCE_PRECISION_HINT": "f32",
         },
     )
-    request = compiled.create_infer_request()
+    # An infer request serves one call at a time: one per thread, for chunks run side by side.
+    requests = threading.local()
 
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        result = request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
+        if not hasattr(requests, "request"):
+            requests.request = compiled.create_infer_request()
+        result = requests.request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
         return np.array(result[compiled.output(0)], dtype=np.float32)
 
     return run
@@ -140,17 +146,111 @@ def _openvino_runner(path: Path, threads: int) -> Runner:
 LENGTH_CHUNK = 8
 
 
-def run_by_length(run: Runner, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """`run` over a padded batch, shortest texts first, each chunk cut to its own longest text.
+# Each task runs one chunk of a batch; a TaskRunner runs every task once, in order or side by side.
+Task = Callable[[], None]
+TaskRunner = Callable[[list[Task]], None]
+
+
+def run_in_order(tasks: list[Task]) -> None:
+    for task in tasks:
+        task()
+
+
+def run_by_length(
+    run: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, run_tasks: TaskRunner = run_in_order
+) -> np.ndarray:
+    """`run` over a padded batch, shortest texts first, each chunk cut to its own longest text; `run_tasks`
+    decides where the chunks run (the server spreads them over idle cores: serving_models/cpu_share.py).
     Padding is masked inside the graph, so every answer is the same as in any other batch."""
     lengths = attention_mask.sum(axis=1)
     order = np.argsort(lengths, kind="stable")
-    vectors: np.ndarray | None = None
-    for start in range(0, len(order), LENGTH_CHUNK):
-        rows = order[start : start + LENGTH_CHUNK]
+    chunks = [order[start : start + LENGTH_CHUNK] for start in range(0, len(order), LENGTH_CHUNK)]
+    results: list[np.ndarray] = [np.empty(0)] * len(chunks)
+
+    def task(index: int) -> Task:
+        rows = chunks[index]
         width = int(lengths[rows].max())
-        chunk = run(input_ids[rows, :width], attention_mask[rows, :width])
-        if vectors is None:
-            vectors = np.empty((len(order), chunk.shape[1]), dtype=np.float32)
+
+        def run_chunk() -> None:
+            results[index] = run(input_ids[rows, :width], attention_mask[rows, :width])
+
+        return run_chunk
+
+    run_tasks([task(index) for index in range(len(chunks))])
+    vectors = np.empty((len(order), results[0].shape[1] if results else 0), dtype=np.float32)
+    for rows, chunk in zip(chunks, results, strict=True):
         vectors[rows] = chunk
     return vectors
+
+
+class _Chunks:
+    """The tasks of one batch spread over threads: which is next, and which a helper finished."""
+
+    def __init__(self, tasks: list[Task]) -> None:
+        self.tasks = tasks
+        self._next, self._lock = 0, threading.Lock()
+        self.finished = [threading.Event() for _ in tasks]
+        self.failed = [False] * len(tasks)
+
+    def take(self) -> int | None:
+        with self._lock:
+            if self._next == len(self.tasks):
+                return None
+            self._next += 1
+            return self._next - 1
+
+
+class Spread:
+    """A TaskRunner with helper threads beside the calling one, for a server's encoder instance: each helper keeps to
+    another instance's cores (all the process's where empty) at the lowest priority, SCHED_IDLE, so it only ever
+    takes time the others leave idle, and takes a task only while `may_help()` (while every other instance is idle,
+    serving_models/cpu_share.py). The calling thread takes tasks in order too; when none is left it waits for a
+    helper's last task only while the others stay idle, and once one is busy it runs that task itself, rather than
+    wait for a core that is now another instance's. So tasks must give the same result when run twice."""
+
+    WAIT_S = 0.0005  # how often the calling thread looks again whether a helper's core is still free
+
+    def __init__(self, may_help: Callable[[], bool], helper_cores: list[list[int]]) -> None:
+        self._may_help = may_help
+        self._free_helpers = threading.Semaphore(len(helper_cores))
+        unclaimed, claim = list(helper_cores), threading.Lock()
+
+        def keep_to_idle_time() -> None:
+            with claim:
+                cores = unclaimed.pop()
+            if cores:
+                os.sched_setaffinity(0, cores)  # this helper thread only
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+        self._pool = ThreadPoolExecutor(len(helper_cores), "spread", initializer=keep_to_idle_time)
+
+    def run_tasks(self, tasks: list[Task]) -> None:
+        """Every task at least once, all finished on return."""
+        chunks = _Chunks(tasks)
+        for _ in range(len(tasks) - 1):
+            if not self._free_helpers.acquire(blocking=False):  # a helper still on an earlier batch's task
+                break
+            self._pool.submit(self._help, chunks)
+        while (index := chunks.take()) is not None:
+            tasks[index]()
+            chunks.finished[index].set()
+        for index, finished in enumerate(chunks.finished):
+            while not finished.wait(self.WAIT_S):
+                if not self._may_help():
+                    break
+            if not finished.is_set() or chunks.failed[index]:
+                tasks[index]()  # the helper's core went to another instance, or its run failed: here, now
+
+    def _help(self, chunks: _Chunks) -> None:
+        try:
+            while self._may_help() and (index := chunks.take()) is not None:
+                try:
+                    chunks.tasks[index]()
+                except Exception:  # noqa: BLE001 - the calling thread runs it again and raises there
+                    chunks.failed[index] = True
+                chunks.finished[index].set()
+        finally:
+            self._free_helpers.release()
+
+    def close(self) -> None:
+        self._pool.shutdown()

@@ -240,6 +240,11 @@ class ServingSpec(_Strict):
         description="each encoder instance keeps to a core of its own when the server's CPU set holds exactly one "
         "core per thread of every instance (cpu target); serving_models/cpu_share.py",
     )
+    spread_batches: bool = Field(
+        True,
+        description="an encoder instance that finds every other one idle runs the chunks (8 texts each) of a larger "
+        "batch side by side on their cores, one thread each (cpu target); serving_models/cpu_share.py",
+    )
     response_cache: bool = True
     # Cached answers fill this and no more: the server's memory under traffic of ever new texts stays bounded.
     response_cache_mb: int = Field(

@@ -41,7 +41,7 @@ from ecomserve.contract import EMBED, EMBEDDER
 from ecomserve.cpu import cpu_description
 from ecomserve.paths import corpus_texts
 from ecomserve.repository.builder import BUILD_INFO, build_repository, plan, write_configs
-from ecomserve.runtime import load_runner, run_by_length
+from ecomserve.runtime import Spread, load_runner, run_by_length
 from ecomserve.spec import PipelineSpec, resolve_source
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 
@@ -52,6 +52,8 @@ SETTINGS: dict[str, dict] = {
     "two threads when idle": {"idle_threads": 2},  # export/teacher.yaml's; the default has one thread always
     # Without SCHED_BATCH (server/process.py) and without a core of its own per instance (cpu_share.pin_instance).
     "normal scheduling, no pinning": {"scheduling": "normal", "pin_cores": False},
+    # A batch's chunks on its instance's core alone, even while the other instance idles (cpu_share.Spread).
+    "chunks on one core": {"spread_batches": False},
 }
 BATCH = 32
 # (route, clients, texts per request), each measured on every setting's server in every round.
@@ -68,6 +70,7 @@ POINTS = (
 # another (caches, the threads' wake-up); this row is the in-process cost of that rhythm.
 IDLE_BETWEEN_MS = 5.0
 SOAK_CLIENTS = 16
+SIDE_BY_SIDE = "in-process, 1 thread + chunks side by side on a second core"
 RSS_EVERY_S = 5.0
 TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 
@@ -175,6 +178,13 @@ def _in_process_rows(spec: PipelineSpec, spec_dir: Path, model_file: Path, texts
     encoder = spec.encoders[0]
     tokenizer = TextTokenizer(resolve_source(encoder.source, spec_dir) / TOKENIZER_FILE, encoder.max_seq_len)
     rows = []
+
+    def measured(name: str, workload: str, embed, idle_ms: float = 0) -> dict:
+        size = 1 if workload == "query embed" else BATCH
+        call = (lambda i: embed([texts.query(i)])) if size == 1 else (lambda i: embed(texts.titles(i)))
+        point = measure(name, workload, "in-process", 1, lambda _w: call, size, duration_s, idle_s=idle_ms / 1e3)
+        return point.row() | {"setting": name, "route": "in-process", "idle_ms": idle_ms}
+
     for threads in (1, 2):
         run = load_runner(encoder.runtime, model_file, threads)
 
@@ -182,17 +192,23 @@ def _in_process_rows(spec: PipelineSpec, spec_dir: Path, model_file: Path, texts
             tokens = tokenizer.encode(batch)
             return run_by_length(run, tokens.input_ids, tokens.attention_mask)
 
-        for workload, size, idle_ms in (
-            ("query embed", 1, 0),
-            ("query embed", 1, IDLE_BETWEEN_MS),
-            (f"batch embed {BATCH}", BATCH, 0),
-        ):
-            call = (lambda i, embed=embed: embed([texts.query(i)])) if size == 1 else (lambda i: embed(texts.titles(i)))
-            name = f"in-process {threads} thread" + (f", {idle_ms:.0f} ms idle before each" if idle_ms else "")
-            point = measure(
-                name, workload, "in-process", 1, lambda _w, c=call: c, size, duration_s, idle_s=idle_ms / 1e3
-            )
-            rows.append(point.row() | {"setting": name, "route": "in-process", "idle_ms": idle_ms})
+        name = f"in-process {threads} thread"
+        rows.append(measured(name, "query embed", embed))
+        idle = f"{name}, {IDLE_BETWEEN_MS:.0f} ms idle before each"
+        rows.append(measured(idle, "query embed", embed, IDLE_BETWEEN_MS))
+        rows.append(measured(name, f"batch embed {BATCH}", embed))
+    # What the served instance does with an idle neighbour (runtime.Spread), in-process: shown beside the runtime's
+    # own threads, not counted as "the in-process runtime" the served figures are held against.
+    spread, narrow = Spread(lambda: True, [[]]), load_runner(encoder.runtime, model_file, 1)
+
+    def spread_embed(batch: list[str]) -> np.ndarray:
+        tokens = tokenizer.encode(batch)
+        return run_by_length(narrow, tokens.input_ids, tokens.attention_mask, spread.run_tasks)
+
+    try:
+        rows.append(measured(SIDE_BY_SIDE, f"batch embed {BATCH}", spread_embed) | {"route": "in-process spread"})
+    finally:
+        spread.close()
     return rows
 
 
@@ -336,7 +352,7 @@ def summary(results: dict) -> list[dict]:
 def latency_markdown(results: dict) -> str:
     rows, batch = results["rows"], f"batch embed {BATCH}"
     in_process = {r["setting"]: r for r in rows if r["route"] == "in-process" and r["workload"] == "query embed"}
-    in_batch = {r["setting"]: r for r in rows if r["route"] == "in-process" and r["workload"] == batch}
+    in_batch = {r["setting"]: r for r in rows if r["route"].startswith("in-process") and r["workload"] == batch}
     lines = [
         f"Latency ({results['cpu']}; {results['duration_s']:.0f} s per point; texts never sent before, cache off)",
         "",
@@ -360,6 +376,9 @@ def latency_markdown(results: dict) -> str:
         titles = in_batch.get(name)  # idle rows: queries only
         batch_cells = f"{titles['p50_ms']:.1f} | {titles['throughput_items']:.0f}" if titles else " | "
         lines.append(f"| {name} | {row['p50_ms']:.2f} | {batch_cells} |")
+    for name, titles in in_batch.items():
+        if name not in in_process:  # titles only: chunks side by side
+            lines.append(f"| {name} | | {titles['p50_ms']:.1f} | {titles['throughput_items']:.0f} |")
     memory = results.get("memory")
     if memory:
         first, middle, last = (memory["samples"][i] for i in (0, len(memory["samples"]) // 2, -1))

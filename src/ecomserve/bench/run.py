@@ -604,15 +604,21 @@ def done_checks(results: dict) -> dict:
     in_process_rank = min((r for r in in_process if r["workload"] == "rank 1+100"), key=_p50)
     in_process_query = min((r for r in in_process if r["workload"] == "query embed"), key=_p50)
     in_process_titles = max((r for r in in_process if r["workload"] == "batch embed 32"), key=_items)
+    in_process_titles_p50 = min((r for r in in_process if r["workload"] == "batch embed 32"), key=_p50)
     variants = {v["name"]: v for v in results["variants"]}
     served = variants.get(results["served_variant"], {})
     by_protocol = {}
     for protocol in ("grpc", "http"):
         one = _find(rows, contender="served", workload="query embed", protocol=protocol, concurrency=1)
         titles = _find(rows, contender="served", workload="batch embed 32", protocol=protocol, concurrency=4)
-        by_protocol[f"served_query_c1_p50_{protocol}_over_in_process_ms"] = (
-            one["p50_ms"] - in_process_query["p50_ms"] if one is not None else None
-        )
+        one_titles = _find(rows, contender="served", workload="batch embed 32", protocol=protocol, concurrency=1)
+        for key, served_one, in_process_one in (
+            ("query", one, in_process_query),
+            ("batch32", one_titles, in_process_titles_p50),
+        ):
+            by_protocol[f"served_{key}_c1_p50_{protocol}_over_in_process_ms"] = (
+                served_one["p50_ms"] - in_process_one["p50_ms"] if served_one is not None else None
+            )
         by_protocol[f"served_batch32_c4_{protocol}_vs_in_process"] = _ratio(
             titles, in_process_titles, "throughput_items"
         )

@@ -197,6 +197,7 @@ def _python_encoder(config: pb.ModelConfig, spec: PipelineSpec, built: BuiltEnco
             intra_op_threads=spec.serving.intra_op_threads,
             idle_threads=spec.serving.idle_threads,
             pin_cores=spec.serving.pin_cores,
+            spread_batches=spec.serving.spread_batches,
             device=spec.serving.device,
         ),
     )
@@ -293,6 +294,7 @@ def embedder_config(spec: PipelineSpec, built: list[BuiltEncoder]) -> pb.ModelCo
             intra_op_threads=spec.serving.intra_op_threads,
             idle_threads=spec.serving.idle_threads,
             pin_cores=spec.serving.pin_cores,
+            spread_batches=spec.serving.spread_batches,
             device=spec.serving.device,
             max_text_bytes=spec.limits.max_text_bytes,
             prompt_bytes=prompt_bytes(spec.prompts),

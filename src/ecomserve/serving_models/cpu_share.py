@@ -9,6 +9,13 @@ once another instance starts a batch (both wide would run more threads than core
 widens once the others finish. Under sustained load the instances overlap, see each other busy and stay at one
 thread each.
 
+A batch of several chunks goes the other way (`serving.spread_batches`): while every other instance is idle, helper
+threads run its chunks side by side with it, one thread each on the other instances' cores. A chunk is 8 texts, too
+small for a second ONNX Runtime thread to pay much (32 titles: 47 ms on one thread, 32 on two, 25 with the chunks
+on two cores side by side; README, "Where one query's time goes"). A helper takes its next chunk only while the others
+are still idle, so an instance that starts a batch shares its core with at most one chunk of ours. A batch of one
+chunk (a query) is left to `idle_threads`.
+
 Every encoder instance of the server (the stub processes of one tritonserver, so the folder is named by its pid)
 holds an exclusive `flock` on its own file in a shared folder while it runs a batch; "the others are idle" means
 every other file can be locked at once. The kernel drops a dead process's locks, so a crashed stub never leaves
@@ -27,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ecomserve.parameters import EmbedderParameters, EncoderParameters
-from ecomserve.runtime import Runner, load_runner
+from ecomserve.runtime import LENGTH_CHUNK, Runner, Spread, load_runner, run_by_length
 
 SUFFIX = ".busy"
 
@@ -55,16 +62,6 @@ def server_share_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"ecomserve-cpu-{os.getppid()}"
 
 
-def server_share(instance: str, runners: list[Runners]) -> CpuShare | None:
-    """This stub's place among the server's encoder instances, if any of its runners can go wide."""
-    return CpuShare(server_share_dir(), instance) if any(r.wide is not None for r in runners) else None
-
-
-def running(share: CpuShare | None):
-    """`share.running()`, or nothing to mark when there is no share."""
-    return share.running() if share is not None else nullcontext()
-
-
 def own_cores(cpus: set[int], instances: int, threads: int, index: int) -> list[int] | None:
     """The cores instance `index` keeps to when `cpus` holds exactly one core per thread of every instance; else
     None (more cores than that: the scheduler spreads the instances better than a fixed choice would)."""
@@ -74,27 +71,38 @@ def own_cores(cpus: set[int], instances: int, threads: int, index: int) -> list[
     return ordered[index * threads : (index + 1) * threads]
 
 
+def _layout(config: dict, instance: str) -> tuple[int, int] | None:
+    """(this instance's index, the instances of the model) from Triton's instance name `<group>_<index>`."""
+    index = instance.rsplit("_", 1)[-1]
+    if not index.isdigit():
+        return None
+    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group") or [{}])
+    return int(index) % instances, instances
+
+
 def pin_instance(
     config: dict, instance: str, parameters: EncoderParameters | EmbedderParameters, runners: list[Runners]
-) -> None:
+) -> list[list[int]] | None:
     """Keep this instance's process on cores of its own when the server's CPU set fits the instances exactly (2
     single-threaded instances on 2 cores; a pod with whole CPUs under Kubernetes' static CPU manager): a batch then
     finds its core's caches as the last batch left them, not cooled by a migration (README, "Where one query's
     time goes"). A GPU model, and an instance that can go wide (idle_threads, it needs the other cores), stay free,
-    and so does every instance of a spec with `serving.pin_cores: false`."""
-    index = instance.rsplit("_", 1)[-1]  # Triton names instances <group>_<index>
+    and so does every instance of a spec with `serving.pin_cores: false`. Returns the other instances' cores, in
+    instance order after this one, when this one was pinned."""
+    layout = _layout(config, instance)
     pinnable = parameters.pin_cores and parameters.device == "cpu" and all(r.wide is None for r in runners)
-    if not pinnable or not index.isdigit():
-        return
-    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group") or [{}])
-    threads = parameters.intra_op_threads
-    cores = own_cores(os.sched_getaffinity(0), instances, threads, int(index) % instances)
+    if not pinnable or layout is None:
+        return None
+    index, instances = layout
+    cpus, threads = os.sched_getaffinity(0), parameters.intra_op_threads
+    cores = own_cores(cpus, instances, threads, index)
     if cores is None:
-        return
+        return None
     # Every thread of the stub (the IPC threads too): sched_setaffinity(0) would move only this one.
     for task in os.listdir("/proc/self/task"):
         with suppress(OSError):  # a thread that ended meanwhile; a CPU set changed under us: stay unpinned
             os.sched_setaffinity(int(task), cores)
+    return [own_cores(cpus, instances, threads, (index + step) % instances) or [] for step in range(1, instances)]
 
 
 def chunk_runner(runners: Runners, share: CpuShare | None) -> Runner:
@@ -142,3 +150,30 @@ class CpuShare:
     def close(self) -> None:
         self._own.close()
         (self.folder / self.name).unlink(missing_ok=True)
+
+
+class InstanceCpu:
+    """How one encoder instance of the server uses the cores: its own (pin_instance), the other instances' while
+    they idle (wide runners for a one-chunk batch, `Spread` for more), and the mark that it is running a batch."""
+
+    def __init__(
+        self, config: dict, instance: str, parameters: EncoderParameters | EmbedderParameters, runners: list[Runners]
+    ) -> None:
+        layout = _layout(config, instance)
+        spreads = parameters.spread_batches and parameters.device == "cpu" and layout is not None and layout[1] > 1
+        wide = any(r.wide is not None for r in runners)
+        self.share = CpuShare(server_share_dir(), instance) if wide or spreads else None
+        others = pin_instance(config, instance, parameters, runners)
+        self.spread = None
+        if spreads and self.share is not None and layout is not None:
+            self.spread = Spread(self.share.others_idle, others if others is not None else [[]] * (layout[1] - 1))
+
+    def running(self):
+        """Marks this instance busy for the block (nothing to mark when nothing looks at it)."""
+        return self.share.running() if self.share is not None else nullcontext()
+
+    def run(self, runners: Runners, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """A batch, within `running()`: its chunks spread over idle cores, or each on one or idle_threads threads."""
+        if self.spread is not None and len(input_ids) > LENGTH_CHUNK:
+            return run_by_length(runners.narrow, input_ids, attention_mask, self.spread.run_tasks)
+        return run_by_length(chunk_runner(runners, self.share), input_ids, attention_mask)

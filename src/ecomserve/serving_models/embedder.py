@@ -12,7 +12,6 @@ import triton_python_backend_utils as pb_utils
 from ecomserve.contract import EMBEDDING, TEXT
 from ecomserve.fusion import fuse_embeddings
 from ecomserve.parameters import EmbedderParameters
-from ecomserve.runtime import run_by_length
 from ecomserve.serving_models.base import (
     error_response,
     input_array,
@@ -20,7 +19,7 @@ from ecomserve.serving_models.base import (
     output,
     version_dir,
 )
-from ecomserve.serving_models.cpu_share import chunk_runner, load_runners, pin_instance, running, server_share
+from ecomserve.serving_models.cpu_share import InstanceCpu, load_runners
 from ecomserve.serving_models.tokenizer import truncation_counter
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 from ecomserve.validation import decode_texts
@@ -42,8 +41,7 @@ class TritonPythonModel:
             )
             self.encoders.append((tokenizer, runners))
         all_runners = [runners for _, runners in self.encoders]
-        self.share = server_share(args["model_instance_name"], all_runners)
-        pin_instance(config, args["model_instance_name"], parameters, all_runners)
+        self.cpu = InstanceCpu(config, args["model_instance_name"], parameters, all_runners)
         self.truncation_family, self.truncated = truncation_counter(args["model_name"])
 
     def execute(self, requests):
@@ -72,11 +70,10 @@ class TritonPythonModel:
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         vectors = []
-        with running(self.share):
+        with self.cpu.running():
             for tokenizer, runners in self.encoders:
                 batch = tokenizer.encode(texts)
                 if batch.truncated:
                     self.truncated.increment(batch.truncated)
-                run = chunk_runner(runners, self.share)
-                vectors.append(run_by_length(run, batch.input_ids, batch.attention_mask))
+                vectors.append(self.cpu.run(runners, batch.input_ids, batch.attention_mask))
         return vectors[0] if len(vectors) == 1 else fuse_embeddings(vectors, self.slices)

@@ -9,9 +9,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ecomserve.parameters import EncoderParameters
-from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT, run_by_length
+from ecomserve.runtime import ENCODER_INPUTS, ENCODER_OUTPUT
 from ecomserve.serving_models.base import error_response, input_array, model_config, output, version_dir
-from ecomserve.serving_models.cpu_share import chunk_runner, load_runners, pin_instance, running, server_share
+from ecomserve.serving_models.cpu_share import InstanceCpu, load_runners
 
 
 def _pad(arrays: list[np.ndarray], length: int) -> np.ndarray:
@@ -26,17 +26,15 @@ class TritonPythonModel:
         self.runners = load_runners(
             parameters.runtime, path, parameters.intra_op_threads, parameters.idle_threads, parameters.device
         )
-        self.share = server_share(args["model_instance_name"], [self.runners])
-        pin_instance(config, args["model_instance_name"], parameters, [self.runners])
+        self.cpu = InstanceCpu(config, args["model_instance_name"], parameters, [self.runners])
 
     def execute(self, requests):
         try:
             ids = [input_array(r, ENCODER_INPUTS[0]) for r in requests]
             masks = [input_array(r, ENCODER_INPUTS[1]) for r in requests]
             length = max(a.shape[1] for a in ids)
-            with running(self.share):
-                run = chunk_runner(self.runners, self.share)
-                embeddings = run_by_length(run, _pad(ids, length), _pad(masks, length))
+            with self.cpu.running():
+                embeddings = self.cpu.run(self.runners, _pad(ids, length), _pad(masks, length))
         except Exception as exc:  # noqa: BLE001 - the whole batch failed together
             return [error_response(exc) for _ in requests]
         bounds = np.cumsum([a.shape[0] for a in ids])[:-1]
