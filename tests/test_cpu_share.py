@@ -226,7 +226,8 @@ def test_a_pinned_instance_spreads_onto_the_other_instances_core():
 
 
 def test_the_calling_thread_runs_a_helpers_task_itself_once_its_core_is_taken():
-    """A helper's core goes to another instance mid-task (SCHED_IDLE: the helper stalls); the batch does not wait."""
+    """A helper's core goes to another instance mid-task (SCHED_IDLE: the helper stalls, here asleep); the batch
+    does not wait for it."""
     busy, main = threading.Event(), threading.current_thread()
     on_main: list[int] = []
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -184,20 +185,29 @@ def run_by_length(
 
 
 class _Chunks:
-    """The tasks of one batch spread over threads: which is next, and which a helper finished."""
+    """The tasks of one batch spread over threads: which is next, which thread runs which, which are finished."""
 
     def __init__(self, tasks: list[Task]) -> None:
         self.tasks = tasks
         self._next, self._lock = 0, threading.Lock()
         self.finished = [threading.Event() for _ in tasks]
         self.failed = [False] * len(tasks)
+        self.helper = [0] * len(tasks)  # the native id of the helper thread that took the task
 
-    def take(self) -> int | None:
+    def take(self, helper: int = 0) -> int | None:
+        """The next task, if any; `helper`: the native id of the helper thread taking it."""
         with self._lock:
             if self._next == len(self.tasks):
                 return None
+            self.helper[self._next] = helper
             self._next += 1
             return self._next - 1
+
+
+def thread_cpu_ns(native_id: int) -> int:
+    """CPU time of one of this process's threads (Linux schedstat)."""
+    with open(f"/proc/self/task/{native_id}/schedstat") as stat:
+        return int(stat.read().split()[0])
 
 
 class Spread:
@@ -205,10 +215,12 @@ class Spread:
     another instance's cores (all the process's where empty) at the lowest priority, SCHED_IDLE, so it only ever
     takes time the others leave idle, and takes a task only while `may_help()` (while every other instance is idle,
     serving_models/cpu_share.py). The calling thread takes tasks in order too; when none is left it waits for a
-    helper's last task only while the others stay idle, and once one is busy it runs that task itself, rather than
-    wait for a core that is now another instance's. So tasks must give the same result when run twice."""
+    helper's last task only while that helper gets its core (the front, Triton or another instance may have it: a
+    SCHED_IDLE thread then stalls), and otherwise runs the task itself rather than leave its own core idle. So tasks
+    must give the same result when run twice."""
 
-    WAIT_S = 0.0005  # how often the calling thread looks again whether a helper's core is still free
+    WAIT_S = 0.0005  # how often the calling thread looks at a helper's task
+    PROGRESS_WINDOW_NS = 2_000_000  # a helper that ran less than half of such a window is not getting its core
 
     def __init__(self, may_help: Callable[[], bool], helper_cores: list[list[int]]) -> None:
         self._may_help = may_help
@@ -234,16 +246,28 @@ class Spread:
         while (index := chunks.take()) is not None:
             tasks[index]()
             chunks.finished[index].set()
-        for index, finished in enumerate(chunks.finished):
-            while not finished.wait(self.WAIT_S):
-                if not self._may_help():
-                    break
-            if not finished.is_set() or chunks.failed[index]:
-                tasks[index]()  # the helper's core went to another instance, or its run failed: here, now
+        for index in range(len(tasks)):
+            if not self._helper_finishes(chunks, index) or chunks.failed[index]:
+                tasks[index]()  # here, now: the helper stalled, or its run failed
+
+    def _helper_finishes(self, chunks: _Chunks, index: int) -> bool:
+        """Waits for a helper's task while the helper keeps running; False as soon as it does not."""
+        finished = chunks.finished[index]
+        if finished.is_set():
+            return True
+        since, ran = time.perf_counter_ns(), thread_cpu_ns(chunks.helper[index])
+        while not finished.wait(self.WAIT_S):
+            now = time.perf_counter_ns()
+            if now - since >= self.PROGRESS_WINDOW_NS:
+                running = thread_cpu_ns(chunks.helper[index])
+                if running - ran < (now - since) // 2:
+                    return finished.is_set()
+                since, ran = now, running
+        return True
 
     def _help(self, chunks: _Chunks) -> None:
         try:
-            while self._may_help() and (index := chunks.take()) is not None:
+            while self._may_help() and (index := chunks.take(threading.get_native_id())) is not None:
                 try:
                     chunks.tasks[index]()
                 except Exception:  # noqa: BLE001 - the calling thread runs it again and raises there
