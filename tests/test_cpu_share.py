@@ -225,6 +225,41 @@ def test_a_pinned_instance_spreads_onto_the_other_instances_core():
     assert json.loads(child.stdout) == {"own": [cores[0]], "helpers": [[cores[1]]]}
 
 
+_SPREAD_WHEN_RESTED = """
+import json, threading, time
+import numpy as np
+from ecomserve.parameters import EncoderParameters
+from ecomserve.serving_models.cpu_share import RESTED_S, InstanceCpu, Runners
+parameters = EncoderParameters(runtime="onnxruntime", model_file="model.onnx", intra_op_threads=1,
+                               spread_batches=True, pin_cores=False)
+config = {"instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
+def chunk(input_ids, attention_mask):
+    threads.add(threading.get_ident())
+    time.sleep(0.02)
+    return np.zeros((len(input_ids), 2), dtype=np.float32)
+runners = Runners(narrow=chunk, wide=None)
+cpu = InstanceCpu(config, "embedder_0_0", parameters, [runners])
+ids = np.ones((32, 4), dtype=np.int64)
+def helped() -> bool:
+    threads.clear()
+    with cpu.running():
+        cpu.run(runners, ids, ids)
+    return len(threads) > 1
+threads = set()
+report = {"first": helped(), "right_after": helped()}
+time.sleep(RESTED_S * 2)
+report["rested"] = helped()
+print(json.dumps(report))
+"""
+
+
+def test_a_batch_right_after_the_last_stays_on_its_own_core():
+    """Under a steady load an instance's batches follow each other closely: only a batch after RESTED_S idle
+    spreads."""
+    child = subprocess.run([sys.executable, "-c", _SPREAD_WHEN_RESTED], capture_output=True, text=True, check=True)
+    assert json.loads(child.stdout) == {"first": True, "right_after": False, "rested": True}
+
+
 def test_the_calling_thread_runs_a_helpers_task_itself_once_its_core_is_taken():
     """A helper's core goes to another instance mid-task (SCHED_IDLE: the helper stalls, here asleep); the batch
     does not wait for it."""

@@ -160,11 +160,11 @@ def run_in_order(tasks: list[Task]) -> None:
 def run_by_length(
     run: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, run_tasks: TaskRunner = run_in_order
 ) -> np.ndarray:
-    """`run` over a padded batch, shortest texts first, each chunk cut to its own longest text; `run_tasks`
+    """`run` over a padded batch, longest texts first, each chunk cut to its own longest text; `run_tasks`
     decides where the chunks run (the server spreads them over idle cores: serving_models/cpu_share.py).
     Padding is masked inside the graph, so every answer is the same as in any other batch."""
     lengths = attention_mask.sum(axis=1)
-    order = np.argsort(lengths, kind="stable")
+    order = np.argsort(-lengths, kind="stable")
     chunks = [order[start : start + LENGTH_CHUNK] for start in range(0, len(order), LENGTH_CHUNK)]
     results: list[np.ndarray] = [np.empty(0)] * len(chunks)
 
@@ -192,10 +192,10 @@ class _Chunks:
         self._next, self._lock = 0, threading.Lock()
         self.finished = [threading.Event() for _ in tasks]
         self.failed = [False] * len(tasks)
-        self.helper = [0] * len(tasks)  # the native id of the helper thread that took the task
+        self.helper = [0] * len(tasks)  # the ident of the helper thread that took the task
 
     def take(self, helper: int = 0) -> int | None:
-        """The next task, if any; `helper`: the native id of the helper thread taking it."""
+        """The next task, if any; `helper`: the ident of the helper thread taking it."""
         with self._lock:
             if self._next == len(self.tasks):
                 return None
@@ -204,10 +204,9 @@ class _Chunks:
             return self._next - 1
 
 
-def thread_cpu_ns(native_id: int) -> int:
-    """CPU time of one of this process's threads (Linux schedstat)."""
-    with open(f"/proc/self/task/{native_id}/schedstat") as stat:
-        return int(stat.read().split()[0])
+def thread_cpu_ns(ident: int) -> int:
+    """CPU time so far of another thread of this process."""
+    return time.clock_gettime_ns(time.pthread_getcpuclockid(ident))
 
 
 class Spread:
@@ -267,7 +266,7 @@ class Spread:
 
     def _help(self, chunks: _Chunks) -> None:
         try:
-            while self._may_help() and (index := chunks.take(threading.get_native_id())) is not None:
+            while self._may_help() and (index := chunks.take(threading.get_ident())) is not None:
                 try:
                     chunks.tasks[index]()
                 except Exception:  # noqa: BLE001 - the calling thread runs it again and raises there
