@@ -136,8 +136,17 @@ def test_running_by_length_gives_the_same_answers(tiny, tmp_path):
     assert len(texts) > LENGTH_CHUNK
     batch = TextTokenizer(tiny / TOKENIZER_FILE, 64).encode(texts)
     together = run(batch.input_ids, batch.attention_mask)
-    by_length = run_by_length(run, batch.input_ids, batch.attention_mask)
+    widths: list[int] = []
+
+    def recording(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        widths.append(input_ids.shape[1])
+        return run(input_ids, attention_mask)
+
+    by_length = run_by_length(recording, batch.input_ids, batch.attention_mask)
     assert np.abs(together - by_length).max() <= 1e-5
+    # Longest first, each chunk cut to its longest text: the thread that takes the first chunk has the most work.
+    assert widths == sorted(widths, reverse=True) and widths[0] == batch.attention_mask.sum(axis=1).max()
+    assert widths[-1] < widths[0]
 
 
 def test_int8_recipe_follows_the_cpus_dot_product_instructions(tmp_path):
