@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 import uuid
 
 import cohere
@@ -241,20 +242,28 @@ def test_too_many_inputs_and_oversized_bodies(default_server, api):
 
 
 def test_overload_is_429_with_retry_after(default_server, api):
-    """A request over the front's texts-in-flight budget while another holds it is refused at once."""
-    big = [unique("bulk title") for _ in range(600)]
+    """A request over the front's texts-in-flight budget while another holds it waits in line for at most
+    `max_wait_s`, then is refused."""
+    front = built_spec(default_server.options.repository).serving.front
+    # 1,000 long titles take seconds on 2 cores: the holder outlasts the line's wait.
+    big = [unique("bulk stainless steel insulated water bottle title " * 8) for _ in range(1000)]
     holder = threading.Thread(target=requests.post, args=(f"{api}/embed",), kwargs={"json": {"inputs": big}})
     holder.start()
     try:
         assert wait_for(lambda: metric_total(default_server, "ecomserve_front_texts_in_flight") > 0, timeout_s=20)
         answer = requests.post(f"{api}/v1/embeddings", json={"input": [unique("q")], "model": "x"}, timeout=30)
+        start = time.perf_counter()
         refused = requests.post(f"{api}/embed", json={"inputs": [unique("q")] * 2}, timeout=30)
+        waited = time.perf_counter() - start
+        still_holding = holder.is_alive()
     finally:
         holder.join()
     # The first asked for an unknown model: that is checked before admission.
     assert answer.status_code == 404
+    assert still_holding, "the holder finished within the line's wait: make it longer"
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-    assert refused.json()["error_type"] == "Overloaded"
+    assert refused.json()["error_type"] == "Overloaded" and f"after waiting {front.max_wait_s:g} s" in refused.text
+    assert front.max_wait_s * 0.9 <= waited < front.max_wait_s + 5
     assert_answers(default_server, api)
 
 

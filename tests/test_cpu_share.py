@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -146,14 +147,20 @@ def test_serving_pin_cores_decides_whether_an_instance_keeps_to_a_core(pin_cores
     assert json.loads(child.stdout) == ([cores[1]] if pin_cores else cores)
 
 
-def _recording_tasks(count: int, seconds: float) -> tuple[list, list[int]]:
+def _recording_tasks(count: int, seconds: float) -> tuple[list, list[int], set[int]]:
+    """Tasks that keep a core busy (as a chunk does: a helper that only slept would look stalled and its task would
+    be run again) and record which thread ran them and which of them ran."""
     threads: list[int] = []
+    ran: set[int] = set()
 
-    def task() -> None:
+    def task(index: int) -> None:
         threads.append(threading.get_ident())
-        time.sleep(seconds)  # long enough that the helper is up before the last task is taken
+        ends = time.perf_counter() + seconds  # long enough that the helper is up before the last task is taken
+        while time.perf_counter() < ends:
+            pass
+        ran.add(index)
 
-    return [task] * count, threads
+    return [partial(task, index) for index in range(count)], threads, ran
 
 
 def test_a_batch_spreads_its_chunks_only_while_the_other_instances_idle(tmp_path):
@@ -161,15 +168,16 @@ def test_a_batch_spreads_its_chunks_only_while_the_other_instances_idle(tmp_path
     spread = Spread(share.others_idle, [[]])
     try:
         with share.running():
-            tasks, threads = _recording_tasks(6, 0.05)
+            tasks, threads, ran = _recording_tasks(6, 0.05)
             spread.run_tasks(tasks)
-            assert len(threads) == 6 and threading.get_ident() in threads
+            # Every task ran (a stalled helper's task may have run twice), the calling thread among them.
+            assert ran == set(range(6)) and threading.get_ident() in threads
             assert len(set(threads)) == 2  # a helper took some of them
             with other.running():  # another instance is running a batch: its core is not ours to take
-                tasks, threads = _recording_tasks(6, 0.01)
+                tasks, threads, ran = _recording_tasks(6, 0.01)
                 spread.run_tasks(tasks)
-            assert set(threads) == {threading.get_ident()}
-            tasks, threads = _recording_tasks(1, 0.01)
+            assert set(threads) == {threading.get_ident()} and ran == set(range(6))
+            tasks, threads, _ = _recording_tasks(1, 0.01)
             spread.run_tasks(tasks)
             assert threads == [threading.get_ident()]
     finally:

@@ -83,13 +83,15 @@ def test_rank_passes_overload_on_as_unavailable(small_queue_server):
 
 # --- admission and connection limits at the front ------------------------------------------------------------
 
-FRONT = {"max_texts_in_flight": 64, "max_connections": 64, "idle_timeout_s": 2.0}
+FRONT = {"max_texts_in_flight": 64, "max_texts_waiting": 128, "max_wait_s": 0.5, "max_connections": 64,
+         "idle_timeout_s": 2.0}  # fmt: skip
 CLIENTS = 200
 
 
 @pytest.fixture(scope="module")
 def guarded_server(tmp_path_factory):
-    """Small front limits: 64 texts in flight, 64 connections per protocol, 2 s idle timeout."""
+    """Small front limits: 64 texts in flight, a line of 128 for 0.5 s at most, 64 connections per protocol, 2 s idle
+    timeout."""
     root = tmp_path_factory.mktemp("guarded")
     source = make_tiny_bert(root / "tiny", seed=6)
     spec = spec_from(

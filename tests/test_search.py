@@ -125,8 +125,8 @@ def catalog(request, tmp_path_factory):
                     "prompts": PROMPTS,
                 }
             ],
-            # A small admission budget: 200 concurrent searches must meet it (test_search_overload_…).
-            "serving": {"instances": 1, "front": {"max_texts_in_flight": 8}},
+            # A small admission budget and line: 200 concurrent searches must meet them (test_search_overload_…).
+            "serving": {"instances": 1, "front": {"max_texts_in_flight": 8, "max_texts_waiting": 8}},
             "search": search,
         }
     )

@@ -178,7 +178,13 @@ class FrontSpec(_Strict):
         8 * 1024 * 1024, ge=4096, description="larger requests get 413 (HTTP) / RESOURCE_EXHAUSTED before being read"
     )
     max_texts_in_flight: int = Field(
-        512, ge=1, description="texts (BYTES elements) admitted across all models; more is refused with 503 at once"
+        512, ge=1, description="texts (BYTES elements) admitted across all models; more wait in line or get 503"
+    )
+    max_texts_waiting: int = Field(
+        2048, ge=0, description="texts waiting in line for the budget; a request that would pass it gets 503 at once"
+    )
+    max_wait_s: float = Field(
+        1.0, ge=0, description="longest a request waits in line before it gets 503; 0 refuses at once"
     )
     max_connections: int = Field(1024, ge=8, description="open client connections per port; more are closed")
     idle_timeout_s: float = Field(10.0, gt=0, description="a connection that sends nothing for this long is closed")

@@ -1,16 +1,25 @@
-"""Admission at the front: a budget of texts in flight, shared by every public model.
+"""Admission at the front: a budget of texts in flight, shared by every public model, and a short line before it.
 
 Triton bounds `embed`'s queue, but `rank`, `classify` and `search` are python models without a
 scheduler queue: under 200 clients they accepted everything and latency grew to a minute. All of
 them spend the same encoders, so the front counts what each request asks of them (its BYTES
-elements) and refuses at once, with 503 / UNAVAILABLE, what would push the total past the budget.
-What it accepts waits behind at most a budget's worth of texts, which bounds its latency. A single
-request larger than the budget is still served when nothing else is in flight."""
+elements) and admits a request only while the total stays within the budget. What it admits waits
+behind at most a budget's worth of texts, which bounds its latency. A single request larger than the
+budget is still served when nothing else is in flight.
+
+A request that does not fit waits in line, first come first served, for at most `max_wait_s`, and only
+while the line holds at most `max_texts_waiting` texts; past either bound it is refused with 503 /
+UNAVAILABLE. Refusing at once made clients that retry straight away (most load generators, many naive
+clients) spend the front's CPU on refusals: 16 clients of `rank` 1 + 100 got half the texts/s of 4
+(README, "Security and failure behaviour"). A short line keeps them waiting, not spinning."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from ecomserve.front.kserve import BadRequest
 
@@ -27,21 +36,69 @@ class Admission:
     """Single-threaded (the front's event loop), so plain counters suffice."""
 
     max_texts_in_flight: int
+    max_texts_waiting: int = 0
+    max_wait_s: float = 0.0
     in_flight: int = 0
+    waiting: int = 0
     refused: int = 0
     admitted: int = 0
+    _line: deque[tuple[int, asyncio.Future[None]]] = field(default_factory=deque)
 
-    @contextmanager
-    def admit(self, cost: int):
-        if self.in_flight and self.in_flight + cost > self.max_texts_in_flight:
-            self.refused += 1
-            raise Overloaded(
-                f"server busy: {self.in_flight} texts in flight, {cost} more would pass the front's queue "
-                f"(serving.front.max_texts_in_flight {self.max_texts_in_flight}); retry after {RETRY_AFTER_S} s"
-            )
-        self.in_flight += cost
+    @asynccontextmanager
+    async def admit(self, cost: int) -> AsyncIterator[None]:
+        if self._line or not self._fits(cost):  # nobody jumps the line
+            await self._wait_in_line(cost)
+        else:
+            self.in_flight += cost
         self.admitted += 1
         try:
             yield
         finally:
-            self.in_flight -= cost
+            self._release(cost)
+
+    def _fits(self, cost: int) -> bool:
+        return not self.in_flight or self.in_flight + cost <= self.max_texts_in_flight
+
+    async def _wait_in_line(self, cost: int) -> None:
+        """Returns once admitted (counted in flight); raises Overloaded if the line is full or the wait runs out."""
+        if self.waiting + cost > self.max_texts_waiting or self.max_wait_s <= 0:
+            raise self._refusal(cost, "")
+        turn = asyncio.get_running_loop().create_future()
+        entry = (cost, turn)
+        self._line.append(entry)
+        self.waiting += cost
+        try:
+            # shield: a timeout must not cancel a turn that was given in the same loop iteration
+            await asyncio.wait_for(asyncio.shield(turn), self.max_wait_s)
+        except BaseException as stopped:  # the wait ran out, or the client went away
+            if turn.done():  # admitted just as the wait ended
+                if isinstance(stopped, TimeoutError):
+                    return
+                self._release(cost)
+            else:
+                turn.cancel()
+                self._line.remove(entry)
+                self.waiting -= cost
+                self._let_in()  # the next in line may fit where this one did not
+            if isinstance(stopped, TimeoutError):
+                raise self._refusal(cost, f" after waiting {self.max_wait_s:g} s") from None
+            raise
+
+    def _release(self, cost: int) -> None:
+        self.in_flight -= cost
+        self._let_in()
+
+    def _let_in(self) -> None:
+        while self._line and self._fits(self._line[0][0]):
+            cost, turn = self._line.popleft()
+            self.waiting -= cost
+            self.in_flight += cost
+            turn.set_result(None)
+
+    def _refusal(self, cost: int, waited: str) -> Overloaded:
+        self.refused += 1
+        return Overloaded(
+            f"server busy: {self.in_flight} texts in flight and {self.waiting} waiting, {cost} more would pass the "
+            f"front's queue (serving.front.max_texts_in_flight {self.max_texts_in_flight}, max_texts_waiting "
+            f"{self.max_texts_waiting}){waited}; retry after {RETRY_AFTER_S} s"
+        )

@@ -104,7 +104,7 @@ class GrpcProxy(grpc.GenericRpcHandler):
         forwarded = tuple((key, value) for key, value in metadata if key not in _SECRET_METADATA)
         try:
             if access is Access.INFER:
-                with self._admission.admit(check_grpc_infer(request).cost):
+                async with self._admission.admit(check_grpc_infer(request).cost):
                     return await self._forward(forward, request, forwarded, context)
             return await self._forward(forward, request, forwarded, context)
         except BadRequest as refused:

@@ -63,7 +63,7 @@ class HttpFront:
             body = await read_body(request, self.max_body_bytes, self.request_timeout_s)
             if access is Access.INFER:
                 checked = check_http_infer(body, request.headers.get("inference-header-content-length"))
-                with self.admission.admit(checked.cost):
+                async with self.admission.admit(checked.cost):
                     return await self._forward(request, body)
             if access is Access.ADMIN:
                 check_json_document(body)

@@ -23,6 +23,7 @@ def front_metrics(admission: Admission) -> str:
         ("ecomserve_front_admitted_total", "counter", "inference requests admitted", admission.admitted),
         ("ecomserve_front_refused_total", "counter", "inference requests refused as overload", admission.refused),
         ("ecomserve_front_texts_in_flight", "gauge", "texts admitted and not yet answered", admission.in_flight),
+        ("ecomserve_front_texts_waiting", "gauge", "texts waiting in line for admission", admission.waiting),
         ("ecomserve_front_connections_closed_over_limit_total", "counter",
          "HTTP connections closed at once because max_connections were open", closed_over_limit()),
     ]  # fmt: skip

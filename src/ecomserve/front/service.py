@@ -100,7 +100,7 @@ def grpc_options(limits: FrontSpec) -> list[tuple[str, int]]:
 async def serve(args: argparse.Namespace, spec: PipelineSpec | None, keys: Keys) -> None:
     limits = spec.serving.front if spec else FrontSpec()
     sockets = TritonSockets(args.sockets)
-    admission = Admission(limits.max_texts_in_flight)
+    admission = Admission(limits.max_texts_in_flight, limits.max_texts_waiting, limits.max_wait_s)
     upstream = grpc.aio.insecure_channel(
         sockets.grpc_target,
         options=[

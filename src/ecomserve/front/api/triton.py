@@ -91,7 +91,7 @@ class TritonModels:
         """[len(texts), D], in requests of at most `embed`'s max_batch_size, run concurrently."""
         step = self._max_batch
         chunks = [texts[i : i + step] for i in range(0, len(texts), step)]
-        with self._admission.admit(len(texts)):
+        async with self._admission.admit(len(texts)):
             parts = await asyncio.gather(*(self._embed_chunk(chunk) for chunk in chunks))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -101,12 +101,12 @@ class TritonModels:
 
     async def rank(self, query: str, candidates: list[str]) -> np.ndarray:
         inputs = [_texts(QUERY, [query], [1]), _texts(CANDIDATES, candidates, [len(candidates)])]
-        with self._admission.admit(1 + len(candidates)):
+        async with self._admission.admit(1 + len(candidates)):
             return (await self._infer(RANK, inputs, [SCORES])).as_numpy(SCORES)
 
     async def classify(self, text: str, labels: list[str]) -> Classified:
         inputs = [_texts(TEXT, [text], [1]), _texts(LABELS, labels, [len(labels)])]
-        with self._admission.admit(1 + len(labels)):
+        async with self._admission.admit(1 + len(labels)):
             result = await self._infer(CLASSIFY, inputs, [LABEL, VOTES, SCORES])
         return Classified(result.as_numpy(LABEL)[0].decode(), result.as_numpy(VOTES), result.as_numpy(SCORES))
 
@@ -123,7 +123,7 @@ class TritonModels:
 
     async def _catalog(self, model: str, inputs: list, cost: int) -> Found:
         """`search` or `similar`: IDS, SCORES and TITLES."""
-        with self._admission.admit(cost):
+        async with self._admission.admit(cost):
             result = await self._infer(model, inputs, [IDS, SCORES, TITLES])
         ids, titles = ([v.decode() for v in result.as_numpy(name)] for name in (IDS, TITLES))
         return Found(ids, result.as_numpy(SCORES), titles)
