@@ -1,5 +1,7 @@
 """Export to ONNX and the parity check, on tiny random encoders."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -76,6 +78,33 @@ def test_failed_build_leaves_the_repository_untouched(tiny, tmp_path):
         build_repository(bad, repository)
     assert sorted(p.relative_to(repository) for p in repository.rglob("*")) == before
     assert not repository.with_name("repo.building").exists()
+
+
+def test_serve_finds_configs_written_by_an_older_ecomserve(tiny, tmp_path):
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from ecomserve.contract import EMBED, EMBEDDER
+    from ecomserve.repository.builder import BUILD_INFO, outdated_models
+    from ecomserve.repository.releases import read_config, write_config
+
+    repository = tmp_path / "repo"
+    build_repository(spec_from({"encoders": [{"name": "tiny", "source": str(tiny), "max_seq_len": 32}]}), repository)
+    assert outdated_models(repository, None) == []
+    # A publish pins the versions `embed` serves: that is not an older config.
+    embed = read_config(repository, EMBED)
+    embed.version_policy.CopyFrom(pb.ModelVersionPolicy(specific=pb.ModelVersionPolicy.Specific(versions=[1])))
+    write_config(repository, embed)
+    assert outdated_models(repository, None) == []
+    # Written before `spread_batches` existed: the setting is missing, the stub would run without it.
+    embedder = read_config(repository, EMBEDDER)
+    del embedder.parameters["spread_batches"]
+    write_config(repository, embedder)
+    assert outdated_models(repository, None) == [EMBEDDER]
+    # The encoder's source gone: nothing to compare with, no claim either way.
+    info = json.loads((repository / BUILD_INFO).read_text())
+    info["spec"]["encoders"][0]["source"] = str(tmp_path / "moved")
+    (repository / BUILD_INFO).write_text(json.dumps(info))
+    assert outdated_models(repository, None) == []
 
 
 VARIANTS = {

@@ -123,13 +123,19 @@ def serve(
     """Start tritonserver on the repository (building it first if missing) and block until stopped."""
     from ecomserve.contract import ADMIN_KEY_ENV
     from ecomserve.front.policy import read_api_key
-    from ecomserve.repository.builder import built_target, is_built
+    from ecomserve.repository.builder import built_target, is_built, outdated_models
     from ecomserve.server.control import ADMIN_KEY_FILE, admin_key
     from ecomserve.server.process import WORK_DIR, Ports, ServerOptions, TritonServer
 
     if rebuild or not is_built(repository):
         console.print(f"building {repository} from {spec} …")
         _build(spec, repository)
+    elif outdated := outdated_models(repository, spec.parent):
+        console.print(
+            f"[yellow]{repository} was written by an older ecomserve: the configs of {', '.join(outdated)} differ "
+            "from what this version writes for the same spec (newer serving settings run at their old values); "
+            "rebuild with `ecomserve serve --rebuild` (published releases are replaced)[/]"
+        )
     target = built_target(repository)
     if target != "cpu":
         raise ServerError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ecomserve.contract import CLASSIFY, EMBEDDER, FUSION, RANK, SEARCH, SIMILAR
-from ecomserve.errors import RepositoryError, export_extra
+from ecomserve.errors import EcomserveError, RepositoryError, export_extra
 from ecomserve.export.tensorrt import ENGINES_FILE
 from ecomserve.repository.configs import (
     PYTHON_BACKEND,
@@ -28,6 +29,7 @@ from ecomserve.repository.configs import (
     to_pbtxt,
     tokenizer_model,
 )
+from ecomserve.repository.releases import CONFIG, read_config, unpinned
 from ecomserve.spec import EncoderSpec, PipelineSpec, resolve_source
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
 
@@ -195,3 +197,24 @@ def built_spec(repository: Path) -> PipelineSpec:
 
 def built_target(repository: Path) -> str:
     return built_spec(repository).serving.target
+
+
+def outdated_models(repository: Path, spec_dir: Path | None) -> list[str]:
+    """The models whose config differs (the versions a release serves aside) from what this ecomserve writes for
+    the repository's own spec: a repository built by an older ecomserve lacks newer serving settings, and nothing
+    else would tell (its recorded spec reads back with today's defaults). Empty when the encoders' sources are
+    no longer where the spec says (nothing to compare with)."""
+    spec = built_spec(repository)
+    try:
+        built = [b for b, _ in plan(spec, spec_dir)]
+    except (EcomserveError, OSError):
+        return []
+    with tempfile.TemporaryDirectory() as scratch:
+        fresh = Path(scratch)
+        write_configs(spec, built, fresh)
+        return [
+            model.parent.name
+            for model in sorted(fresh.glob(f"*/{CONFIG}"))
+            if not (repository / model.parent.name / CONFIG).is_file()
+            or unpinned(read_config(repository, model.parent.name)) != unpinned(read_config(fresh, model.parent.name))
+        ]

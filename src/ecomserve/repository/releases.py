@@ -69,7 +69,7 @@ def check_compatible(live: Path, candidate: Path) -> None:
                 f"the new spec {'adds' if present[1] else 'removes'} the model '{model}': a release can only "
                 "replace weights; build a new repository and restart"
             )
-        old, new = _unpinned(read_config(live, model)), _unpinned(read_config(candidate, model))
+        old, new = unpinned(read_config(live, model)), unpinned(read_config(candidate, model))
         if old != new:
             raise RepositoryError(
                 f"the new spec changes the config of '{model}' (shapes, runtime, batching, limits or prompts): "
@@ -117,7 +117,8 @@ def remove_release(repository: Path, release: int) -> None:
         shutil.rmtree(repository / model / str(release), ignore_errors=True)
 
 
-def _unpinned(config: pb.ModelConfig) -> pb.ModelConfig:
+def unpinned(config: pb.ModelConfig) -> pb.ModelConfig:
+    """The config without what a release changes: the versions it serves."""
     copy = pb.ModelConfig()
     copy.CopyFrom(config)
     copy.ClearField("version_policy")
