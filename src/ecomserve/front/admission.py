@@ -42,7 +42,7 @@ class Admission:
     waiting: int = 0
     refused: int = 0
     admitted: int = 0
-    _line: deque[tuple[int, asyncio.Future[None]]] = field(default_factory=deque)
+    _line: deque[tuple[int, asyncio.Future[None]]] = field(default_factory=deque, init=False, repr=False)
 
     @asynccontextmanager
     async def admit(self, cost: int) -> AsyncIterator[None]:
@@ -70,19 +70,23 @@ class Admission:
         try:
             # shield: a timeout must not cancel a turn that was given in the same loop iteration
             await asyncio.wait_for(asyncio.shield(turn), self.max_wait_s)
-        except BaseException as stopped:  # the wait ran out, or the client went away
-            if turn.done():  # admitted just as the wait ended
-                if isinstance(stopped, TimeoutError):
-                    return
+        except TimeoutError:
+            if not turn.done():  # else admitted just as the wait ended
+                self._leave_line(entry)
+                raise self._refusal(cost, f" after waiting {self.max_wait_s:g} s") from None
+        except BaseException:  # the client went away
+            if turn.done():
                 self._release(cost)
             else:
-                turn.cancel()
-                self._line.remove(entry)
-                self.waiting -= cost
-                self._let_in()  # the next in line may fit where this one did not
-            if isinstance(stopped, TimeoutError):
-                raise self._refusal(cost, f" after waiting {self.max_wait_s:g} s") from None
+                self._leave_line(entry)
             raise
+
+    def _leave_line(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        cost, turn = entry
+        turn.cancel()
+        self._line.remove(entry)
+        self.waiting -= cost
+        self._let_in()  # the next in line may fit where this one did not
 
     def _release(self, cost: int) -> None:
         self.in_flight -= cost

@@ -81,7 +81,7 @@ def write_configs(spec: PipelineSpec, built: list[BuiltEncoder], repository: Pat
     for config in all_configs(spec, built):
         model_dir = repository / config.name
         (model_dir / VERSION).mkdir(parents=True, exist_ok=True)
-        (model_dir / "config.pbtxt").write_text(to_pbtxt(config))
+        (model_dir / CONFIG).write_text(to_pbtxt(config))
         if config.backend == PYTHON_BACKEND:
             entry = _ENTRY_POINTS[kinds.get(config.name, config.name)]
             (model_dir / VERSION / "model.py").write_text(

@@ -11,12 +11,12 @@ thread each.
 
 A batch of several chunks goes the other way (`serving.spread_batches`): while every other instance is idle, helper
 threads run its chunks side by side with it, one thread each on the other instances' cores. A chunk is 8 texts, too
-small for a second ONNX Runtime thread to pay much (32 titles: 47 ms on one thread, 32 on two, 25 with the chunks
-on two cores side by side; README, "Where one query's time goes"). A helper takes its next chunk only while the others
-are still idle, so an instance that starts a batch shares its core with at most one chunk of ours; and a batch
-spreads only when its own instance had rested before it (RESTED_S): under a steady load batches follow each other
-closely, and the cores that look idle between two of them are about to be busy again. A batch of one chunk (a query)
-is left to `idle_threads`.
+small for a second ONNX Runtime thread to pay much (32 titles in-process: 45–52 ms on one thread, 35–36 on two,
+26–28 with the chunks on two cores side by side; README, "Spreading a large batch"). A helper takes its next chunk
+only while the others are still idle, so an instance that starts a batch shares its core with at most one chunk of
+ours; and a batch spreads only when its own instance had rested before it (RESTED_S): under a steady load batches
+follow each other closely, and the cores that look idle between two of them are about to be busy again. A batch of
+one chunk (a query) is left to `idle_threads`.
 
 Every encoder instance of the server (the stub processes of one tritonserver, so the folder is named by its pid)
 holds an exclusive `flock` on its own file in a shared folder while it runs a batch; "the others are idle" means
@@ -42,7 +42,7 @@ from ecomserve.runtime import LENGTH_CHUNK, Runner, Spread, load_runner, run_by_
 SUFFIX = ".busy"
 # A batch spreads only when its instance had been idle this long before it: under a steady load an instance's next
 # batch follows its last within a few ms, and its helpers would mostly take chunks from cores about to be busy
-# (4 clients of 32 titles: 5% fewer texts/s without this rule; README, "Where one query's time goes").
+# (4 clients of 32 titles: 3–5% fewer texts/s without this rule; README, "Spreading a large batch").
 RESTED_S = 0.010
 
 
@@ -178,7 +178,8 @@ class InstanceCpu:
 
     @contextmanager
     def running(self) -> Iterator[None]:
-        """Marks this instance busy for the block (nothing to mark when nothing looks at it)."""
+        """Marks this instance busy for the block (nothing to mark when nothing looks at it), and notes whether it
+        had rested RESTED_S before it, for `run`."""
         self._rested = time.monotonic() - self._idle_since >= RESTED_S
         try:
             with self.share.running() if self.share is not None else nullcontext():
