@@ -7,8 +7,12 @@ import os
 from pathlib import Path
 from typing import get_args
 
+import pytest
+
 from ecomserve.bench.latency import (
     BATCH,
+    IDLE_BETWEEN_MS,
+    PAUSES,
     SETTINGS,
     SIDE_BY_SIDE,
     FreshTexts,
@@ -80,10 +84,13 @@ def test_a_setting_reuses_the_built_encoders_with_its_own_configs(tmp_path):
     assert files and files == sorted(p.relative_to(target) for p in target.rglob("*.onnx"))
 
 
-def test_idle_before_each_call_is_waited_but_not_timed():
-    point = measure("c", "query embed", "in-process", 1, lambda _w: lambda i: None, 1, 0.3, idle_s=0.05)
-    assert 1 <= point.requests <= 7  # at most one call per 50 ms idle
-    assert point.p50_ms < 5  # the idle time is not in the latency
+@pytest.mark.parametrize("pause", PAUSES)
+def test_the_pause_before_each_call_is_taken_but_not_timed(pause):
+    """Each in-process pause (idle, busy) lasts IDLE_BETWEEN_MS before every call and stays out of its latency."""
+    before_each, _field = PAUSES[pause]
+    point = measure("c", "query embed", "in-process", 1, lambda _w: lambda i: None, 1, 0.2, before_each=before_each)
+    assert 1 <= point.requests <= 0.2 / (IDLE_BETWEEN_MS / 1e3) + 1  # at most one call per pause
+    assert point.p50_ms < IDLE_BETWEEN_MS / 2  # the pause is not in the latency
 
 
 def test_turns_merge_into_one_measurement_whose_percentiles_are_the_turns_median():
@@ -113,6 +120,7 @@ def test_summary_sets_the_front_against_the_back_to_back_and_the_idle_in_process
     rows += [
         _row("in-process 2 thread", "in-process", 1, "query embed", 1.2, 800, idle_ms=0),
         _row("in-process 2 thread, 5 ms idle before each", "in-process", 1, "query embed", 2.7, 150, idle_ms=5.0),
+        _row("in-process 2 thread, 5 ms busy before each", "in-process", 1, "query embed", 1.1, 150, busy_ms=5.0),
         _row("in-process 2 thread", "in-process", 1, batch, 40, 750, idle_ms=0),
         _row("in-process 1 thread", "in-process", 1, batch, 45, 700, idle_ms=0),
         # the served instance's own trick, shown but not the runtime the served figures are held against

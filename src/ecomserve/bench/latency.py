@@ -12,7 +12,8 @@ figure the median of its rounds:
   model's execute (tokenizer, ONNX Runtime, the stub's IPC) and output;
 - one query per request from 16 clients and 32 titles per request from 1 and 4 clients, through the front (gRPC);
 - the same tokenizer and runner in this process, at 1 and 2 threads (the in-process limit), and for one query also
-  after IDLE_BETWEEN_MS of idling before each (what a run costs in the rhythm a served query arrives in);
+  after IDLE_BETWEEN_MS of idling before each (what a run costs in the rhythm a served query arrives in) and after
+  as long busy in a spin loop (what of that is waking from idle, and what is only time passing);
 - memory: the spec's own server, response cache on (serving.response_cache_mb), under `soak_s` seconds of 16
   clients sending texts never sent before (every answer a new cache entry), its RSS (tritonserver, the stubs and
   the front) sampled every few seconds: it must level off once the cache is full.
@@ -69,6 +70,21 @@ POINTS = (
 # after a round trip during which its instance slept, and a run after idling is slower than one straight after
 # another (caches, the threads' wake-up); this row is the in-process cost of that rhythm.
 IDLE_BETWEEN_MS = 5.0
+
+
+def _idle() -> None:
+    time.sleep(IDLE_BETWEEN_MS / 1e3)
+
+
+def _busy() -> None:
+    """IDLE_BETWEEN_MS of running without touching memory: the core stays awake, its caches hold the runner's."""
+    end = time.perf_counter() + IDLE_BETWEEN_MS / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+# What runs before each in-process query of a row (untimed): the row's name and its field in the results.
+PAUSES = {"idle": (_idle, "idle_ms"), "busy in a spin loop": (_busy, "busy_ms")}
 SOAK_CLIENTS = 16
 SIDE_BY_SIDE = "in-process, 1 thread + chunks side by side on a second core"
 RSS_EVERY_S = 5.0
@@ -179,11 +195,12 @@ def _in_process_rows(spec: PipelineSpec, spec_dir: Path, model_file: Path, texts
     tokenizer = TextTokenizer(resolve_source(encoder.source, spec_dir) / TOKENIZER_FILE, encoder.max_seq_len)
     rows = []
 
-    def measured(name: str, workload: str, embed, idle_ms: float = 0) -> dict:
+    def measured(name: str, workload: str, embed, pause: str | None = None) -> dict:
         size = 1 if workload == "query embed" else BATCH
         call = (lambda i: embed([texts.query(i)])) if size == 1 else (lambda i: embed(texts.titles(i)))
-        point = measure(name, workload, "in-process", 1, lambda _w: call, size, duration_s, idle_s=idle_ms / 1e3)
-        return point.row() | {"setting": name, "route": "in-process", "idle_ms": idle_ms}
+        before_each, field = PAUSES[pause] if pause else (None, None)
+        point = measure(name, workload, "in-process", 1, lambda _w: call, size, duration_s, before_each=before_each)
+        return point.row() | {"setting": name, "route": "in-process"} | ({field: IDLE_BETWEEN_MS} if field else {})
 
     for threads in (1, 2):
         run = load_runner(encoder.runtime, model_file, threads)
@@ -194,8 +211,8 @@ def _in_process_rows(spec: PipelineSpec, spec_dir: Path, model_file: Path, texts
 
         name = f"in-process {threads} thread"
         rows.append(measured(name, "query embed", embed))
-        idle = f"{name}, {IDLE_BETWEEN_MS:.0f} ms idle before each"
-        rows.append(measured(idle, "query embed", embed, IDLE_BETWEEN_MS))
+        for pause in PAUSES:
+            rows.append(measured(f"{name}, {IDLE_BETWEEN_MS:.0f} ms {pause} before each", "query embed", embed, pause))
         rows.append(measured(name, f"batch embed {BATCH}", embed))
     # What the served instance does with an idle neighbour (runtime.Spread), in-process: shown beside the runtime's
     # own threads, not counted as "the in-process runtime" the served figures are held against.
@@ -319,7 +336,7 @@ def summary(results: dict) -> list[dict]:
     rows, batch = results["rows"], f"batch embed {BATCH}"
     in_process = [r for r in rows if r["route"] == "in-process"]
     queries = [r for r in in_process if r["workload"] == "query embed"]
-    best_query = min(r["p50_ms"] for r in queries if not r.get("idle_ms"))
+    best_query = min(r["p50_ms"] for r in queries if not any(r.get(field) for _, field in PAUSES.values()))
     best_idle_query = min((r["p50_ms"] for r in queries if r.get("idle_ms")), default=float("nan"))
     best_batch = max(r["throughput_items"] for r in in_process if r["workload"] == batch)
     best_batch_p50 = min(r["p50_ms"] for r in in_process if r["workload"] == batch)

@@ -62,6 +62,16 @@ def merged(points: list[Measurement]) -> Measurement:
     )
 
 
+def take_turns(turns: dict[str, Callable[[], list[Measurement]]]) -> list[Measurement]:
+    """Each contender's turn (a call that measures its points once) in ROUNDS rounds, the order reversed each
+    round; the rounds' measurements of each point merged into one, in the order first measured."""
+    taken: dict[tuple, list[Measurement]] = {}
+    for name in in_turns(list(turns)):
+        for point in turns[name]():
+            taken.setdefault((point.contender, point.workload, point.protocol, point.concurrency), []).append(point)
+    return [merged(points) for points in taken.values()]
+
+
 def measure(
     contender: str,
     workload: str,
@@ -71,10 +81,10 @@ def measure(
     items_per_request: int,
     duration_s: float,
     warmup_requests: int = 3,
-    idle_s: float = 0.0,
+    before_each: Callable[[], None] | None = None,
 ) -> Measurement:
     """`make_call(worker)` returns that worker's call(i) (own connection); i indexes the shared texts. Each worker
-    waits `idle_s` (untimed) before each call."""
+    calls `before_each()` (untimed) before each call."""
     calls = [make_call(w) for w in range(concurrency)]
     for i in range(warmup_requests):
         calls[0](i)
@@ -88,8 +98,8 @@ def measure(
         while time.perf_counter() < deadline:
             with lock:
                 i = next(counter)
-            if idle_s:
-                time.sleep(idle_s)
+            if before_each is not None:
+                before_each()
             start = time.perf_counter()
             try:
                 calls[w](i)

@@ -363,6 +363,10 @@ def copy_tokenizer_files(source: Path, folder: Path) -> None:
             shutil.copy2(source / name, folder / name)
 
 
+# fastembed's pooling of ecomserve's ONNX, which outputs pooled, normalised vectors.
+FASTEMBED_POOLING = "DISABLED"
+
+
 def fastembed_request(
     folder: Path,
     label: str,
@@ -379,7 +383,7 @@ def fastembed_request(
         "model_file": "model.onnx",
         "model_name": f"ecomserve/{label}",
         "label": label,
-        "pooling": "DISABLED",  # ecomserve's ONNX outputs pooled vectors
+        "pooling": FASTEMBED_POOLING,
         "normalization": True,
         "dim": dim,
         "threads": list(threads),

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ecomserve.bench import peers as peer_lib
 from ecomserve.bench import variants as variant_lib
-from ecomserve.bench.load import ROUNDS, Measurement, in_turns, measure, merged
+from ecomserve.bench.load import ROUNDS, Measurement, measure, take_turns
 from ecomserve.bench.report import write_report
 from ecomserve.bench.texts import UniqueTexts
 from ecomserve.cpu import cpu_description
@@ -50,6 +50,8 @@ TUNING = [
 PEER_WORKLOADS = {"query embed": 1, "batch embed 32": 32}
 PEER_POINTS = {"query embed": (1, 16), "batch embed 32": (1, 4)}
 PEER_PARITY_TEXTS = 16
+# The suffix of a contender measured a second time, in turns beside ecomserve (Infinity's best engine).
+IN_TURNS = " (in turns)"
 
 
 @dataclass
@@ -353,34 +355,37 @@ def peer_stage(options: BenchOptions, server, embedders, runner_path, texts: Uni
     returns the measurement rows and what each peer ran (engine, files, versions, parity)."""
     duration = options.duration_s
     checks_texts = parity_texts()[:PEER_PARITY_TEXTS]
+    peers_dir = options.work_dir / "peers"
     rows: list[dict] = []
     info: dict = {"unique_texts": True, "points": {k: list(v) for k, v in PEER_POINTS.items()}}
-    in_turns = any(peer.kind == "infinity" for peer in options.peers) and bool(options.protocols)
-    task = progress.add_task("peers stage", total=len(options.protocols) + 1 + len(options.peers) + in_turns)
+    infinity = next((peer for peer in options.peers if peer.kind == "infinity"), None)
+    fastembed = next((peer for peer in options.peers if peer.kind == "fastembed"), None)
+    in_turns = infinity is not None and bool(options.protocols)
+    task = progress.add_task("peers stage", total=len(options.protocols) + 1 + (infinity is not None) + in_turns)
     for protocol in options.protocols:
         progress.update(task, description=f"ecomserve served {protocol}")
         with _served_embedders(server, protocol) as client_embed:
             rows += _peer_points("ecomserve served", protocol, client_embed, texts, duration)
         progress.advance(task)
-    progress.update(task, description="ecomserve in-process")
-    for suffix, embed in embedders.items():
-        rows += _peer_points(f"ecomserve in-process {suffix}", "in-process", lambda _w, e=embed: e, texts, duration)
+    if fastembed is None:
+        progress.update(task, description="ecomserve in-process")
+        for suffix, embed in embedders.items():
+            rows += _peer_points(f"ecomserve in-process {suffix}", "in-process", lambda _w, e=embed: e, texts, duration)
+    else:
+        progress.update(task, description=f"ecomserve in-process and fastembed in turns ({ROUNDS} rounds)")
+        found, info["fastembed"] = _fastembed_in_turns(
+            fastembed, peers_dir / "fastembed", runner_path, source, texts, checks_texts, embedders, duration
+        )
+        rows += found
     progress.advance(task)
     # ecomserve's own served model against PyTorch fp32 on the parity texts: the bar an INT8 peer must meet.
     served = peer_lib.parity(embedders["(1 thread)"](checks_texts), reference(checks_texts), "pytorch fp32")
     info["ecomserve_served_parity"] = served
-    peers_dir = options.work_dir / "peers"
-    for peer in options.peers:
-        progress.update(task, description=f"peer {peer.kind}")
-        if peer.kind == "infinity":
-            found, info[peer.kind] = _infinity(
-                peer, peers_dir / "infinity", source, texts, checks_texts, reference, duration, served["min_cosine"]
-            )
-        else:
-            same_file = embedders["(2 threads)"]
-            found, info[peer.kind] = _fastembed(
-                peer, peers_dir / "fastembed", runner_path, source, texts, checks_texts, same_file, duration
-            )
+    if infinity is not None:
+        progress.update(task, description="peer infinity")
+        found, info["infinity"] = _infinity(
+            infinity, peers_dir / "infinity", source, texts, checks_texts, reference, duration, served["min_cosine"]
+        )
         rows += found
         progress.advance(task)
     if in_turns:
@@ -460,18 +465,17 @@ def _turns_beside(options: BenchOptions, server, config, launch, infinity, workl
 
 def _in_turns(contenders: dict, workload: str, clients: int, texts: UniqueTexts, duration_s: float) -> list[dict]:
     """`contenders` (name -> contender, protocol, make_embed) at one point, in ROUNDS turns of `duration_s` each."""
-    taken: dict[str, list[Measurement]] = {name: [] for name in contenders}
-    for name in in_turns(list(contenders)):
-        contender, protocol, make_embed = contenders[name]
 
-        def make_call(w: int, make_embed=make_embed):
+    def turn(contender: str, protocol: str, make_embed):
+        def make_call(w: int):
             return _unique_calls(make_embed(w), texts)[workload]
 
-        taken[name].append(
+        return lambda: [
             measure(contender, workload, protocol, clients, make_call, PEER_WORKLOADS[workload], duration_s)
-        )
-    rows = [merged(points).row() for points in taken.values()]
-    return [row | {"contender": f"{row['contender']} (in turns)", "texts": "unique", "turns": ROUNDS} for row in rows]
+        ]
+
+    points = take_turns({name: turn(*contender) for name, contender in contenders.items()})
+    return [p.row() | {"contender": f"{p.contender}{IN_TURNS}", "texts": "unique", "turns": ROUNDS} for p in points]
 
 
 def _infinity(peer, work_dir: Path, source: Path, texts: UniqueTexts, checks_texts, reference, duration, served_min):
@@ -524,32 +528,44 @@ def _infinity_server(peer, config: str, folders: dict[str, Path], work_dir: Path
     return launch, peer_lib.InfinityServer(launch, work_dir / f"infinity-{name}.log")
 
 
-def _fastembed(peer, work_dir: Path, runner_path: Path, source, texts: UniqueTexts, checks_texts, same_file, duration):
-    """fastembed in its own interpreter on the served ONNX file, on the next unique texts."""
+def _fastembed_in_turns(
+    peer, work_dir: Path, runner_path: Path, source, texts: UniqueTexts, checks_texts, embedders, duration
+):
+    """ecomserve's in-process runner and fastembed (in its own interpreter, on the served ONNX file) in turns: ROUNDS
+    rounds, the order reversed each round, a turn being every thread count on both workloads for `duration` each;
+    each contender's turns merged per point. Two runtimes of one file differ by less than this machine drifts in a
+    minute: measured one after the other (run 11), ecomserve's came out at 0.77x fastembed's."""
     folder = peer_lib.prepare_fastembed_folder(runner_path, source, work_dir / "model")
+    dim = embedders["(2 threads)"](checks_texts[:1]).shape[1]
     threads = (1, 2)
-    needed = peer_lib.fastembed_texts_needed(duration, len(threads))
-    request = peer_lib.fastembed_request(
-        folder,
-        "int8",
-        texts.take_queries(needed),
-        texts.next_titles(needed),
-        checks_texts,
-        duration,
-        dim=same_file(checks_texts[:1]).shape[1],
-        threads=threads,
-    )
-    result = peer_lib.run_fastembed(peer, request, work_dir)
-    vectors = np.array(result["parity_vectors"], dtype=np.float32)
+    results: list[dict] = []
+
+    def ecomserve_turn() -> list[Measurement]:
+        rows: list[dict] = []
+        for suffix, embed in embedders.items():
+            rows += _peer_points(f"ecomserve in-process {suffix}", "in-process", lambda _w, e=embed: e, texts, duration)
+        return [peer_lib.measurement_from_row(row) for row in rows]
+
+    def fastembed_turn() -> list[Measurement]:
+        needed = peer_lib.fastembed_texts_needed(duration, len(threads))
+        queries, titles = texts.take_queries(needed), texts.next_titles(needed)
+        request = peer_lib.fastembed_request(folder, "int8", queries, titles, checks_texts, duration, dim, threads)
+        results.append(peer_lib.run_fastembed(peer, request, work_dir))
+        return [peer_lib.measurement_from_row(row) for row in results[-1]["measurements"]]
+
+    points = take_turns({"ecomserve": ecomserve_turn, "fastembed": fastembed_turn})
+    vectors = np.array(results[0]["parity_vectors"], dtype=np.float32)
     info = {
-        "how": "in-process in its own interpreter (no serving cost): compare with ecomserve in-process",
-        "versions": result["versions"],
+        "how": "in-process in its own interpreter (no serving cost), in turns with ecomserve in-process",
+        "versions": results[0]["versions"],
         "model_file": str(runner_path),
-        "pooling": request["pooling"],
-        "exhausted": result["exhausted"],
-        "parity": peer_lib.parity(vectors, same_file(checks_texts), "ecomserve in-process, same ONNX file"),
+        "pooling": peer_lib.FASTEMBED_POOLING,
+        "exhausted": {name: any(r["exhausted"][name] for r in results) for name in PEER_WORKLOADS},
+        "parity": peer_lib.parity(
+            vectors, embedders["(2 threads)"](checks_texts), "ecomserve in-process, same ONNX file"
+        ),
     }
-    return [row | {"texts": "unique"} for row in result["measurements"]], info
+    return [p.row() | {"texts": "unique", "turns": ROUNDS} for p in points], info
 
 
 def _served_model_file(repository: Path, encoder, spec: PipelineSpec) -> Path:
@@ -682,14 +698,14 @@ def _failed_parity(info: dict) -> set[str]:
 def peer_checks(rows: list[dict], info: dict) -> dict:
     """ecomserve ÷ each peer, per embed workload: served gRPC and HTTP texts/s at the workload's main client
     count (16 queries, 4 title batches) over the peer's at the same count (Infinity's best engine) or its
-    in-process figure (fastembed, one caller; set beside ecomserve's in-process too); and at 1 client the
-    p50 ratio (ecomserve ÷ peer: below 1 is faster). Plus each peer's parity cosine. A configuration that
-    failed its parity check is left out. Against Infinity the main-count ratios come from the rows measured in
-    turns (`_infinity_in_turns`) when the run has them."""
+    in-process figure (fastembed, one caller, measured in turns with ecomserve's in-process, which it is also set
+    beside); and at 1 client the p50 ratio (ecomserve ÷ peer: below 1 is faster). Plus each peer's parity cosine.
+    A configuration that failed its parity check is left out. Against Infinity the main-count ratios come from the
+    rows measured a second time in turns beside ecomserve (`_infinity_in_turns`) when the run has them."""
     checks: dict = {}
     failed = _failed_parity(info)
-    turns = [r for r in rows if r.get("turns")]
-    rows = [r for r in rows if r["contender"] not in failed and not r.get("turns")]
+    turns = [r for r in rows if r["contender"].endswith(IN_TURNS)]
+    rows = [r for r in rows if r["contender"] not in failed and not r["contender"].endswith(IN_TURNS)]
     for workload, (short, clients) in PEER_MAIN_POINT.items():
         for peer in ("infinity", "fastembed"):
             if peer not in info:
