@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+from support import make_tiny_bert, spec_from, start_server
 
+from ecomserve.bench import trace as triton_trace
 from ecomserve.bench.latency import (
     BATCH,
     IDLE_BETWEEN_MS,
@@ -21,7 +23,8 @@ from ecomserve.bench.latency import (
     setting_spec,
     summary,
 )
-from ecomserve.bench.load import Measurement, measure, merged
+from ecomserve.bench.load import Measurement, grpc_embed, measure, merged
+from ecomserve.contract import EMBEDDER
 from ecomserve.server.process import SCHEDULING_POLICIES, scheduling_policy
 from ecomserve.spec import ServingSpec, load_spec
 
@@ -133,3 +136,31 @@ def test_summary_sets_the_front_against_the_back_to_back_and_the_idle_in_process
     assert found["batch32_vs_in_process"] == 600 / 750
     assert found["batch32_c1_p50_ms"] == 52 and found["batch32_c1_over_in_process_ms"] == 52 - 40
     assert f"| {SIDE_BY_SIDE} | | 25.0 | 1280 |" in latency_markdown(results)
+
+
+def test_tritons_trace_splits_a_direct_query_into_spans_that_add_up(tmp_path):
+    """A real tritonserver started with `trace_args`: only the requests inside `traced` are written, each with every
+    span; the spans of a request sum to its time inside the server, which the client's time exceeds."""
+    source = make_tiny_bert(tmp_path / "tiny", seed=5)
+    spec = spec_from({"encoders": [{"name": "tiny", "source": str(source), "max_seq_len": 32}]})
+    trace_file = tmp_path / "trace.json"
+    server = start_server(spec, tmp_path, extra_args=triton_trace.trace_args(trace_file))
+    texts = FreshTexts()
+    try:
+        call = grpc_embed(server.sockets.grpc_target, EMBEDDER)
+        call([texts.query(0)])  # before tracing: not in the file
+        with triton_trace.traced(server.sockets.grpc_target, EMBEDDER):
+            for i in range(1, 11):
+                call([texts.query(i)])
+        call([texts.query(11)])  # after: not in the file either
+    finally:
+        server.stop()
+    requests = triton_trace.request_timestamps(trace_file)
+    assert len(requests) == 10
+    for stamps in requests:
+        spans = [stamps[end] - stamps[start] for start, end in triton_trace.SPANS.values()]
+        start, end = triton_trace.IN_SERVER
+        assert min(spans) >= 0 and sum(spans) == stamps[end] - stamps[start]  # the spans tile the server's time
+    found = triton_trace.breakdown(trace_file, client_p50_ms=50.0)
+    assert found["requests"] == 10 and 0 < found["execute_ms"] < found["in_server_ms"] < 50.0
+    assert found["client_and_socket_ms"] == pytest.approx(50.0 - found["in_server_ms"])

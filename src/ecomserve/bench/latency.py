@@ -9,7 +9,9 @@ figure the median of its rounds:
   (the public ensemble) and to its `embedder` (the python model that tokenizes and runs the encoders), so the
   differences are the front's and the ensemble's cost; Triton's own statistics over the direct `embedder` runs
   split the server's time into queue (the dynamic-batching delay and waiting for an instance), input, the python
-  model's execute (tokenizer, ONNX Runtime, the stub's IPC) and output;
+  model's execute (tokenizer, ONNX Runtime, the stub's IPC) and output; then, on the spec's server, more of the
+  same requests with Triton's trace on (bench/trace.py), which adds its gRPC front end's share and, by difference
+  from what the client measured, the client's and the socket's;
 - one query per request from 16 clients and 32 titles per request from 1 and 4 clients, through the front (gRPC);
 - the same tokenizer and runner in this process, at 1 and 2 threads (the in-process limit), and for one query also
   after IDLE_BETWEEN_MS of idling before each (what a run costs in the rhythm a served query arrives in) and after
@@ -36,6 +38,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ecomserve.bench import trace as triton_trace
 from ecomserve.bench.load import ROUNDS, Measurement, grpc_embed, in_turns, measure, merged
 from ecomserve.bench.report import plt, write_csv
 from ecomserve.contract import EMBED, EMBEDDER
@@ -190,6 +193,14 @@ def _served_in_turns(servers: dict, texts: FreshTexts, duration_s: float) -> tup
     return rows, {name: phase_breakdown(dict.fromkeys(total, 0), dict(total)) for name, total in spent.items()}
 
 
+def _traced_p50_ms(server, texts: FreshTexts, duration_s: float) -> float:
+    """One client's queries straight to `embedder` for `duration_s`, each traced by Triton; the client's p50."""
+    url, model = _route(server, "direct embedder")
+    with triton_trace.traced(url, model):
+        point = measure("traced", "query embed", "grpc", 1, _caller(url, model, texts, 1), 1, duration_s)
+    return point.p50_ms
+
+
 def _in_process_rows(spec: PipelineSpec, spec_dir: Path, model_file: Path, texts: FreshTexts, duration_s: float):
     encoder = spec.encoders[0]
     tokenizer = TextTokenizer(resolve_source(encoder.source, spec_dir) / TOKENIZER_FILE, encoder.max_seq_len)
@@ -288,20 +299,26 @@ def run_latency_bench(
         task = progress.add_task("latency", total=len(SETTINGS) + 2 + (soak_s > 0))
         built = work_dir / "latency" / "built"
         build_repository(spec, built, spec_dir, console)
+        trace_file = work_dir / "latency" / "trace.json"
+        trace_file.unlink(missing_ok=True)
         servers = {}
         try:
             for name, change in SETTINGS.items():
                 progress.update(task, description=f"latency: starting {name}")
                 repository = work_dir / "latency" / re.sub(r"\W+", "_", name)
                 respecified(built, setting_spec(spec, change), spec_dir, repository)
-                servers[name] = start_bench_server(repository, work_dir)
+                traced = triton_trace.trace_args(trace_file) if name == "spec" else ()
+                servers[name] = start_bench_server(repository, work_dir, traced)
                 progress.advance(task)
             progress.update(task, description=f"latency: the settings in turns ({ROUNDS} rounds)")
             results["rows"], results["phases"] = _served_in_turns(servers, texts, duration_s)
+            progress.update(task, description="latency: one client traced by Triton")
+            client_p50_ms = _traced_p50_ms(servers["spec"], texts, duration_s / ROUNDS)
             progress.advance(task)
         finally:
             for server in servers.values():
-                server.stop()
+                server.stop()  # Triton writes the trace file as it stops
+        results["trace"] = triton_trace.breakdown(trace_file, client_p50_ms)
         progress.update(task, description="latency: in-process")
         model_file = _served_model_file(repository, spec.encoders[0], spec)
         results["rows"] += _in_process_rows(spec, spec_dir, model_file, texts, duration_s)
@@ -396,6 +413,16 @@ def latency_markdown(results: dict) -> str:
     for name, titles in in_batch.items():
         if name not in in_process:  # titles only: chunks side by side
             lines.append(f"| {name} | | {titles['p50_ms']:.1f} | {titles['throughput_items']:.0f} |")
+    trace = results.get("trace")
+    if trace:
+        spans = " / ".join(f"{trace[f'{span}_ms']:.2f}" for span in triton_trace.SPANS)
+        lines += [
+            "",
+            f"Triton's trace, one query from 1 client straight to `embedder`, the spec's server ({trace['requests']} "
+            f"requests, medians, ms): client {trace['client_ms']:.2f} = tritonserver {trace['in_server_ms']:.2f} + "
+            f"the client and the socket {trace['client_and_socket_ms']:.2f}; inside: {' / '.join(triton_trace.SPANS)}"
+            f" {spans}",
+        ]
     memory = results.get("memory")
     if memory:
         first, middle, last = (memory["samples"][i] for i in (0, len(memory["samples"]) // 2, -1))

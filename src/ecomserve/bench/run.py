@@ -134,12 +134,11 @@ def _tuned_spec(spec: PipelineSpec, setting: dict) -> PipelineSpec:
     return spec.model_copy(update={"serving": serving})
 
 
-def start_bench_server(repository: Path, work_dir: Path):
+def start_bench_server(repository: Path, work_dir: Path, extra_args: tuple[str, ...] = ()):
     from ecomserve.server.process import Ports, ServerOptions, TritonServer, free_port
 
-    server = TritonServer(
-        ServerOptions(repository, ports=Ports(free_port(), free_port(), free_port(), free_port()), work_dir=work_dir)
-    )
+    ports = Ports(free_port(), free_port(), free_port(), free_port())
+    server = TritonServer(ServerOptions(repository, ports=ports, work_dir=work_dir, extra_args=list(extra_args)))
     server.start()
     return server
 
