@@ -107,6 +107,23 @@ def test_serve_finds_configs_written_by_an_older_ecomserve(tiny, tmp_path):
     assert outdated_models(repository, None) == []
 
 
+def test_serve_checks_a_relative_source_against_the_folder_the_build_spec_came_from(tiny, tmp_path):
+    """Built with `--spec` from the source's folder, served with another (or no) spec folder: still compared."""
+    from ecomserve.contract import EMBEDDER
+    from ecomserve.repository.builder import outdated_models
+    from ecomserve.repository.releases import read_config, write_config
+
+    repository = tmp_path / "repo"
+    spec = spec_from({"encoders": [{"name": "tiny", "source": tiny.name, "max_seq_len": 32}]})
+    build_repository(spec, repository, spec_dir=tiny.parent)
+    elsewhere = tmp_path / "elsewhere"
+    assert outdated_models(repository, elsewhere) == []
+    embedder = read_config(repository, EMBEDDER)
+    del embedder.parameters["spread_batches"]
+    write_config(repository, embedder)
+    assert outdated_models(repository, elsewhere) == [EMBEDDER]
+
+
 VARIANTS = {
     "onnxruntime fp32 optimized": {"optimize": True},
     "onnxruntime int8 static": {"precision": "int8"},

@@ -139,7 +139,8 @@ def build_repository(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     built = [b for b, _ in planned]
-    info: dict = {"spec": spec.model_dump(), "parity": {}}
+    # The spec's folder: relative encoder sources resolve against it when `serve` later checks the configs.
+    info: dict = {"spec": spec.model_dump(), "spec_dir": str(spec_dir.resolve()) if spec_dir else None, "parity": {}}
     try:
         write_configs(spec, built, staging)
         with Progress(
@@ -202,11 +203,13 @@ def built_target(repository: Path) -> str:
 def outdated_models(repository: Path, spec_dir: Path | None) -> list[str]:
     """The models whose config differs (the versions a release serves aside) from what this ecomserve writes for
     the repository's own spec: a repository built by an older ecomserve lacks newer serving settings, and nothing
-    else would tell (its recorded spec reads back with today's defaults). Empty when the encoders' sources are
-    no longer where the spec says (nothing to compare with)."""
+    else would tell (its recorded spec reads back with today's defaults). Relative sources resolve against the
+    folder the build's spec came from, or `spec_dir` for a repository that did not record it. Empty when the
+    encoders' sources are no longer there (nothing to compare with)."""
     spec = built_spec(repository)
+    recorded = json.loads((repository / BUILD_INFO).read_text()).get("spec_dir")
     try:
-        built = [b for b, _ in plan(spec, spec_dir)]
+        built = [b for b, _ in plan(spec, Path(recorded) if recorded else spec_dir)]
     except (EcomserveError, OSError):
         return []
     with tempfile.TemporaryDirectory() as scratch:
