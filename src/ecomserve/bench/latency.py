@@ -71,7 +71,8 @@ POINTS = (
 )
 # The in-process runtime is also measured with this idle time before each query: a served query reaches the encoder
 # after a round trip during which its instance slept, and a run after idling is slower than one straight after
-# another (caches, the threads' wake-up); this row is the in-process cost of that rhythm.
+# another; this row is the in-process cost of that rhythm. The busy row pauses as long without the core idling: on
+# 2026-12-03's VM it was as slow (README, "One query from one client, taken apart").
 IDLE_BETWEEN_MS = 5.0
 
 
