@@ -80,6 +80,16 @@ def test_failed_build_leaves_the_repository_untouched(tiny, tmp_path):
     assert not repository.with_name("repo.building").exists()
 
 
+def _drop_spread_batches(repository) -> None:
+    """The embedder's config as an ecomserve from before `spread_batches` wrote it: the stub would run without it."""
+    from ecomserve.contract import EMBEDDER
+    from ecomserve.repository.releases import read_config, write_config
+
+    embedder = read_config(repository, EMBEDDER)
+    del embedder.parameters["spread_batches"]
+    write_config(repository, embedder)
+
+
 def test_serve_finds_configs_written_by_an_older_ecomserve(tiny, tmp_path):
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -95,10 +105,7 @@ def test_serve_finds_configs_written_by_an_older_ecomserve(tiny, tmp_path):
     embed.version_policy.CopyFrom(pb.ModelVersionPolicy(specific=pb.ModelVersionPolicy.Specific(versions=[1])))
     write_config(repository, embed)
     assert outdated_models(repository, None) == []
-    # Written before `spread_batches` existed: the setting is missing, the stub would run without it.
-    embedder = read_config(repository, EMBEDDER)
-    del embedder.parameters["spread_batches"]
-    write_config(repository, embedder)
+    _drop_spread_batches(repository)
     assert outdated_models(repository, None) == [EMBEDDER]
     # The encoder's source gone: nothing to compare with, no claim either way.
     info = json.loads((repository / BUILD_INFO).read_text())
@@ -111,16 +118,13 @@ def test_serve_checks_a_relative_source_against_the_folder_the_build_spec_came_f
     """Built with `--spec` from the source's folder, served with another (or no) spec folder: still compared."""
     from ecomserve.contract import EMBEDDER
     from ecomserve.repository.builder import outdated_models
-    from ecomserve.repository.releases import read_config, write_config
 
     repository = tmp_path / "repo"
     spec = spec_from({"encoders": [{"name": "tiny", "source": tiny.name, "max_seq_len": 32}]})
     build_repository(spec, repository, spec_dir=tiny.parent)
     elsewhere = tmp_path / "elsewhere"
     assert outdated_models(repository, elsewhere) == []
-    embedder = read_config(repository, EMBEDDER)
-    del embedder.parameters["spread_batches"]
-    write_config(repository, embedder)
+    _drop_spread_batches(repository)
     assert outdated_models(repository, elsewhere) == [EMBEDDER]
 
 

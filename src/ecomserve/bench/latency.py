@@ -44,7 +44,7 @@ from ecomserve.bench.report import plt, write_csv
 from ecomserve.contract import EMBED, EMBEDDER
 from ecomserve.cpu import cpu_description
 from ecomserve.paths import corpus_texts
-from ecomserve.repository.builder import BUILD_INFO, build_repository, plan, write_configs
+from ecomserve.repository.builder import BUILD_INFO, build_info, build_repository, plan, write_configs
 from ecomserve.runtime import Spread, load_runner, run_by_length
 from ecomserve.spec import PipelineSpec, resolve_source
 from ecomserve.tokenization import TOKENIZER_FILE, TextTokenizer
@@ -101,7 +101,7 @@ def respecified(built: Path, spec: PipelineSpec, spec_dir: Path, target: Path) -
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(built, target)
     write_configs(spec, [encoder for encoder, _ in plan(spec, spec_dir)], target)
-    info = json.loads((target / BUILD_INFO).read_text())
+    info = build_info(target)
     (target / BUILD_INFO).write_text(json.dumps(info | {"spec": spec.model_dump()}, indent=2) + "\n")
     return target
 

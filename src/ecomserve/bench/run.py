@@ -368,8 +368,7 @@ def peer_stage(options: BenchOptions, server, embedders, runner_path, texts: Uni
         progress.advance(task)
     if fastembed is None:
         progress.update(task, description="ecomserve in-process")
-        for suffix, embed in embedders.items():
-            rows += _peer_points(f"ecomserve in-process {suffix}", "in-process", lambda _w, e=embed: e, texts, duration)
+        rows += _in_process_points(embedders, texts, duration)
     else:
         progress.update(task, description=f"ecomserve in-process and fastembed in turns ({ROUNDS} rounds)")
         found, info["fastembed"] = _fastembed_in_turns(
@@ -527,6 +526,14 @@ def _infinity_server(peer, config: str, folders: dict[str, Path], work_dir: Path
     return launch, peer_lib.InfinityServer(launch, work_dir / f"infinity-{name}.log")
 
 
+def _in_process_points(embedders: dict, texts: UniqueTexts, duration_s: float) -> list[dict]:
+    """ecomserve's in-process runner, each thread count (`_runner_embedders`), at every PEER_POINTS point."""
+    rows: list[dict] = []
+    for suffix, embed in embedders.items():
+        rows += _peer_points(f"ecomserve in-process {suffix}", "in-process", lambda _w, e=embed: e, texts, duration_s)
+    return rows
+
+
 def _fastembed_in_turns(
     peer, work_dir: Path, runner_path: Path, source, texts: UniqueTexts, checks_texts, embedders, duration
 ):
@@ -540,10 +547,7 @@ def _fastembed_in_turns(
     results: list[dict] = []
 
     def ecomserve_turn() -> list[Measurement]:
-        rows: list[dict] = []
-        for suffix, embed in embedders.items():
-            rows += _peer_points(f"ecomserve in-process {suffix}", "in-process", lambda _w, e=embed: e, texts, duration)
-        return [peer_lib.measurement_from_row(row) for row in rows]
+        return [peer_lib.measurement_from_row(row) for row in _in_process_points(embedders, texts, duration)]
 
     def fastembed_turn() -> list[Measurement]:
         needed = peer_lib.fastembed_texts_needed(duration, len(threads))

@@ -191,9 +191,14 @@ def is_built(repository: Path) -> bool:
     return (repository / BUILD_INFO).is_file()
 
 
+def build_info(repository: Path) -> dict:
+    """What the build recorded: the spec, its folder, the parity checks, the releases published since."""
+    return json.loads((repository / BUILD_INFO).read_text())
+
+
 def built_spec(repository: Path) -> PipelineSpec:
     """The spec a repository was built from (its releases share every setting but the weights)."""
-    return PipelineSpec.model_validate(json.loads((repository / BUILD_INFO).read_text())["spec"])
+    return PipelineSpec.model_validate(build_info(repository)["spec"])
 
 
 def built_target(repository: Path) -> str:
@@ -206,8 +211,8 @@ def outdated_models(repository: Path, spec_dir: Path | None) -> list[str]:
     else would tell (its recorded spec reads back with today's defaults). Relative sources resolve against the
     folder the build's spec came from, or `spec_dir` for a repository that did not record it. Empty when the
     encoders' sources are no longer there (nothing to compare with)."""
-    spec = built_spec(repository)
-    recorded = json.loads((repository / BUILD_INFO).read_text()).get("spec_dir")
+    info = build_info(repository)
+    spec, recorded = PipelineSpec.model_validate(info["spec"]), info.get("spec_dir")
     try:
         built = [b for b, _ in plan(spec, Path(recorded) if recorded else spec_dir)]
     except (EcomserveError, OSError):
